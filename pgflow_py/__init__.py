@@ -1,0 +1,62 @@
+"""pgflow_py: background jobs and multi-step workflows on SQLite, after PgFlow.
+
+Everything public is importable from here: ``import pgflow_py as pf``.
+"""
+
+from . import testing
+from .context import Context
+from .definition import FlowDefinition, StepDefinition
+from .dsl import Flow, Job, Step, flow, job, perform
+from .errors import (
+    DefinitionError,
+    FlowNotFound,
+    InputError,
+    PermanentFailure,
+    PgflowError,
+    Retry,
+    RunNotFound,
+    SchemaError,
+    ShapeMismatch,
+    StepTimeout,
+    WaitTimeout,
+)
+from .models import AttemptRecord, Run, RunStatus, StepRun, TaskRun
+from .runtime import RunnerStats, arun_flows, run_flows
+from .store import Store, connect
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "AttemptRecord",
+    "Context",
+    "DefinitionError",
+    "Flow",
+    "FlowDefinition",
+    "FlowNotFound",
+    "InputError",
+    "Job",
+    "PermanentFailure",
+    "PgflowError",
+    "Retry",
+    "Run",
+    "RunNotFound",
+    "RunStatus",
+    "RunnerStats",
+    "SchemaError",
+    "ShapeMismatch",
+    "Step",
+    "StepDefinition",
+    "StepRun",
+    "StepTimeout",
+    "Store",
+    "TaskRun",
+    "WaitTimeout",
+    "__version__",
+    "arun_flows",
+    "connect",
+    "flow",
+    "job",
+    "perform",
+    "run_flows",
+    "testing",
+)

@@ -1,0 +1,51 @@
+"""The context handed to every handler."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import attrs
+
+__all__ = ("Context",)
+
+_handler_logger = logging.getLogger("pgflow_py.handler")
+
+
+def _bound_logger(ctx: Context) -> logging.LoggerAdapter[logging.Logger]:
+    return logging.LoggerAdapter(
+        _handler_logger,
+        {
+            "run_id": ctx.run_id,
+            "flow_slug": ctx.flow_slug,
+            "step_slug": ctx.step_slug,
+            "task_index": ctx.task_index,
+            "attempt": ctx.attempt,
+        },
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Context:
+    """What a handler knows about the attempt it runs in.
+
+    ``resources`` is the runner's mapping (dependency injection); ``deadline`` is when this
+    attempt times out (``None`` in ``perform``); ``will_retry`` is set in failure hooks.
+    """
+
+    run_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
+    flow_slug: str
+    step_slug: str
+    task_index: int | None = None
+    attempt: int = 1
+    max_attempts: int = 1
+    flow_input: Any = None
+    resources: Mapping[str, Any] = attrs.field(factory=dict)
+    deadline: datetime | None = None
+    will_retry: bool = False
+    logger: logging.LoggerAdapter[logging.Logger] = attrs.field(
+        default=attrs.Factory(_bound_logger, takes_self=True), eq=False, repr=False
+    )

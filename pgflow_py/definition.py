@@ -1,0 +1,329 @@
+"""Flow and step definitions: pure data, validation, shape and JSON (cattrs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import attrs
+import cattrs
+
+from .errors import DefinitionError
+
+__all__ = (
+    "FlowDefinition",
+    "StepDefinition",
+    "StepType",
+    "validate_slug",
+)
+
+StepType = Literal["single", "map"]
+FlowKind = Literal["job", "flow"]
+
+_SLUG_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_RESERVED_SLUGS = frozenset({"run"})
+MAX_SLUG_LENGTH = 128
+
+
+def validate_slug(slug: object, what: str = "slug") -> str:
+    """Return ``slug`` if it is a valid flow or step slug, else raise :class:`DefinitionError`."""
+    if not isinstance(slug, str):
+        raise DefinitionError(f"{what} must be a string, got {type(slug).__name__}: {slug!r}")
+    if len(slug) > MAX_SLUG_LENGTH:
+        raise DefinitionError(
+            f"{what} {slug[:20]!r}... is {len(slug)} characters long; the limit is {MAX_SLUG_LENGTH}"
+        )
+    if not _SLUG_RE.match(slug):
+        raise DefinitionError(
+            f"{what} {slug!r} is invalid: use letters, digits and underscores, "
+            "not starting with a digit (pattern ^[a-zA-Z_][a-zA-Z0-9_]*$)"
+        )
+    if slug in _RESERVED_SLUGS:
+        raise DefinitionError(f"{what} {slug!r} is reserved; choose another name")
+    return slug
+
+
+def _check_number(name: str, value: object, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DefinitionError(f"{name} must be a number of seconds, got {value!r}")
+    if math.isnan(value) or math.isinf(value):
+        raise DefinitionError(f"{name} must be a finite number of seconds, got {value!r}")
+
+
+def check_options(
+    where: str,
+    *,
+    max_attempts: object = None,
+    base_delay: object = None,
+    timeout: object = None,
+    start_delay: object = None,
+    max_delay: object = None,
+    allow_none: bool = False,
+) -> None:
+    """Validate retry/timing options; ``None`` means "inherit" when ``allow_none``."""
+    if not (max_attempts is None and allow_none):
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
+            raise DefinitionError(f"{where}: max_attempts must be an integer, got {max_attempts!r}")
+        if max_attempts < 1:
+            raise DefinitionError(
+                f"{where}: max_attempts must be at least 1 (1 = no retry), got {max_attempts}"
+            )
+    for name, value in (("base_delay", base_delay), ("start_delay", start_delay),
+                        ("max_delay", max_delay)):
+        _check_number(f"{where}: {name}", value, allow_none=True)
+        if value is not None and value < 0:  # type: ignore[operator]
+            raise DefinitionError(f"{where}: {name} must be >= 0 seconds, got {value!r}")
+    if not (timeout is None and allow_none):
+        _check_number(f"{where}: timeout", timeout, allow_none=False)
+        if timeout <= 0:  # type: ignore[operator]
+            raise DefinitionError(f"{where}: timeout must be > 0 seconds, got {timeout!r}")
+
+
+@attrs.frozen
+class StepDefinition:
+    """One step of a flow. Options left ``None`` inherit the flow's value."""
+
+    slug: str
+    step_type: StepType = "single"
+    depends_on: tuple[str, ...] = ()
+    max_attempts: int | None = None
+    base_delay: float | None = None
+    timeout: float | None = None
+    start_delay: float = 0.0
+    handler: str | None = None
+    """Import path ``module:qualname`` of the handler, used by runners started with ``flows=None``."""
+
+    def shape(self) -> tuple[str, str, tuple[str, ...]]:
+        return (self.slug, self.step_type, tuple(sorted(self.depends_on)))
+
+
+@attrs.frozen
+class FlowDefinition:
+    """A flow: its slug, flow-level options and its steps in topological order.
+
+    A job is a flow of ``kind="job"`` with exactly one step; its run output is that step's output.
+    """
+
+    slug: str
+    steps: tuple[StepDefinition, ...]
+    kind: FlowKind = "flow"
+    max_attempts: int = 1
+    base_delay: float = 1.0
+    timeout: float = 30.0
+    backoff: Literal["exponential", "fixed"] = "exponential"
+    max_delay: float = 3600.0
+    jitter: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        validate_definition(self)
+
+    # --- derived views -------------------------------------------------------------------------
+
+    def step(self, slug: str) -> StepDefinition:
+        for step in self.steps:
+            if step.slug == slug:
+                return step
+        raise KeyError(slug)
+
+    @property
+    def step_slugs(self) -> tuple[str, ...]:
+        return tuple(s.slug for s in self.steps)
+
+    @property
+    def root_steps(self) -> tuple[StepDefinition, ...]:
+        return tuple(s for s in self.steps if not s.depends_on)
+
+    @property
+    def leaf_steps(self) -> tuple[StepDefinition, ...]:
+        used = {d for s in self.steps for d in s.depends_on}
+        return tuple(s for s in self.steps if s.slug not in used)
+
+    def dependents(self, slug: str) -> tuple[StepDefinition, ...]:
+        return tuple(s for s in self.steps if slug in s.depends_on)
+
+    def effective(self, slug: str) -> EffectiveOptions:
+        step = self.step(slug)
+        return EffectiveOptions(
+            max_attempts=step.max_attempts if step.max_attempts is not None else self.max_attempts,
+            base_delay=step.base_delay if step.base_delay is not None else self.base_delay,
+            timeout=step.timeout if step.timeout is not None else self.timeout,
+            start_delay=step.start_delay,
+            backoff=self.backoff,
+            max_delay=self.max_delay,
+            jitter=self.jitter,
+        )
+
+    def shape(self) -> tuple[str, tuple[tuple[str, str, tuple[str, ...]], ...]]:
+        """What must not change while runs are unfinished: kind, steps, types, dependencies."""
+        return (self.kind, tuple(sorted(s.shape() for s in self.steps)))
+
+    def shape_differences(self, other: FlowDefinition) -> list[str]:
+        """Human-readable differences in shape between ``self`` (new) and ``other`` (stored)."""
+        diffs: list[str] = []
+        if self.kind != other.kind:
+            diffs.append(f"it was a {other.kind} and is now a {self.kind}")
+        old = {s.slug: s for s in other.steps}
+        new = {s.slug: s for s in self.steps}
+        for slug in sorted(old.keys() - new.keys()):
+            diffs.append(f"step {slug!r} was removed")
+        for slug in sorted(new.keys() - old.keys()):
+            diffs.append(f"step {slug!r} was added")
+        for slug in sorted(old.keys() & new.keys()):
+            o, n = old[slug], new[slug]
+            if o.step_type != n.step_type:
+                diffs.append(f"step {slug!r} changed type from {o.step_type} to {n.step_type}")
+            if sorted(o.depends_on) != sorted(n.depends_on):
+                diffs.append(
+                    f"step {slug!r} now depends on {sorted(n.depends_on)} "
+                    f"instead of {sorted(o.depends_on)}"
+                )
+        return diffs
+
+    # --- JSON ----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return _converter.unstructure(self)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlowDefinition:
+        try:
+            return _converter.structure(data, cls)
+        except cattrs.BaseValidationError as exc:
+            raise DefinitionError(f"invalid flow definition data: {exc!r}") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> FlowDefinition:
+        return cls.from_dict(json.loads(text))
+
+
+@attrs.frozen
+class EffectiveOptions:
+    """A step's options after inheriting from its flow."""
+
+    max_attempts: int
+    base_delay: float
+    timeout: float
+    start_delay: float
+    backoff: Literal["exponential", "fixed"]
+    max_delay: float
+    jitter: bool
+
+
+# Without detailed validation the DefinitionError of __attrs_post_init__ surfaces unwrapped.
+_converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=False)
+
+
+def topological_order(steps: Iterable[StepDefinition], flow_slug: str) -> tuple[StepDefinition, ...]:
+    """Order steps so each comes after its dependencies, keeping declaration order otherwise.
+
+    Raises :class:`DefinitionError` for duplicates, unknown dependencies and cycles.
+    """
+    steps = list(steps)
+    by_slug: dict[str, StepDefinition] = {}
+    for step in steps:
+        if step.slug in by_slug:
+            raise DefinitionError(f"flow {flow_slug!r}: step {step.slug!r} is defined twice")
+        by_slug[step.slug] = step
+    for step in steps:
+        for dep in step.depends_on:
+            if dep not in by_slug:
+                raise DefinitionError(
+                    f"flow {flow_slug!r}: step {step.slug!r} depends on unknown step {dep!r}; "
+                    f"known steps: {sorted(by_slug)}"
+                )
+    ordered: list[StepDefinition] = []
+    placed: set[str] = set()
+    remaining = list(steps)
+    while remaining:
+        # Stable: always take the earliest-declared step whose dependencies are placed.
+        ready = next((s for s in remaining if all(d in placed for d in s.depends_on)), None)
+        if ready is None:
+            raise DefinitionError(
+                f"flow {flow_slug!r}: dependency cycle among steps "
+                f"{sorted(s.slug for s in remaining)}"
+            )
+        ordered.append(ready)
+        placed.add(ready.slug)
+        remaining.remove(ready)
+    return tuple(ordered)
+
+
+def validate_flow_options(
+    slug: object,
+    *,
+    max_attempts: object,
+    base_delay: object,
+    timeout: object,
+    backoff: object,
+    max_delay: object,
+    jitter: object,
+) -> None:
+    """Check a flow's slug and flow-level options (usable before any step exists)."""
+    validate_slug(slug, "flow slug")
+    where = f"flow {slug!r}"
+    check_options(
+        where, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
+        max_delay=max_delay,
+    )
+    if backoff not in ("exponential", "fixed"):
+        raise DefinitionError(f"{where}: backoff must be 'exponential' or 'fixed', got {backoff!r}")
+    if not isinstance(jitter, bool):
+        raise DefinitionError(f"{where}: jitter must be True or False, got {jitter!r}")
+
+
+def validate_definition(defn: FlowDefinition) -> None:
+    """Check every rule of a flow definition; raise :class:`DefinitionError` on the first broken."""
+    validate_flow_options(
+        defn.slug,
+        max_attempts=defn.max_attempts,
+        base_delay=defn.base_delay,
+        timeout=defn.timeout,
+        backoff=defn.backoff,
+        max_delay=defn.max_delay,
+        jitter=defn.jitter,
+    )
+    where = f"flow {defn.slug!r}"
+    if not defn.steps:
+        raise DefinitionError(f"{where} has no steps; add one with @flow.step()")
+    if defn.kind == "job" and len(defn.steps) != 1:
+        raise DefinitionError(f"job {defn.slug!r} must have exactly one step, has {len(defn.steps)}")
+    for step in defn.steps:
+        validate_slug(step.slug, f"{where}: step slug")
+        swhere = f"{where}, step {step.slug!r}"
+        if step.step_type not in ("single", "map"):
+            raise DefinitionError(f"{swhere}: step_type must be 'single' or 'map'")
+        check_options(
+            swhere,
+            max_attempts=step.max_attempts,
+            base_delay=step.base_delay,
+            timeout=step.timeout,
+            start_delay=step.start_delay,
+            allow_none=True,
+        )
+        if len(set(step.depends_on)) != len(step.depends_on):
+            raise DefinitionError(f"{swhere}: depends_on lists a step twice: {list(step.depends_on)}")
+        if step.slug in step.depends_on:
+            raise DefinitionError(f"{where}: dependency cycle: step {step.slug!r} depends on itself")
+        if step.step_type == "map" and len(step.depends_on) > 1:
+            raise DefinitionError(
+                f"{swhere}: a map step takes its array from at most one step, "
+                f"but depends on {list(step.depends_on)}"
+            )
+    topological_order(defn.steps, defn.slug)
+    seen: set[str] = set()
+    for step in defn.steps:
+        late = [d for d in step.depends_on if d not in seen]
+        if late:
+            raise DefinitionError(
+                f"{where}: steps must be listed in topological order, but step {step.slug!r} "
+                f"comes before its dependencies {late}"
+            )
+        seen.add(step.slug)

@@ -1,0 +1,447 @@
+"""The decorators: ``@job``, ``@perform``, ``flow()``, ``.step()``, ``.map()``.
+
+They build :class:`FlowDefinition` objects and keep the handler callables beside them. Nothing
+here touches the store or the runtime: defining a flow performs no I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar, overload
+
+import attrs
+
+from .context import Context
+from .definition import (
+    EffectiveOptions,
+    FlowDefinition,
+    StepDefinition,
+    StepType,
+    check_options,
+    validate_flow_options,
+    validate_slug,
+)
+from .errors import DefinitionError, InputError, PgflowError
+
+__all__ = ("Flow", "Hook", "Job", "Step", "flow", "job", "perform")
+
+Handler = Callable[..., Any]
+Hook = Callable[[Context, BaseException], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_PERFORM_ATTR = "__pgflow_step_slug__"
+
+
+def import_path(fn: Callable[..., Any]) -> str | None:
+    """``module:qualname`` of a callable, recorded so a runner can import it later."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not module or not qualname:
+        return None
+    return f"{module}:{qualname}"
+
+
+def _check_hook(name: str, hook: object, where: str) -> None:
+    if hook is not None and not callable(hook):
+        raise DefinitionError(f"{where}: {name} must be a callable (ctx, error), got {hook!r}")
+
+
+def _check_handler(fn: object, where: str) -> None:
+    if not callable(fn):
+        raise DefinitionError(f"{where}: the handler must be a function, got {fn!r}")
+
+
+class Step:
+    """A decorated step function. Calling it calls the plain function (it never enqueues)."""
+
+    def __init__(self, flow: Flow, slug: str, fn: Handler) -> None:
+        self.flow = flow
+        self.slug = slug
+        self.fn = fn
+        self.__doc__ = getattr(fn, "__doc__", None)
+        self.__wrapped__ = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<pgflow step {self.flow.slug}.{self.slug}>"
+
+
+class Flow:
+    """A multi-step flow: create with :func:`flow`, add steps with :meth:`step` and :meth:`map`."""
+
+    def __init__(
+        self,
+        slug: str,
+        *,
+        max_attempts: int = 1,
+        base_delay: float = 1,
+        timeout: float = 30,
+        backoff: Literal["exponential", "fixed"] = "exponential",
+        max_delay: float = 3600,
+        jitter: bool = False,
+        on_failure: Hook | None = None,
+        on_dead: Hook | None = None,
+        _kind: Literal["job", "flow"] = "flow",
+    ) -> None:
+        validate_flow_options(
+            slug, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
+            backoff=backoff, max_delay=max_delay, jitter=jitter,
+        )
+        _check_hook("on_failure", on_failure, f"flow {slug!r}")
+        _check_hook("on_dead", on_dead, f"flow {slug!r}")
+        self.slug = slug
+        self.on_failure = on_failure
+        self.on_dead = on_dead
+        self._kind = _kind
+        self._options: dict[str, Any] = {
+            "max_attempts": max_attempts,
+            "base_delay": float(base_delay),
+            "timeout": float(timeout),
+            "backoff": backoff,
+            "max_delay": float(max_delay),
+            "jitter": jitter,
+        }
+        self._steps: list[StepDefinition] = []
+        self._handlers: dict[str, Handler] = {}
+        self._definition: FlowDefinition | None = None
+
+    # --- building ------------------------------------------------------------------------------
+
+    def _add_step(
+        self,
+        fn: Handler,
+        slug: str | None,
+        step_type: StepType,
+        depends_on: Sequence[str | Step],
+        max_attempts: int | None,
+        base_delay: float | None,
+        timeout: float | None,
+        start_delay: float,
+    ) -> Step:
+        _check_handler(fn, f"flow {self.slug!r}")
+        slug = slug if slug is not None else getattr(fn, "__name__", None)
+        step_slug = validate_slug(slug, f"flow {self.slug!r}: step slug")
+        where = f"flow {self.slug!r}, step {step_slug!r}"
+        if isinstance(depends_on, (str, Step)):
+            depends_on = [depends_on]
+        deps: list[str] = []
+        for dep in depends_on:
+            if isinstance(dep, Step):
+                if dep.flow is not self:
+                    raise DefinitionError(
+                        f"{where}: depends on step {dep.slug!r} of another flow {dep.flow.slug!r}"
+                    )
+                deps.append(dep.slug)
+            elif isinstance(dep, str):
+                deps.append(dep)
+            else:
+                raise DefinitionError(
+                    f"{where}: depends_on takes step slugs or decorated steps, got {dep!r}"
+                )
+        check_options(
+            where, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
+            start_delay=start_delay, allow_none=True,
+        )
+        known = {s.slug for s in self._steps}
+        if step_slug in known:
+            raise DefinitionError(f"flow {self.slug!r}: step {step_slug!r} is defined twice")
+        unknown = [d for d in deps if d not in known]
+        if unknown:
+            raise DefinitionError(
+                f"{where}: depends on unknown step(s) {unknown}; a step can only depend on steps "
+                f"defined before it (known: {sorted(known)})"
+            )
+        step = StepDefinition(
+            slug=step_slug,
+            step_type=step_type,
+            depends_on=tuple(deps),
+            max_attempts=max_attempts,
+            base_delay=None if base_delay is None else float(base_delay),
+            timeout=None if timeout is None else float(timeout),
+            start_delay=float(start_delay),
+            handler=import_path(fn),
+        )
+        # Validate the whole flow with the new step before keeping it.
+        definition = FlowDefinition(
+            slug=self.slug, steps=(*self._steps, step), kind=self._kind, **self._options
+        )
+        self._steps.append(step)
+        self._handlers[step_slug] = fn
+        self._definition = definition
+        return Step(self, step_slug, fn)
+
+    def step(
+        self,
+        slug: str | None = None,
+        *,
+        depends_on: Sequence[str | Step] = (),
+        max_attempts: int | None = None,
+        base_delay: float | None = None,
+        timeout: float | None = None,
+        start_delay: float = 0,
+    ) -> Callable[[Handler], Step]:
+        """Decorate a step handler ``(input_or_deps, ctx) -> output``."""
+        if callable(slug):
+            raise DefinitionError(
+                f"flow {self.slug!r}: use @flow.step() with parentheses"
+            )
+
+        def decorate(fn: Handler) -> Step:
+            return self._add_step(
+                fn, slug, "single", depends_on, max_attempts, base_delay, timeout, start_delay
+            )
+
+        return decorate
+
+    def map(
+        self,
+        slug: str | None = None,
+        *,
+        array: str | Step | None = None,
+        max_attempts: int | None = None,
+        base_delay: float | None = None,
+        timeout: float | None = None,
+        start_delay: float = 0,
+    ) -> Callable[[Handler], Step]:
+        """Decorate a map step: one task per element of ``array``'s output (or of the flow input)."""
+        if callable(slug):
+            raise DefinitionError(f"flow {self.slug!r}: use @flow.map() with parentheses")
+        deps: list[str | Step] = [] if array is None else [array]
+
+        def decorate(fn: Handler) -> Step:
+            return self._add_step(
+                fn, slug, "map", deps, max_attempts, base_delay, timeout, start_delay
+            )
+
+        return decorate
+
+    # --- reading -------------------------------------------------------------------------------
+
+    @property
+    def definition(self) -> FlowDefinition:
+        """The :class:`FlowDefinition` built so far."""
+        if self._definition is None:
+            raise DefinitionError(f"flow {self.slug!r} has no steps yet; add one with @flow.step()")
+        return self._definition
+
+    def handler(self, step_slug: str) -> Handler:
+        try:
+            return self._handlers[step_slug]
+        except KeyError:
+            raise DefinitionError(
+                f"flow {self.slug!r} has no step {step_slug!r}; steps: {sorted(self._handlers)}"
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"<pgflow {self._kind} {self.slug!r} steps={[s.slug for s in self._steps]}>"
+
+    # --- in-process execution (unit tests) -----------------------------------------------------
+
+    def _step_context(
+        self, step_slug: str, flow_input: Any, ctx: Context | None, task_index: int | None
+    ) -> Context:
+        opts: EffectiveOptions = self.definition.effective(step_slug)
+        if ctx is None:
+            return Context(
+                flow_slug=self.slug, step_slug=step_slug, task_index=task_index,
+                max_attempts=opts.max_attempts, flow_input=flow_input,
+            )
+        return attrs.evolve(
+            ctx, flow_slug=self.slug, step_slug=step_slug, task_index=task_index,
+            max_attempts=opts.max_attempts, flow_input=flow_input,
+        )
+
+    async def _aperform_step(
+        self, step_slug: str, value: Any, flow_input: Any, ctx: Context | None
+    ) -> Any:
+        step = self.definition.step(step_slug)
+        fn = self.handler(step_slug)
+        if step.step_type == "single":
+            return await _acall(fn, value, self._step_context(step_slug, flow_input, ctx, None))
+        if not isinstance(value, list):
+            source = step.depends_on[0] if step.depends_on else "the flow input"
+            raise PgflowError(
+                f"map step {step_slug!r} expected an array from {source}, "
+                f"got {type(value).__name__}"
+            )
+        return [
+            await _acall(fn, item, self._step_context(step_slug, flow_input, ctx, i))
+            for i, item in enumerate(value)
+        ]
+
+    async def aperform(self, input: Any = None, ctx: Context | None = None) -> Any:
+        """Run the whole flow in this event loop, step by step, and return the run output.
+
+        Each step runs once (no retries); a handler's exception propagates unchanged.
+        """
+        definition = self.definition
+        for root in definition.root_steps:
+            if root.step_type == "map" and not isinstance(input, list):
+                raise InputError(
+                    f"flow {self.slug!r} starts with map step {root.slug!r}, so its input must "
+                    f"be an array (list), got {type(input).__name__}"
+                )
+        outputs: dict[str, Any] = {}
+        for step in definition.steps:
+            if not step.depends_on:
+                value = input
+            elif step.step_type == "map":
+                value = outputs[step.depends_on[0]]
+            else:
+                value = {dep: outputs[dep] for dep in step.depends_on}
+            outputs[step.slug] = await self._aperform_step(step.slug, value, input, ctx)
+        if definition.kind == "job":
+            return outputs[definition.steps[0].slug]
+        return {leaf.slug: outputs[leaf.slug] for leaf in definition.leaf_steps}
+
+    def perform(self, input: Any = None, ctx: Context | None = None) -> Any:
+        """Run the whole flow in this thread and return the run output (see :meth:`aperform`)."""
+        return _run_sync(self.aperform(input, ctx), "perform", "aperform")
+
+    async def aperform_step(self, step_slug: str, input: Any = None, ctx: Context | None = None) -> Any:
+        """Run one step: ``input`` is the flow input (root), ``{dep: output}``, or a map's array."""
+        flow_input = ctx.flow_input if ctx is not None and ctx.flow_input is not None else input
+        return await self._aperform_step(step_slug, input, flow_input, ctx)
+
+    def perform_step(self, step_slug: str, input: Any = None, ctx: Context | None = None) -> Any:
+        """Run one step in this thread (see :meth:`aperform_step`)."""
+        return _run_sync(self.aperform_step(step_slug, input, ctx), "perform_step", "aperform_step")
+
+
+class Job(Flow):
+    """A flow with exactly one step, made by :func:`job`. Calling it calls the plain function."""
+
+    def __init__(self, fn: Handler, *, queue: str, step_slug: str | None, **options: Any) -> None:
+        super().__init__(queue, _kind="job", **options)
+        self._add_step(fn, step_slug or queue, "single", (), None, None, None, 0)
+        self.fn = fn
+        self.__doc__ = getattr(fn, "__doc__", None)
+        self.__wrapped__ = fn
+
+    @property
+    def step_slug(self) -> str:
+        return self.definition.steps[0].slug
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    async def aperform(self, input: Any = None, ctx: Context | None = None) -> Any:
+        """Call the handler with ``input`` inside this event loop and return its output."""
+        ctx = self._step_context(self.step_slug, input, ctx, None)
+        return await _acall(self.fn, input, ctx)
+
+
+async def _acall(fn: Handler, value: Any, ctx: Context) -> Any:
+    result = fn(value, ctx)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def _run_sync(coro: Any, name: str, async_name: str) -> Any:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise RuntimeError(
+        f"{name}() was called inside a running event loop; use 'await ...{async_name}(...)' there"
+    )
+
+
+def perform(name: str | F | None = None) -> Any:
+    """Name the step of a job: ``@perform("send")``; ``@perform`` or ``@perform()`` use the queue."""
+    if callable(name):
+        setattr(name, _PERFORM_ATTR, None)
+        return name
+    if name is not None:
+        validate_slug(name, "step slug")
+
+    def mark(fn: F) -> F:
+        if isinstance(fn, Flow):
+            raise DefinitionError(
+                "@perform must be placed below @job (applied first): @job(...) then @perform(...)"
+            )
+        setattr(fn, _PERFORM_ATTR, name)
+        return fn
+
+    return mark
+
+
+@overload
+def job(fn: Handler, /) -> Job: ...
+@overload
+def job(
+    fn: None = None,
+    /,
+    *,
+    queue: str | None = None,
+    max_attempts: int = 1,
+    base_delay: float = 1,
+    timeout: float = 30,
+    backoff: Literal["exponential", "fixed"] = "exponential",
+    max_delay: float = 3600,
+    jitter: bool = False,
+    on_failure: Hook | None = None,
+    on_dead: Hook | None = None,
+) -> Callable[[Handler], Job]: ...
+def job(
+    fn: Handler | None = None,
+    /,
+    *,
+    queue: str | None = None,
+    max_attempts: int = 1,
+    base_delay: float = 1,
+    timeout: float = 30,
+    backoff: Literal["exponential", "fixed"] = "exponential",
+    max_delay: float = 3600,
+    jitter: bool = False,
+    on_failure: Hook | None = None,
+    on_dead: Hook | None = None,
+) -> Job | Callable[[Handler], Job]:
+    """Make a function a job: a flow with one step whose slug is the queue.
+
+    ``queue`` is the flow slug (default: the function's name). Options and their defaults are those
+    of ``PgFlow.Job``: ``max_attempts=1``, ``base_delay=1`` s, ``timeout=30`` s.
+    """
+    options: dict[str, Any] = {
+        "max_attempts": max_attempts, "base_delay": base_delay, "timeout": timeout,
+        "backoff": backoff, "max_delay": max_delay, "jitter": jitter,
+        "on_failure": on_failure, "on_dead": on_dead,
+    }
+
+    def decorate(f: Handler) -> Job:
+        if isinstance(f, Flow):
+            raise DefinitionError(f"@job was applied to {f!r}, which is already a job or flow")
+        _check_handler(f, f"job {queue!r}")
+        slug = queue if queue is not None else getattr(f, "__name__", None)
+        step_slug = getattr(f, _PERFORM_ATTR, None)
+        return Job(f, queue=slug, step_slug=step_slug, **options)  # type: ignore[arg-type]
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+def flow(
+    slug: str,
+    *,
+    max_attempts: int = 1,
+    base_delay: float = 1,
+    timeout: float = 30,
+    backoff: Literal["exponential", "fixed"] = "exponential",
+    max_delay: float = 3600,
+    jitter: bool = False,
+    on_failure: Hook | None = None,
+    on_dead: Hook | None = None,
+) -> Flow:
+    """Create a multi-step flow; add steps with ``@the_flow.step()`` and ``@the_flow.map()``."""
+    return Flow(
+        slug, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
+        backoff=backoff, max_delay=max_delay, jitter=jitter,
+        on_failure=on_failure, on_dead=on_dead,
+    )

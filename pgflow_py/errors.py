@@ -1,0 +1,71 @@
+"""The exception hierarchy: everything pgflow_py raises derives from :class:`PgflowError`."""
+
+from __future__ import annotations
+
+__all__ = (
+    "DefinitionError",
+    "FlowNotFound",
+    "InputError",
+    "PermanentFailure",
+    "PgflowError",
+    "Retry",
+    "RunNotFound",
+    "SchemaError",
+    "ShapeMismatch",
+    "StepTimeout",
+    "WaitTimeout",
+)
+
+
+class PgflowError(Exception):
+    """Base class of every error raised by pgflow_py."""
+
+
+class DefinitionError(PgflowError):
+    """A job or flow definition is invalid (raised at decoration time)."""
+
+
+class InputError(PgflowError, ValueError):
+    """A run input cannot be accepted; nothing was written."""
+
+
+class RunNotFound(PgflowError, LookupError):
+    """No run with the given id exists in the store."""
+
+
+class FlowNotFound(PgflowError, LookupError):
+    """No definition with the given flow slug exists in the store."""
+
+
+class ShapeMismatch(PgflowError):
+    """A flow's steps or dependencies differ from the stored definition while runs are unfinished."""
+
+
+class SchemaError(PgflowError):
+    """The database cannot be used: written by a newer pgflow_py, or not a pgflow database."""
+
+
+class StepTimeout(PgflowError, TimeoutError):
+    """An attempt ran past its timeout; recorded as the attempt's error."""
+
+
+class PermanentFailure(PgflowError):
+    """Raise in a handler to fail the run for good now, without further attempts."""
+
+
+class Retry(PgflowError):
+    """Raise in a handler to fail this attempt and retry after exactly ``delay`` seconds.
+
+    The retry still counts as an attempt: once ``max_attempts`` is reached the run fails.
+    """
+
+    def __init__(self, delay: float, reason: str = "") -> None:
+        if delay < 0:
+            raise ValueError(f"Retry delay must be >= 0 seconds, got {delay!r}")
+        super().__init__(reason or f"retry requested in {delay:g}s")
+        self.delay = float(delay)
+        self.reason = reason
+
+
+class WaitTimeout(PgflowError, TimeoutError):
+    """``store.wait`` gave up before the run finished."""

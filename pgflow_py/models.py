@@ -1,0 +1,96 @@
+"""What the store returns: runs, their steps and tasks, and their status."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+import attrs
+
+__all__ = ("AttemptRecord", "Run", "RunStatus", "StepRun", "TaskRun")
+
+
+class RunStatus(str, enum.Enum):
+    """Status of a run, derived from its tasks when it is read."""
+
+    SCHEDULED = "scheduled"
+    """Nothing started yet; the first task is due in the future."""
+    QUEUED = "queued"
+    """Nothing started yet; due now."""
+    RUNNING = "running"
+    RETRYING = "retrying"
+    """Waiting out a backoff after a failed attempt."""
+    COMPLETED = "completed"
+    FAILED = "failed"
+    """Failed for good: the dead-letter list."""
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+@attrs.frozen
+class AttemptRecord:
+    """One failed attempt of a task, kept in its history."""
+
+    attempt: int
+    error: str
+    at: datetime
+
+
+@attrs.frozen
+class TaskRun:
+    """One task of a step (a single step has one; a map step one per element)."""
+
+    index: int | None
+    status: str
+    attempts: int
+    output: Any
+    error: str | None
+    history: tuple[AttemptRecord, ...] = ()
+
+
+@attrs.frozen
+class StepRun:
+    """One step of a run: ``created`` (waiting for dependencies), ``started``, ``completed``,
+    ``failed`` or ``cancelled``."""
+
+    slug: str
+    status: str
+    attempts: int
+    output: Any
+    error: str | None
+    tasks: tuple[TaskRun, ...] = ()
+
+
+@attrs.frozen
+class Run:
+    """A run of a flow or job, as read from the store."""
+
+    id: str
+    flow_slug: str
+    status: RunStatus
+    input: Any
+    output: Any
+    error: str | None
+    key: str | None
+    priority: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    steps: tuple[StepRun, ...] = ()
+
+    def step(self, slug: str) -> StepRun:
+        for s in self.steps:
+            if s.slug == slug:
+                return s
+        raise KeyError(slug)

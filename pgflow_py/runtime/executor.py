@@ -1,0 +1,81 @@
+"""One attempt of one task: call the handler under its timeout and classify the outcome."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import anyio
+import attrs
+
+from ..context import Context
+from ..definition import EffectiveOptions
+from ..dsl import Hook
+from ..errors import StepTimeout
+
+__all__ = ("StepRuntime", "call_hook", "run_attempt")
+
+log = logging.getLogger("pgflow_py.runner")
+
+
+@attrs.frozen
+class StepRuntime:
+    """What the runner needs to execute a step: its handler, options and the flow's hooks."""
+
+    flow_slug: str
+    step_slug: str
+    handler: Callable[..., Any]
+    options: EffectiveOptions
+    on_failure: Hook | None = None
+    on_dead: Hook | None = None
+    is_async: bool = attrs.field(init=False)
+
+    @is_async.default
+    def _is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.handler)
+
+    def deadline(self) -> datetime:
+        return datetime.now(timezone.utc) + timedelta(seconds=self.options.timeout)
+
+
+async def run_attempt(
+    step: StepRuntime, value: Any, ctx: Context, limiter: anyio.CapacityLimiter
+) -> Any:
+    """Run the handler; raise :class:`StepTimeout` if it passes its timeout.
+
+    Async handlers are cancelled at the deadline. Sync handlers run in a worker thread that is
+    abandoned at the deadline: the attempt fails then, though Python cannot stop the thread.
+    """
+    timeout = step.options.timeout
+    with anyio.move_on_after(timeout):
+        if step.is_async:
+            return await step.handler(value, ctx)
+        result = await anyio.to_thread.run_sync(
+            step.handler, value, ctx, abandon_on_cancel=True, limiter=limiter
+        )
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+    raise StepTimeout(
+        f"step {step.flow_slug}.{step.step_slug} timed out after {timeout:g}s "
+        f"(attempt {ctx.attempt} of {ctx.max_attempts})"
+    )
+
+
+async def call_hook(name: str, hook: Hook, ctx: Context, error: BaseException) -> None:
+    """Run a failure hook; its own exceptions are logged and change nothing."""
+    try:
+        if inspect.iscoroutinefunction(hook):
+            await hook(ctx, error)
+        else:
+            result = await anyio.to_thread.run_sync(hook, ctx, error)
+            if inspect.isawaitable(result):
+                await result
+    except Exception:
+        log.exception(
+            "%s hook of %s.%s raised (run %s, attempt %d); ignored",
+            name, ctx.flow_slug, ctx.step_slug, ctx.run_id, ctx.attempt,
+        )

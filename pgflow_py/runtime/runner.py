@@ -1,0 +1,385 @@
+"""``run_flows``: claim due tasks in batches, run them on a fixed pool of workers, record results.
+
+One dispatcher coroutine owns every database call of the runner (on the event loop thread), so
+there is no thread hop per statement: it claims up to the number of free workers in one
+statement, hands tasks to the workers through a queue, and applies all results gathered since
+its last pass in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+import attrs
+
+from .. import _json
+from ..backoff import retry_delay
+from ..context import Context
+from ..dsl import Flow
+from ..errors import PermanentFailure, Retry, StepTimeout
+from ..store import ClaimedTask, Store, TaskFailure, TaskSuccess, connect
+from .executor import StepRuntime, call_hook, run_attempt
+from .loader import load_stored_flows, step_runtimes
+
+__all__ = ("RunnerStats", "arun_flows", "run_flows")
+
+log = logging.getLogger("pgflow_py.runner")
+
+
+@attrs.frozen
+class RunnerStats:
+    """What a runner did: task attempts that completed, failed for good, were retried, timed out."""
+
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    timed_out: int = 0
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, Retry):
+        return f"Retry: {exc}"
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+class _Runner:
+    def __init__(
+        self,
+        store: Store,
+        steps: Mapping[tuple[str, str], StepRuntime],
+        *,
+        concurrency: int,
+        until_idle: bool,
+        resources: Mapping[str, Any],
+        lease: float,
+        poll_interval: float,
+        shutdown_timeout: float,
+    ) -> None:
+        self.store = store
+        self.backend = store.backend
+        self.clock = store.clock
+        self.steps = steps
+        self.flow_slugs = sorted({flow for flow, _ in steps})
+        self.concurrency = concurrency
+        self.until_idle = until_idle
+        self.resources = resources
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.shutdown_timeout = shutdown_timeout
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.counts = {"completed": 0, "failed": 0, "retried": 0, "timed_out": 0}
+        self._successes: list[TaskSuccess] = []
+        self._failures: list[TaskFailure] = []
+        self._in_flight = 0
+        self._stopping = False
+        self._queue: asyncio.Queue[ClaimedTask | None] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        # Threads abandoned at a timeout release their slot, so the limit is the pool size.
+        self._limiter = anyio.CapacityLimiter(concurrency)
+
+    # --- control -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop claiming; running tasks finish (up to the shutdown timeout)."""
+        self._stopping = True
+        self._wake.set()
+
+    # --- main loop -----------------------------------------------------------------------------
+
+    async def run(self) -> RunnerStats:
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+
+        def wake_from_anywhere() -> None:
+            if threading.get_ident() == loop_thread:
+                self._wake.set()
+            else:
+                loop.call_soon_threadsafe(self._wake.set)
+
+        self.store.add_listener(wake_from_anywhere)
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(self.concurrency):
+                    tg.start_soon(self._worker)
+                try:
+                    await self._dispatch()
+                finally:
+                    for _ in range(self.concurrency):
+                        self._queue.put_nowait(None)
+                    if self._in_flight:
+                        # Shutdown timeout passed or the runner was cancelled.
+                        tg.cancel_scope.cancel()
+        finally:
+            self.store.remove_listener(wake_from_anywhere)
+            self._flush()
+        return RunnerStats(**self.counts)
+
+    async def _dispatch(self) -> None:
+        pause = 0.005
+        stop_deadline: float | None = None
+        while True:
+            self._wake.clear()
+            self._flush()
+            if self._stopping:
+                if self._in_flight == 0:
+                    return
+                now = anyio.current_time()
+                stop_deadline = stop_deadline or now + self.shutdown_timeout
+                if now >= stop_deadline:
+                    log.warning("shutdown timeout: cancelling %d running task(s)", self._in_flight)
+                    return
+                await self._wait(stop_deadline - now)
+                continue
+            free = self.concurrency - self._in_flight
+            claimed = self.backend.claim(self.worker_id, self.flow_slugs, free, self.lease)
+            for task in claimed:
+                self._in_flight += 1
+                self._queue.put_nowait(task)
+            if claimed:
+                pause = 0.005
+                if len(claimed) == free:
+                    await self._wait(None)  # every worker is busy: wait for a result
+                else:
+                    await anyio.sleep(0)  # let workers start, then look again
+                continue
+            due = self.backend.next_due(self.flow_slugs)
+            now = self.clock.now()
+            if due is not None and due <= now:
+                # Due but not claimable (another runner holds the write lock, or took it).
+                await self._wait(pause)
+                pause = min(pause * 2, self.poll_interval)
+                continue
+            if self._in_flight:
+                # Results will wake us; meanwhile poll for work from other processes.
+                await self._wait(pause)
+                pause = min(pause * 2, self.poll_interval)
+                continue
+            if self.until_idle and due is None:
+                return
+            if due is not None and (self.until_idle or due - now < self.poll_interval):
+                await self._sleep_until(due - now)
+                continue
+            await self._wait(pause)
+            pause = min(pause * 2, self.poll_interval)
+
+    async def _wait(self, timeout: float | None) -> None:
+        with anyio.move_on_after(timeout):
+            await self._wake.wait()
+
+    async def _sleep_until(self, delay: float) -> None:
+        """Sleep on the store's clock (a fake clock jumps), waking early for new work."""
+        async with anyio.create_task_group() as tg:
+
+            async def sleeper() -> None:
+                await self.clock.sleep(delay)
+                tg.cancel_scope.cancel()
+
+            async def waker() -> None:
+                await self._wake.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(sleeper)
+            tg.start_soon(waker)
+
+    def _flush(self) -> None:
+        if not self._successes and not self._failures:
+            return
+        successes, self._successes = self._successes, []
+        failures, self._failures = self._failures, []
+        finished = self.backend.finish(successes, failures)
+        if finished:
+            self.store._notify_finished()
+
+    # --- workers -------------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            task = await self._queue.get()
+            if task is None:
+                return
+            try:
+                await self._execute(task)
+            finally:
+                self._in_flight -= 1
+                self._wake.set()
+
+    async def _execute(self, task: ClaimedTask) -> None:
+        step = self.steps[(task.flow_slug, task.step_slug)]
+        ctx = Context(
+            run_id=task.run_id,
+            flow_slug=task.flow_slug,
+            step_slug=task.step_slug,
+            task_index=task.task_index,
+            attempt=task.attempt,
+            max_attempts=task.max_attempts,
+            flow_input=task.flow_input,
+            resources=self.resources,
+            deadline=step.deadline(),
+        )
+        try:
+            output = await run_attempt(step, task.input, ctx, self._limiter)
+        except Exception as exc:
+            await self._failed(step, task, ctx, exc)
+            return
+        try:
+            output_json = _json.dumps(output)
+        except (TypeError, ValueError) as exc:
+            await self._failed(step, task, ctx, TypeError(
+                f"the handler returned a value that is not JSON-serializable: {exc}"
+            ))
+            return
+        self.counts["completed"] += 1
+        self._successes.append(TaskSuccess(task.id, task.attempt, output_json))
+
+    async def _failed(
+        self, step: StepRuntime, task: ClaimedTask, ctx: Context, exc: Exception
+    ) -> None:
+        if isinstance(exc, StepTimeout):
+            self.counts["timed_out"] += 1
+        opts = step.options
+        will_retry = not isinstance(exc, PermanentFailure) and task.attempt < task.max_attempts
+        error = _error_text(exc)
+        retry_at: float | None = None
+        if will_retry:
+            self.counts["retried"] += 1
+            delay = exc.delay if isinstance(exc, Retry) else retry_delay(
+                task.attempt, base_delay=opts.base_delay, backoff=opts.backoff,
+                max_delay=opts.max_delay, jitter=opts.jitter,
+            )
+            retry_at = self.clock.now() + delay
+            log.info(
+                "%s.%s failed (run %s, attempt %d of %d), retrying in %.3gs: %s",
+                task.flow_slug, task.step_slug, task.run_id, task.attempt, task.max_attempts,
+                delay, error,
+            )
+        else:
+            self.counts["failed"] += 1
+            log.warning(
+                "%s.%s failed for good (run %s, attempt %d of %d): %s",
+                task.flow_slug, task.step_slug, task.run_id, task.attempt, task.max_attempts,
+                error, exc_info=not isinstance(exc, (PermanentFailure, StepTimeout)),
+            )
+        if step.on_failure is not None or (step.on_dead is not None and not will_retry):
+            hook_ctx = attrs.evolve(ctx, will_retry=will_retry)
+            if step.on_failure is not None:
+                await call_hook("on_failure", step.on_failure, hook_ctx, exc)
+            if step.on_dead is not None and not will_retry:
+                await call_hook("on_dead", step.on_dead, hook_ctx, exc)
+        self._failures.append(TaskFailure(task.id, task.attempt, error, retry_at))
+
+
+def _steps_for(flows: Sequence[Flow], store: Store) -> dict[tuple[str, str], StepRuntime]:
+    steps: dict[tuple[str, str], StepRuntime] = {}
+    for flow in flows:
+        if not isinstance(flow, Flow):
+            raise TypeError(f"run_flows takes pf.Job / pf.Flow objects, got {flow!r}")
+        store.register(flow)
+        for runtime in step_runtimes(flow):
+            steps[(runtime.flow_slug, runtime.step_slug)] = runtime
+    return steps
+
+
+async def arun_flows(
+    flows: Sequence[Flow] | None = None,
+    *,
+    store: Store | str | None = None,
+    concurrency: int = 10,
+    until_idle: bool = False,
+    resources: Mapping[str, Any] | None = None,
+    lease: float = 30.0,
+    poll_interval: float = 0.1,
+    shutdown_timeout: float = 30.0,
+    handle_signals: bool = True,
+) -> RunnerStats:
+    """Serve ``flows`` (default: every flow in the store) inside a running event loop.
+
+    Returns when idle (``until_idle=True``) or after SIGINT/SIGTERM: running tasks get up to
+    ``shutdown_timeout`` seconds to finish; a second signal stops at once.
+    """
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+    own_store = not isinstance(store, Store)
+    the_store = store if isinstance(store, Store) else connect(store)
+    try:
+        if flows is None:
+            flows = load_stored_flows(the_store.backend.definitions())
+        runner = _Runner(
+            the_store,
+            _steps_for(list(flows), the_store),
+            concurrency=concurrency,
+            until_idle=until_idle,
+            resources=dict(resources or {}),
+            lease=lease,
+            poll_interval=poll_interval,
+            shutdown_timeout=shutdown_timeout,
+        )
+        if not (handle_signals and threading.current_thread() is threading.main_thread()):
+            return await runner.run()
+        return await _with_signals(runner)
+    finally:
+        if own_store:
+            the_store.close()
+
+
+async def _with_signals(runner: _Runner) -> RunnerStats:
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal(signum: int) -> None:
+        if runner._stopping:
+            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            if main is not None:
+                main.cancel()
+        else:
+            log.info("%s: finishing running tasks, then stopping", signal.Signals(signum).name)
+            runner.stop()
+
+    installed = []
+    for sig in signals:
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # e.g. Windows
+            pass
+    try:
+        return await runner.run()
+    except asyncio.CancelledError:
+        if not runner._stopping:
+            raise
+        return RunnerStats(**runner.counts)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def run_flows(
+    flows: Sequence[Flow] | None = None,
+    *,
+    store: Store | str | None = None,
+    concurrency: int = 10,
+    until_idle: bool = False,
+    resources: Mapping[str, Any] | None = None,
+    lease: float = 30.0,
+    poll_interval: float = 0.1,
+    shutdown_timeout: float = 30.0,
+    handle_signals: bool = True,
+) -> RunnerStats:
+    """Serve ``flows`` until idle or until SIGINT/SIGTERM; blocking (see :func:`arun_flows`)."""
+    return anyio.run(
+        lambda: arun_flows(
+            flows, store=store, concurrency=concurrency, until_idle=until_idle,
+            resources=resources, lease=lease, poll_interval=poll_interval,
+            shutdown_timeout=shutdown_timeout, handle_signals=handle_signals,
+        )
+    )

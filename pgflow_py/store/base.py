@@ -1,0 +1,122 @@
+"""The backend boundary: the job-level operations the store facade and the runtime rely on.
+
+Every backend (SQLite, PostgreSQL) implements :class:`Backend`; nothing above this layer writes
+SQL. Values cross the boundary as decoded Python objects, except outputs and inputs on the write
+path, which arrive already encoded as JSON text so the hot path encodes each value once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import attrs
+
+from ..clock import Clock
+from ..definition import FlowDefinition
+from ..models import Run
+
+__all__ = ("Backend", "ClaimedTask", "NewRun", "TaskFailure", "TaskSuccess")
+
+
+@attrs.frozen(slots=True)
+class NewRun:
+    """A run to create. ``root_items`` holds the encoded elements of a root map's array."""
+
+    id: str
+    input_json: str
+    run_at: float
+    created_at: float
+    priority: int = 0
+    key: str | None = None
+    root_items: tuple[str, ...] | None = None
+
+
+@attrs.frozen(slots=True)
+class ClaimedTask:
+    """A task taken by a worker: everything needed to run one attempt."""
+
+    id: int
+    run_id: str
+    flow_slug: str
+    step_slug: str
+    task_index: int | None
+    attempt: int
+    max_attempts: int
+    priority: int
+    input: Any
+    flow_input: Any
+
+
+@attrs.frozen(slots=True)
+class TaskSuccess:
+    task_id: int
+    attempt: int
+    output_json: str
+
+
+@attrs.frozen(slots=True)
+class TaskFailure:
+    """A failed attempt; ``retry_at`` is when to try again, ``None`` to fail the run for good."""
+
+    task_id: int
+    attempt: int
+    error: str
+    retry_at: float | None
+
+
+class Backend(Protocol):
+    """Job-level storage operations. Implementations are safe to call from several threads."""
+
+    url: str
+    clock: Clock
+
+    def register(self, definition: FlowDefinition) -> None:
+        """Store or update a definition; raise ``ShapeMismatch`` if its shape changed while
+        runs are unfinished."""
+        ...
+
+    def get_definition(self, flow_slug: str) -> FlowDefinition | None: ...
+
+    def definitions(self) -> list[FlowDefinition]: ...
+
+    def start_runs(self, definition: FlowDefinition, runs: Sequence[NewRun]) -> list[str]:
+        """Create runs in one transaction; return their ids (an existing run's for a known key)."""
+        ...
+
+    def claim(
+        self, worker_id: str, flow_slugs: Sequence[str], limit: int, lease_seconds: float
+    ) -> list[ClaimedTask]:
+        """Take up to ``limit`` due tasks, highest priority then oldest first, in one statement."""
+        ...
+
+    def finish(self, successes: Sequence[TaskSuccess], failures: Sequence[TaskFailure]) -> list[str]:
+        """Record results in one transaction, advancing their runs; late results are ignored.
+
+        Returns the ids of runs that reached a terminal status.
+        """
+        ...
+
+    def next_due(self, flow_slugs: Sequence[str]) -> float | None:
+        """When the earliest queued task of these flows is due, or ``None`` if none is queued."""
+        ...
+
+    def get_run(self, run_id: str) -> Run | None: ...
+
+    def runs(
+        self, flow_slug: str | None, status: str | None, key: str | None, limit: int
+    ) -> list[Run]: ...
+
+    def cancel(self, run_id: str) -> bool:
+        """Cancel an unfinished run; ``False`` if it was already terminal."""
+        ...
+
+    def retry(self, run_id: str) -> bool:
+        """Run a failed or cancelled run again with fresh attempts; ``False`` if it is not."""
+        ...
+
+    def prune(self, before: float) -> int:
+        """Delete terminal runs finished before ``before``; return how many."""
+        ...
+
+    def close(self) -> None: ...

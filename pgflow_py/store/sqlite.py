@@ -1,0 +1,756 @@
+"""The SQLite backend: one file (or ``:memory:``), WAL, one connection per process.
+
+Writes run in ``BEGIN IMMEDIATE`` transactions so concurrent processes queue on the busy timeout
+instead of failing on lock upgrades. A claim is a single ``UPDATE ... RETURNING`` over the partial
+index of queued tasks; results are applied in batches, one transaction per batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+import sqlite_utils
+
+from .. import _json
+from ..clock import Clock
+from ..definition import FlowDefinition, StepDefinition
+from ..errors import SchemaError, ShapeMismatch
+from ..models import AttemptRecord, Run, RunStatus, StepRun, TaskRun
+from .base import ClaimedTask, NewRun, TaskFailure, TaskSuccess
+
+__all__ = ("SCHEMA_VERSION", "SqliteBackend")
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x70666C77  # "pflw": marks a file as a pgflow_py database
+_MIGRATIONS = {1: "sqlite_0001_initial.sql"}
+
+# A non-terminal run's finer status is derived from its tasks when read.
+_STATUS_SQL = """
+CASE
+  WHEN r.status != 'started' THEN r.status
+  WHEN EXISTS (SELECT 1 FROM step_tasks t
+               WHERE t.run_id = r.id AND t.status = 'started') THEN 'running'
+  WHEN EXISTS (SELECT 1 FROM step_tasks t
+               WHERE t.run_id = r.id AND t.status = 'queued' AND t.attempts > 0) THEN 'retrying'
+  WHEN r.started_at IS NULL THEN CASE WHEN r.run_at > :now THEN 'scheduled' ELSE 'queued' END
+  ELSE 'running'
+END"""
+
+_RUN_COLUMNS = f"""r.id, r.flow_slug, {_STATUS_SQL} AS status, r.input, r.output, r.error, r.key,
+r.priority, r.created_at, r.started_at, r.finished_at"""
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def _placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SqliteBackend:
+    """:class:`~pgflow_py.store.base.Backend` on SQLite."""
+
+    def __init__(self, path: str, clock: Clock, *, busy_timeout: float = 10.0) -> None:
+        self.url = path
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._definitions: dict[str, FlowDefinition] = {}
+        where = "in memory" if path == ":memory:" else f"at {os.path.abspath(path)}"
+        self._where = where
+        try:
+            self._conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+            )
+        except sqlite3.Error as exc:
+            raise SchemaError(f"cannot open the pgflow database {where}: {exc}") from exc
+        try:
+            self._configure(busy_timeout)
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise SchemaError(
+                f"the file {where} is not a usable pgflow database ({exc}); "
+                "point pgflow at another path or restore the file"
+            ) from exc
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # --- connection and schema -----------------------------------------------------------------
+
+    def _configure(self, busy_timeout: float) -> None:
+        c = self._conn
+        c.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        if self.url != ":memory:":
+            c.execute("PRAGMA journal_mode = WAL")
+        c.execute("PRAGMA synchronous = NORMAL")
+        c.execute("PRAGMA foreign_keys = OFF")
+
+    def _migrate(self) -> None:
+        c = self._conn
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        app_id = c.execute("PRAGMA application_id").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the database {self._where} was written by a newer pgflow_py "
+                f"(schema version {version}; this version knows up to {SCHEMA_VERSION}); "
+                "upgrade pgflow_py to use it"
+            )
+        if version == SCHEMA_VERSION and app_id == APPLICATION_ID:
+            return
+        with self._write():
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            app_id = c.execute("PRAGMA application_id").fetchone()[0]
+            if app_id != APPLICATION_ID:
+                tables = sqlite_utils.Database(c).table_names()
+                if tables:
+                    raise SchemaError(
+                        f"the database {self._where} is not a pgflow database "
+                        f"(it has tables {tables[:5]}); use a separate file for pgflow"
+                    )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                sql = resources.files(__package__).joinpath("schema", _MIGRATIONS[target])
+                for statement in sql.read_text(encoding="utf-8").split(";\n"):
+                    if statement.strip():
+                        c.execute(statement)
+                c.execute(f"PRAGMA user_version = {target}")
+            c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # --- definitions ---------------------------------------------------------------------------
+
+    def register(self, definition: FlowDefinition) -> None:
+        now = self.clock.now()
+        with self._write() as c:
+            row = c.execute(
+                "SELECT definition FROM flows WHERE flow_slug = ?", (definition.slug,)
+            ).fetchone()
+            if row is None:
+                c.execute(
+                    "INSERT INTO flows (flow_slug, kind, definition, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (definition.slug, definition.kind, definition.to_json(), now, now),
+                )
+                self._insert_steps(c, definition)
+            else:
+                stored = FlowDefinition.from_json(row[0])
+                if stored.shape() != definition.shape():
+                    self._replace_shape(c, definition, stored)
+                elif stored != definition:
+                    c.execute(
+                        "UPDATE flows SET definition = ?, updated_at = ? WHERE flow_slug = ?",
+                        (definition.to_json(), now, definition.slug),
+                    )
+                    c.execute("DELETE FROM steps WHERE flow_slug = ?", (definition.slug,))
+                    c.execute("DELETE FROM deps WHERE flow_slug = ?", (definition.slug,))
+                    self._insert_steps(c, definition)
+        self._definitions[definition.slug] = definition
+
+    def _replace_shape(
+        self, c: sqlite3.Connection, definition: FlowDefinition, stored: FlowDefinition
+    ) -> None:
+        unfinished = c.execute(
+            "SELECT count(*) FROM runs WHERE flow_slug = ? AND status = 'started'",
+            (definition.slug,),
+        ).fetchone()[0]
+        if unfinished:
+            diffs = "; ".join(definition.shape_differences(stored))
+            raise ShapeMismatch(
+                f"flow {definition.slug!r} changed shape ({diffs}) while {unfinished} run(s) "
+                "of the stored version are unfinished. Let them finish or cancel them "
+                "(store.cancel), or give the new version a new slug."
+            )
+        c.execute(
+            "UPDATE flows SET kind = ?, definition = ?, updated_at = ? WHERE flow_slug = ?",
+            (definition.kind, definition.to_json(), self.clock.now(), definition.slug),
+        )
+        c.execute("DELETE FROM steps WHERE flow_slug = ?", (definition.slug,))
+        c.execute("DELETE FROM deps WHERE flow_slug = ?", (definition.slug,))
+        self._insert_steps(c, definition)
+
+    @staticmethod
+    def _insert_steps(c: sqlite3.Connection, d: FlowDefinition) -> None:
+        c.executemany(
+            "INSERT INTO steps (flow_slug, step_slug, step_index, step_type, deps_count, "
+            "max_attempts, base_delay, timeout, start_delay, handler) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (d.slug, s.slug, i, s.step_type, len(s.depends_on), s.max_attempts,
+                 s.base_delay, s.timeout, s.start_delay, s.handler)
+                for i, s in enumerate(d.steps)
+            ],
+        )
+        c.executemany(
+            "INSERT INTO deps (flow_slug, dep_slug, step_slug) VALUES (?, ?, ?)",
+            [(d.slug, dep, s.slug) for s in d.steps for dep in s.depends_on],
+        )
+
+    def get_definition(self, flow_slug: str) -> FlowDefinition | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT definition FROM flows WHERE flow_slug = ?", (flow_slug,)
+            ).fetchone()
+        if row is None:
+            return None
+        definition = FlowDefinition.from_json(row[0])
+        self._definitions[flow_slug] = definition
+        return definition
+
+    def definitions(self) -> list[FlowDefinition]:
+        with self._lock:
+            rows = self._conn.execute("SELECT definition FROM flows ORDER BY flow_slug").fetchall()
+        return [FlowDefinition.from_json(r[0]) for r in rows]
+
+    def _definition(self, flow_slug: str) -> FlowDefinition:
+        definition = self._definitions.get(flow_slug)
+        if definition is None:
+            definition = self.get_definition(flow_slug)
+            if definition is None:
+                raise SchemaError(f"flow {flow_slug!r} has runs but no stored definition")
+        return definition
+
+    # --- starting runs -------------------------------------------------------------------------
+
+    def start_runs(self, definition: FlowDefinition, runs: Sequence[NewRun]) -> list[str]:
+        now = self.clock.now()
+        d = definition
+        roots = [s for s in d.steps if not s.depends_on]
+        ids: list[str] = []
+        with self._write() as c:
+            fresh: list[NewRun] = []
+            for r in runs:
+                if r.key is not None:
+                    existing = c.execute(
+                        "SELECT id FROM runs WHERE flow_slug = ? AND key = ?", (d.slug, r.key)
+                    ).fetchone()
+                    if existing is not None:
+                        ids.append(existing[0])
+                        continue
+                fresh.append(r)
+                ids.append(r.id)
+            c.executemany(
+                "INSERT INTO runs (id, flow_slug, status, input, key, priority, remaining_steps, "
+                "run_at, created_at) VALUES (?, ?, 'started', ?, ?, ?, ?, ?, ?)",
+                [(r.id, d.slug, r.input_json, r.key, r.priority, len(d.steps), r.run_at,
+                  r.created_at) for r in fresh],
+            )
+            c.executemany(
+                "INSERT INTO step_states (run_id, step_slug, status, remaining_deps) "
+                "VALUES (?, ?, 'created', ?)",
+                [(r.id, s.slug, len(s.depends_on)) for r in fresh for s in d.steps],
+            )
+            for step in roots:
+                for r in fresh:
+                    items = r.root_items if step.step_type == "map" else None
+                    done = self._start_step(c, d, step, r.id, r.priority, r.run_at, now, items)
+                    if done:  # a root map over an empty array completes at once
+                        self._complete_steps(c, d, r.id, r.priority, done, now, [])
+        return ids
+
+    def _start_step(
+        self,
+        c: sqlite3.Connection,
+        d: FlowDefinition,
+        step: StepDefinition,
+        run_id: str,
+        priority: int,
+        run_at: float,
+        now: float,
+        items: Sequence[str] | None,
+        input_json: str | None = None,
+    ) -> list[tuple[str, str]]:
+        """Queue a step's tasks; a map over no items completes at once.
+
+        Returns ``(step_slug, output_json)`` of a step that completed immediately, for cascading.
+        """
+        max_attempts = d.effective(step.slug).max_attempts
+        if step.step_type == "map":
+            assert items is not None
+            if not items:
+                c.execute(
+                    "UPDATE step_states SET status = 'completed', remaining_tasks = 0, "
+                    "output = '[]', started_at = ?, finished_at = ? "
+                    "WHERE run_id = ? AND step_slug = ?",
+                    (now, now, run_id, step.slug),
+                )
+                return [(step.slug, "[]")]
+            c.execute(
+                "UPDATE step_states SET status = 'started', remaining_tasks = ?, started_at = ? "
+                "WHERE run_id = ? AND step_slug = ?",
+                (len(items), now, run_id, step.slug),
+            )
+            c.executemany(
+                "INSERT INTO step_tasks (run_id, flow_slug, step_slug, task_index, status, "
+                "max_attempts, priority, run_at, input, created_at) "
+                "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                [(run_id, d.slug, step.slug, i, max_attempts, priority, run_at, item, now)
+                 for i, item in enumerate(items)],
+            )
+            return []
+        c.execute(
+            "UPDATE step_states SET status = 'started', remaining_tasks = 1, started_at = ? "
+            "WHERE run_id = ? AND step_slug = ?",
+            (now, run_id, step.slug),
+        )
+        c.execute(
+            "INSERT INTO step_tasks (run_id, flow_slug, step_slug, task_index, status, "
+            "max_attempts, priority, run_at, input, created_at) "
+            "VALUES (?, ?, ?, NULL, 'queued', ?, ?, ?, ?, ?)",
+            (run_id, d.slug, step.slug, max_attempts, priority, run_at, input_json, now),
+        )
+        return []
+
+    # --- claiming ------------------------------------------------------------------------------
+
+    def claim(
+        self, worker_id: str, flow_slugs: Sequence[str], limit: int, lease_seconds: float
+    ) -> list[ClaimedTask]:
+        if limit <= 0 or not flow_slugs:
+            return []
+        now = self.clock.now()
+        sql = (
+            "UPDATE step_tasks SET status = 'started', attempts = attempts + 1, "
+            "lease_owner = ?, lease_expires = ?, started_at = ? "
+            "WHERE id IN (SELECT id FROM step_tasks WHERE status = 'queued' AND run_at <= ? "
+            f"AND flow_slug IN ({_placeholders(len(flow_slugs))}) "
+            "ORDER BY priority DESC, run_at, id LIMIT ?) "
+            "RETURNING id, run_id, flow_slug, step_slug, task_index, attempts, max_attempts, "
+            "priority, input, (SELECT input FROM runs WHERE runs.id = step_tasks.run_id)"
+        )
+        params = (worker_id, now + lease_seconds, now, now, *flow_slugs, limit)
+        with self._write() as c:
+            rows = c.execute(sql, params).fetchall()
+            if rows:
+                c.executemany(
+                    "UPDATE runs SET started_at = ? WHERE id = ? AND started_at IS NULL",
+                    [(now, run_id) for run_id in {row[1] for row in rows}],
+                )
+        rows.sort(key=lambda row: (-row[7], row[0]))
+        loads = _json.loads
+        tasks = []
+        for (tid, run_id, flow, step, index, attempt, max_att, prio, inp, run_inp) in rows:
+            flow_input = loads(run_inp)
+            tasks.append(ClaimedTask(
+                tid, run_id, flow, step, index, attempt, max_att, prio,
+                flow_input if inp is None else loads(inp), flow_input,
+            ))
+        return tasks
+
+    def next_due(self, flow_slugs: Sequence[str]) -> float | None:
+        if not flow_slugs:
+            return None
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT min(run_at) FROM step_tasks WHERE status = 'queued' "
+                f"AND flow_slug IN ({_placeholders(len(flow_slugs))})",
+                tuple(flow_slugs),
+            ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    # --- results -------------------------------------------------------------------------------
+
+    def finish(
+        self, successes: Sequence[TaskSuccess], failures: Sequence[TaskFailure]
+    ) -> list[str]:
+        if not successes and not failures:
+            return []
+        now = self.clock.now()
+        finished: list[str] = []
+        with self._write() as c:
+            for s in successes:
+                self._complete_task(c, s, now, finished)
+            for f in failures:
+                self._fail_task(c, f, now, finished)
+        return finished
+
+    def _complete_task(
+        self, c: sqlite3.Connection, s: TaskSuccess, now: float, finished: list[str]
+    ) -> None:
+        # The attempt guard makes a late result (after reclaim, cancel or run failure) a no-op.
+        row = c.execute(
+            "UPDATE step_tasks SET status = 'completed', output = ?, finished_at = ?, "
+            "lease_owner = NULL, lease_expires = NULL "
+            "WHERE id = ? AND attempts = ? AND status = 'started' "
+            "RETURNING run_id, flow_slug, step_slug, task_index, priority",
+            (s.output_json, now, s.task_id, s.attempt),
+        ).fetchone()
+        if row is None:
+            return
+        run_id, flow_slug, step_slug, task_index, priority = row
+        if task_index is None:
+            step_output = s.output_json
+        else:
+            left = c.execute(
+                "UPDATE step_states SET remaining_tasks = remaining_tasks - 1 "
+                "WHERE run_id = ? AND step_slug = ? AND status = 'started' "
+                "RETURNING remaining_tasks",
+                (run_id, step_slug),
+            ).fetchone()
+            if left is None or left[0] > 0:
+                return
+            outputs = c.execute(
+                "SELECT output FROM step_tasks WHERE run_id = ? AND step_slug = ? "
+                "AND status = 'completed' ORDER BY task_index",
+                (run_id, step_slug),
+            ).fetchall()
+            step_output = "[" + ",".join(o[0] for o in outputs) + "]"
+        d = self._definition(flow_slug)
+        self._complete_steps(c, d, run_id, priority, [(step_slug, step_output)], now, finished)
+
+    def _complete_steps(
+        self,
+        c: sqlite3.Connection,
+        d: FlowDefinition,
+        run_id: str,
+        priority: int,
+        done: list[tuple[str, str]],
+        now: float,
+        finished: list[str],
+    ) -> None:
+        """Mark steps completed and start the dependents that became ready, cascading."""
+        while done:
+            step_slug, output = done.pop()
+            updated = c.execute(
+                "UPDATE step_states SET status = 'completed', output = ?, remaining_tasks = 0, "
+                "finished_at = ? WHERE run_id = ? AND step_slug = ? AND status != 'completed'",
+                (output, now, run_id, step_slug),
+            ).rowcount
+            if d.kind == "job":
+                # A job's one step is its leaf: finish the run in the same statement.
+                if c.execute(
+                    "UPDATE runs SET status = 'completed', remaining_steps = 0, output = ?, "
+                    "finished_at = ? WHERE id = ? AND status = 'started'",
+                    (output, now, run_id),
+                ).rowcount:
+                    finished.append(run_id)
+                return
+            left = c.execute(
+                "UPDATE runs SET remaining_steps = remaining_steps - ? "
+                "WHERE id = ? AND status = 'started' RETURNING remaining_steps",
+                (1 if updated else 0, run_id),
+            ).fetchone()
+            if left is None:
+                return  # the run failed or was cancelled meanwhile
+            if left[0] == 0:
+                self._finish_run_completed(c, d, run_id, now)
+                finished.append(run_id)
+                return
+            for dependent in d.dependents(step_slug):
+                ready = c.execute(
+                    "UPDATE step_states SET remaining_deps = remaining_deps - 1 "
+                    "WHERE run_id = ? AND step_slug = ? AND status = 'created' "
+                    "RETURNING remaining_deps",
+                    (run_id, dependent.slug),
+                ).fetchone()
+                if ready is None or ready[0] > 0:
+                    continue
+                started = self._begin_step(c, d, run_id, priority, dependent, now)
+                if started is None:
+                    finished.append(run_id)
+                    return
+                done.extend(started)
+
+    def _begin_step(
+        self,
+        c: sqlite3.Connection,
+        d: FlowDefinition,
+        run_id: str,
+        priority: int,
+        step: StepDefinition,
+        now: float,
+    ) -> list[tuple[str, str]] | None:
+        """Start a step whose dependencies are all complete, handing it their outputs.
+
+        Returns steps completed at once (an empty map), or ``None`` if the run failed because
+        a map step received something other than an array.
+        """
+        run_at = now + step.start_delay
+        deps = c.execute(
+            "SELECT step_slug, output FROM step_states WHERE run_id = ? "
+            f"AND step_slug IN ({_placeholders(len(step.depends_on))})",
+            (run_id, *step.depends_on),
+        ).fetchall()
+        if step.step_type == "map":
+            source, array_json = deps[0]
+            array = _json.loads(array_json)
+            if not isinstance(array, list):
+                self._fail_run(
+                    c, run_id, step.slug,
+                    f"map step {step.slug!r} expected an array from step {source!r}, "
+                    f"got {type(array).__name__}: {array_json[:200]}",
+                    now,
+                )
+                return None
+            items = [_json.dumps(item) for item in array]
+            return self._start_step(c, d, step, run_id, priority, run_at, now, items)
+        deps_json = "{" + ",".join(f"{_json.dumps(slug)}:{out}" for slug, out in deps) + "}"
+        return self._start_step(c, d, step, run_id, priority, run_at, now, None, deps_json)
+
+    def _finish_run_completed(
+        self, c: sqlite3.Connection, d: FlowDefinition, run_id: str, now: float
+    ) -> None:
+        leaves = [s.slug for s in d.leaf_steps]
+        rows = dict(c.execute(
+            "SELECT step_slug, output FROM step_states WHERE run_id = ? "
+            f"AND step_slug IN ({_placeholders(len(leaves))})",
+            (run_id, *leaves),
+        ).fetchall())
+        output = "{" + ",".join(f"{_json.dumps(slug)}:{rows[slug]}" for slug in leaves) + "}"
+        c.execute(
+            "UPDATE runs SET status = 'completed', output = ?, finished_at = ? WHERE id = ?",
+            (output, now, run_id),
+        )
+
+    def _fail_task(
+        self, c: sqlite3.Connection, f: TaskFailure, now: float, finished: list[str]
+    ) -> None:
+        history_sql = (
+            "history = json_insert(coalesce(history, '[]'), '$[#]', "
+            "json_object('attempt', attempts, 'error', ?, 'at', ?))"
+        )
+        if f.retry_at is not None:
+            c.execute(
+                f"UPDATE step_tasks SET status = 'queued', run_at = ?, error = ?, {history_sql}, "
+                "lease_owner = NULL, lease_expires = NULL "
+                "WHERE id = ? AND attempts = ? AND status = 'started'",
+                (f.retry_at, f.error, f.error, now, f.task_id, f.attempt),
+            )
+            return
+        row = c.execute(
+            f"UPDATE step_tasks SET status = 'failed', error = ?, {history_sql}, finished_at = ?, "
+            "lease_owner = NULL, lease_expires = NULL "
+            "WHERE id = ? AND attempts = ? AND status = 'started' RETURNING run_id, step_slug",
+            (f.error, f.error, now, now, f.task_id, f.attempt),
+        ).fetchone()
+        if row is None:
+            return
+        if self._fail_run(c, row[0], row[1], f.error, now):
+            finished.append(row[0])
+
+    def _fail_run(
+        self, c: sqlite3.Connection, run_id: str, step_slug: str, error: str, now: float
+    ) -> bool:
+        if not c.execute(
+            "UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
+            "WHERE id = ? AND status = 'started'",
+            (error, now, run_id),
+        ).rowcount:
+            return False
+        c.execute(
+            "UPDATE step_states SET status = 'failed', error = ?, finished_at = ? "
+            "WHERE run_id = ? AND step_slug = ?",
+            (error, now, run_id, step_slug),
+        )
+        self._cancel_rest(c, run_id, now)
+        return True
+
+    @staticmethod
+    def _cancel_rest(c: sqlite3.Connection, run_id: str, now: float) -> None:
+        c.execute(
+            "UPDATE step_tasks SET status = 'cancelled', finished_at = ?, lease_owner = NULL, "
+            "lease_expires = NULL WHERE run_id = ? AND status IN ('queued', 'started')",
+            (now, run_id),
+        )
+        c.execute(
+            "UPDATE step_states SET status = 'cancelled', finished_at = ? "
+            "WHERE run_id = ? AND status IN ('created', 'started')",
+            (now, run_id),
+        )
+
+    # --- control -------------------------------------------------------------------------------
+
+    def cancel(self, run_id: str) -> bool:
+        now = self.clock.now()
+        with self._write() as c:
+            if not c.execute(
+                "UPDATE runs SET status = 'cancelled', finished_at = ? "
+                "WHERE id = ? AND status = 'started'",
+                (now, run_id),
+            ).rowcount:
+                return False
+            self._cancel_rest(c, run_id, now)
+        return True
+
+    def retry(self, run_id: str) -> bool:
+        now = self.clock.now()
+        with self._write() as c:
+            row = c.execute(
+                "UPDATE runs SET status = 'started', error = NULL, output = NULL, "
+                "finished_at = NULL WHERE id = ? AND status IN ('failed', 'cancelled') "
+                "RETURNING flow_slug, priority",
+                (run_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            d = self._definition(row[0])
+            # Tasks that did not complete run again with fresh attempts; history is kept.
+            c.execute(
+                "UPDATE step_tasks SET status = 'queued', attempts = 0, run_at = ?, "
+                "finished_at = NULL WHERE run_id = ? AND status IN ('failed', 'cancelled')",
+                (now, run_id),
+            )
+            # Steps that had tasks go back to work; the others wait for their dependencies.
+            c.execute(
+                "UPDATE step_states SET status = 'started', error = NULL, finished_at = NULL, "
+                "remaining_tasks = (SELECT count(*) FROM step_tasks t WHERE t.run_id = "
+                "step_states.run_id AND t.step_slug = step_states.step_slug "
+                "AND t.status != 'completed') "
+                "WHERE run_id = ? AND status IN ('failed', 'cancelled') "
+                "AND remaining_tasks IS NOT NULL",
+                (run_id,),
+            )
+            c.execute(
+                "UPDATE step_states SET status = 'created', error = NULL, finished_at = NULL "
+                "WHERE run_id = ? AND status IN ('failed', 'cancelled') AND remaining_tasks IS NULL",
+                (run_id,),
+            )
+            ready = [r[0] for r in c.execute(
+                "SELECT step_slug FROM step_states WHERE run_id = ? AND status = 'created' "
+                "AND remaining_deps = 0",
+                (run_id,),
+            ).fetchall()]
+            for slug in ready:
+                done = self._begin_step(c, d, run_id, row[1], d.step(slug), now)
+                if done:
+                    self._complete_steps(c, d, run_id, row[1], done, now, [])
+        return True
+
+    def prune(self, before: float) -> int:
+        with self._write() as c:
+            ids = [r[0] for r in c.execute(
+                "SELECT id FROM runs WHERE status != 'started' AND finished_at < ?", (before,)
+            ).fetchall()]
+            for chunk_start in range(0, len(ids), 500):
+                chunk = ids[chunk_start:chunk_start + 500]
+                marks = _placeholders(len(chunk))
+                c.execute(f"DELETE FROM step_tasks WHERE run_id IN ({marks})", chunk)
+                c.execute(f"DELETE FROM step_states WHERE run_id IN ({marks})", chunk)
+                c.execute(f"DELETE FROM runs WHERE id IN ({marks})", chunk)
+        return len(ids)
+
+    # --- reading runs --------------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> Run | None:
+        runs = self._read_runs(f"SELECT {_RUN_COLUMNS} FROM runs r WHERE r.id = :id", {"id": run_id})
+        return runs[0] if runs else None
+
+    def runs(
+        self, flow_slug: str | None, status: str | None, key: str | None, limit: int
+    ) -> list[Run]:
+        where: list[str] = []
+        params: dict[str, Any] = {"limit": limit}
+        if flow_slug is not None:
+            where.append("r.flow_slug = :flow")
+            params["flow"] = flow_slug
+        if key is not None:
+            where.append("r.key = :key")
+            params["key"] = key
+        if status is not None:
+            if RunStatus(status).is_terminal:
+                where.append("r.status = :status")
+            else:
+                where.append(f"r.status = 'started' AND ({_STATUS_SQL}) = :status")
+            params["status"] = str(RunStatus(status).value)
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs r"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY r.created_at DESC, r.rowid DESC LIMIT :limit"
+        return self._read_runs(sql, params)
+
+    def _read_runs(self, sql: str, params: dict[str, Any]) -> list[Run]:
+        params = {**params, "now": self.clock.now()}
+        with self._lock:
+            rows = self._conn.execute(sql, params).fetchall()
+            if not rows:
+                return []
+            ids = [r[0] for r in rows]
+            marks = _placeholders(len(ids))
+            step_rows = self._conn.execute(
+                "SELECT run_id, step_slug, status, output, error FROM step_states "
+                f"WHERE run_id IN ({marks})",
+                ids,
+            ).fetchall()
+            task_rows = self._conn.execute(
+                "SELECT run_id, step_slug, task_index, status, attempts, output, error, history, "
+                f"started_at FROM step_tasks WHERE run_id IN ({marks}) ORDER BY id",
+                ids,
+            ).fetchall()
+        loads = _json.loads
+        tasks: dict[tuple[str, str], list[tuple[TaskRun, float | None]]] = {}
+        for run_id, step, index, status, attempts, output, error, history, started in task_rows:
+            record = TaskRun(
+                index=index,
+                status=status,
+                attempts=attempts,
+                output=None if output is None else loads(output),
+                error=error,
+                history=tuple(
+                    AttemptRecord(h["attempt"], h["error"], _dt(h["at"]))  # type: ignore[arg-type]
+                    for h in (loads(history) if history else ())
+                ),
+            )
+            tasks.setdefault((run_id, step), []).append((record, started))
+        steps: dict[str, dict[str, StepRun]] = {}
+        for run_id, step, status, output, error in step_rows:
+            step_tasks = sorted(tasks.get((run_id, step), []), key=lambda t: t[0].index or 0)
+            steps.setdefault(run_id, {})[step] = StepRun(
+                slug=step,
+                status=status,
+                attempts=max((t.attempts for t, _ in step_tasks), default=0),
+                output=None if output is None else loads(output),
+                error=error,
+                tasks=tuple(t for t, _ in step_tasks),
+            )
+        result = []
+        for (run_id, flow_slug, status, inp, output, error, key, priority, created, started,
+             finished) in rows:
+            order = self._step_order(flow_slug)
+            run_steps = steps.get(run_id, {})
+            all_tasks = [t for (rid, _), ts in tasks.items() if rid == run_id for t in ts]
+            last = max(all_tasks, key=lambda t: t[1] or 0.0, default=None)
+            result.append(Run(
+                id=run_id,
+                flow_slug=flow_slug,
+                status=RunStatus(status),
+                input=loads(inp),
+                output=None if output is None else loads(output),
+                error=error,
+                key=key,
+                priority=priority,
+                created_at=_dt(created),  # type: ignore[arg-type]
+                started_at=_dt(started),
+                finished_at=_dt(finished),
+                attempts=last[0].attempts if last is not None else 0,
+                steps=tuple(sorted(run_steps.values(), key=lambda s: order.get(s.slug, 0))),
+            ))
+        return result
+
+    def _step_order(self, flow_slug: str) -> dict[str, int]:
+        try:
+            d = self._definition(flow_slug)
+        except SchemaError:
+            return {}
+        return {s.slug: i for i, s in enumerate(d.steps)}

@@ -1,0 +1,315 @@
+"""The public store: validates what users hand it, then calls the backend."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from .. import _json
+from ..clock import Clock, SystemClock
+from ..definition import FlowDefinition
+from ..dsl import Flow
+from ..errors import FlowNotFound, InputError, RunNotFound, WaitTimeout
+from ..models import Run, RunStatus, StepRun
+from .base import Backend, NewRun
+
+__all__ = ("Store", "connect")
+
+DEFAULT_PATH = "pgflow.db"
+
+
+def connect(url: str | os.PathLike[str] | None = None, *, clock: Clock | None = None) -> Store:
+    """Open a store: a SQLite path (created and migrated on first use), ``":memory:"``, or a
+    ``postgresql://`` URL. Without a URL, ``$PGFLOW_DATABASE`` or ``./pgflow.db``."""
+    if url is None:
+        url = os.environ.get("PGFLOW_DATABASE") or DEFAULT_PATH
+    url = os.fspath(url)
+    clock = clock or SystemClock()
+    if url.startswith(("postgresql://", "postgres://")):
+        raise NotImplementedError(
+            "the PostgreSQL backend is not available in this version of pgflow_py; "
+            "use a SQLite path for now"
+        )
+    from .sqlite import SqliteBackend
+
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+    return Store(SqliteBackend(path, clock))
+
+
+def _seconds(value: float | timedelta, name: str) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(
+        seconds
+    ):
+        raise InputError(f"{name} must be a number of seconds or a timedelta, got {value!r}")
+    if seconds < 0:
+        raise InputError(f"{name} must not be negative, got {value!r}")
+    return float(seconds)
+
+
+class Store:
+    """Runs and definitions in a database. Create with :func:`connect`; use as a context manager."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.clock = backend.clock
+        self._checked: dict[str, FlowDefinition] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._finished = threading.Condition()
+
+    def __repr__(self) -> str:
+        return f"<pgflow_py.Store {self.backend.url!r}>"
+
+    # --- definitions ---------------------------------------------------------------------------
+
+    def register(self, flow: Flow) -> None:
+        """Write ``flow``'s definition to the store (or update its options).
+
+        Raises :class:`~pgflow_py.ShapeMismatch` if its steps changed while runs are unfinished.
+        """
+        definition = flow.definition
+        if self._checked.get(flow.slug) is definition:
+            return
+        self.backend.register(definition)
+        self._checked[flow.slug] = definition
+
+    def _resolve(self, flow: Flow | str) -> FlowDefinition:
+        if isinstance(flow, Flow):
+            self.register(flow)
+            return flow.definition
+        if not isinstance(flow, str):
+            raise InputError(f"flow must be a pf.Flow, a pf.Job or a flow slug, got {flow!r}")
+        definition = self.backend.get_definition(flow)
+        if definition is None:
+            raise FlowNotFound(
+                f"no flow {flow!r} in {self.backend.url}: start it once from its definition, "
+                "or call store.register(flow), before starting it by slug"
+            )
+        return definition
+
+    # --- starting ------------------------------------------------------------------------------
+
+    def _due(self, delay: float | timedelta | None, run_at: datetime | None) -> float:
+        now = self.clock.now()
+        if delay is not None and run_at is not None:
+            raise InputError("give either delay or run_at, not both")
+        if delay is not None:
+            return now + _seconds(delay, "delay")
+        if run_at is not None:
+            if not isinstance(run_at, datetime):
+                raise InputError(f"run_at must be a datetime, got {run_at!r}")
+            if run_at.tzinfo is None or run_at.utcoffset() is None:
+                raise InputError(
+                    f"run_at must be timezone-aware (e.g. datetime.now(timezone.utc)), got {run_at!r}"
+                )
+            return run_at.timestamp()
+        return now
+
+    @staticmethod
+    def _new_run(
+        definition: FlowDefinition,
+        input: Any,
+        due: float,
+        now: float,
+        priority: int,
+        key: str | None,
+    ) -> NewRun:
+        try:
+            input_json = _json.dumps(input)
+        except (TypeError, ValueError) as exc:
+            raise InputError(
+                f"input of flow {definition.slug!r} must be JSON-serializable "
+                f"(dicts, lists, str, numbers, bools, None, attrs classes, dataclasses): {exc}"
+            ) from None
+        root_items = None
+        if any(s.step_type == "map" for s in definition.root_steps):
+            if not isinstance(input, (list, tuple)):
+                root = next(s for s in definition.root_steps if s.step_type == "map")
+                raise InputError(
+                    f"flow {definition.slug!r} starts with map step {root.slug!r}, so its input "
+                    f"must be an array (list), got {type(input).__name__}"
+                )
+            root_items = tuple(_json.dumps(item) for item in input)
+        return NewRun(str(uuid.uuid4()), input_json, due, now, priority, key, root_items)
+
+    @staticmethod
+    def _check_priority(priority: int) -> None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InputError(f"priority must be an integer, got {priority!r}")
+
+    def start(
+        self,
+        flow: Flow | str,
+        input: Any = None,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: int = 0,
+        key: str | None = None,
+    ) -> Run:
+        """Start a run of ``flow`` (object or slug) with ``input``; return it.
+
+        ``delay``/``run_at`` schedule it; ``priority`` orders claims (higher first); ``key``
+        makes the start idempotent: the same flow and key return the existing run.
+        """
+        self._check_priority(priority)
+        if key is not None and not isinstance(key, str):
+            raise InputError(f"key must be a string, got {key!r}")
+        due = self._due(delay, run_at)
+        definition = self._resolve(flow)
+        new = self._new_run(definition, input, due, self.clock.now(), priority, key)
+        (run_id,) = self.backend.start_runs(definition, [new])
+        self._notify_started()
+        if run_id != new.id:
+            return self.get_run(run_id)
+        return self._fresh_run(definition, new, input)
+
+    def start_many(
+        self,
+        flow: Flow | str,
+        inputs: Iterable[Any],
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: int = 0,
+    ) -> list[Run]:
+        """Start one run per input in a single transaction; all or none are written."""
+        self._check_priority(priority)
+        due = self._due(delay, run_at)
+        definition = self._resolve(flow)
+        inputs = list(inputs)
+        now = self.clock.now()
+        news = [self._new_run(definition, item, due, now, priority, None) for item in inputs]
+        if not news:
+            return []
+        self.backend.start_runs(definition, news)
+        self._notify_started()
+        return [self._fresh_run(definition, n, i) for n, i in zip(news, inputs)]
+
+    def _fresh_run(self, definition: FlowDefinition, new: NewRun, input: Any) -> Run:
+        # Built from what was just written, sparing a read per started run.
+        now = self.clock.now()
+        roots = {s.slug for s in definition.root_steps}
+        if any(s.step_type == "map" for s in definition.root_steps) and not new.root_items:
+            return self.get_run(new.id)  # empty root map: already advanced
+        return Run(
+            id=new.id,
+            flow_slug=definition.slug,
+            status=RunStatus.SCHEDULED if new.run_at > now else RunStatus.QUEUED,
+            input=_json.loads(new.input_json),
+            output=None,
+            error=None,
+            key=new.key,
+            priority=new.priority,
+            created_at=datetime.fromtimestamp(new.created_at, tz=timezone.utc),
+            started_at=None,
+            finished_at=None,
+            attempts=0,
+            steps=tuple(
+                StepRun(s.slug, "started" if s.slug in roots else "created", 0, None, None)
+                for s in definition.steps
+            ),
+        )
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> Run:
+        """The run with this id; raises :class:`~pgflow_py.RunNotFound`."""
+        run = self.backend.get_run(run_id)
+        if run is None:
+            raise RunNotFound(f"no run {run_id!r} in {self.backend.url}")
+        return run
+
+    def runs(
+        self,
+        flow: Flow | str | None = None,
+        status: RunStatus | str | None = None,
+        key: str | None = None,
+        limit: int = 100,
+    ) -> list[Run]:
+        """Runs, newest first, filtered by flow, status and key."""
+        if status is not None:
+            try:
+                status = RunStatus(status)
+            except ValueError:
+                raise InputError(
+                    f"unknown status {status!r}; use one of {[s.value for s in RunStatus]}"
+                ) from None
+        slug = flow.slug if isinstance(flow, Flow) else flow
+        return self.backend.runs(slug, None if status is None else status.value, key, limit)
+
+    def wait(self, run_id: str, timeout: float | None = None) -> Run:
+        """Block until the run is completed, failed or cancelled; return it.
+
+        Raises :class:`~pgflow_py.WaitTimeout` after ``timeout`` real seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            run = self.get_run(run_id)
+            if run.status.is_terminal:
+                return run
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise WaitTimeout(
+                    f"run {run_id} is still {run.status.value} after {timeout}s; "
+                    "is a runner serving its flow?"
+                )
+            # Woken at once by a runner in this process; polls for runners elsewhere.
+            with self._finished:
+                self._finished.wait(pause if remaining is None else min(pause, remaining))
+            pause = min(pause * 2, 0.05)
+
+    # --- control -------------------------------------------------------------------------------
+
+    def cancel(self, run_id: str) -> Run:
+        """Cancel an unfinished run: its queued tasks never start, late results are ignored."""
+        self.backend.cancel(run_id)
+        self._notify_finished()
+        return self.get_run(run_id)
+
+    def retry(self, run_id: str) -> Run:
+        """Run a failed or cancelled run again with fresh attempts (its history is kept)."""
+        run = self.get_run(run_id)
+        if not self.backend.retry(run_id):
+            raise InputError(
+                f"run {run_id} is {run.status.value}; only failed or cancelled runs can be retried"
+            )
+        self._notify_started()
+        return self.get_run(run_id)
+
+    def prune(self, older_than: timedelta | float = timedelta(days=7)) -> int:
+        """Delete completed, failed and cancelled runs finished more than ``older_than`` ago."""
+        return self.backend.prune(self.clock.now() - _seconds(older_than, "older_than"))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- in-process wake-ups (used by the runtime) ---------------------------------------------
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from any thread) whenever this store starts or requeues runs."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        self._listeners.remove(callback)
+
+    def _notify_started(self) -> None:
+        for callback in list(self._listeners):
+            callback()
+
+    def _notify_finished(self) -> None:
+        with self._finished:
+            self._finished.notify_all()
