@@ -291,12 +291,11 @@ class SqliteBackend:
             assert items is not None
             if not items:
                 c.execute(
-                    "UPDATE step_states SET status = 'completed', remaining_tasks = 0, "
-                    "output = '[]', started_at = ?, finished_at = ? "
-                    "WHERE run_id = ? AND step_slug = ?",
-                    (now, now, run_id, step.slug),
+                    "UPDATE step_states SET status = 'started', remaining_tasks = 0, "
+                    "started_at = ? WHERE run_id = ? AND step_slug = ?",
+                    (now, run_id, step.slug),
                 )
-                return [(step.slug, "[]")]
+                return [(step.slug, "[]")]  # the caller completes it
             c.execute(
                 "UPDATE step_states SET status = 'started', remaining_tasks = ?, started_at = ? "
                 "WHERE run_id = ? AND step_slug = ?",
