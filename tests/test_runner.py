@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -73,7 +74,7 @@ def test_fixed_backoff_waits_base_delay_each_time(store, clock):
 
     store.start(fixed)
     drain(store, fixed)
-    assert [round(b - a, 6) for a, b in zip(seen, seen[1:])] == [10, 10, 10]
+    assert [round(b - a, 6) for a, b in itertools.pairwise(seen)] == [10, 10, 10]
 
 
 def test_always_failing_ends_failed_with_last_error(store):
@@ -312,7 +313,7 @@ def test_flows_none_imports_handlers_by_recorded_path(tmp_path, monkeypatch, clo
             return {"doubled": input * 2, "from": __name__}
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    import pgflow_test_jobs_mod  # noqa: PLC0415
+    import pgflow_test_jobs_mod
 
     db = tmp_path / "byname.db"
     with pf.connect(db, clock=clock) as store:

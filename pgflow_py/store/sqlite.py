@@ -118,7 +118,7 @@ class SqliteBackend:
                         f"(it has tables {tables[:5]}); use a separate file for pgflow"
                     )
             for target in range(version + 1, SCHEMA_VERSION + 1):
-                sql = resources.files(__package__).joinpath("schema", _MIGRATIONS[target])
+                sql = resources.files(__package__) / "schema" / _MIGRATIONS[target]
                 for statement in sql.read_text(encoding="utf-8").split(";\n"):
                     if statement.strip():
                         c.execute(statement)

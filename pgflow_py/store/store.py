@@ -190,7 +190,7 @@ class Store:
             return []
         self.backend.start_runs(definition, news)
         self._notify_started()
-        return [self._fresh_run(definition, n, i) for n, i in zip(news, inputs)]
+        return [self._fresh_run(definition, n, i) for n, i in zip(news, inputs, strict=True)]
 
     def _fresh_run(self, definition: FlowDefinition, new: NewRun, input: Any) -> Run:
         # Built from what was just written, sparing a read per started run.
