@@ -337,21 +337,27 @@ class SqliteBackend:
             f"AND flow_slug IN ({_placeholders(len(flow_slugs))}) "
             "ORDER BY priority DESC, run_at, id LIMIT ?) "
             "RETURNING id, run_id, flow_slug, step_slug, task_index, attempts, max_attempts, "
-            "priority, input, (SELECT input FROM runs WHERE runs.id = step_tasks.run_id)"
+            "priority, input"
         )
         params = (worker_id, now + lease_seconds, now, now, *flow_slugs, limit)
         with self._write() as c:
             rows = c.execute(sql, params).fetchall()
-            if rows:
-                c.executemany(
-                    "UPDATE runs SET started_at = ? WHERE id = ? AND started_at IS NULL",
-                    [(now, run_id) for run_id in {row[1] for row in rows}],
-                )
+            if not rows:
+                return []
+            run_ids = list({row[1] for row in rows})
+            # A correlated subquery in RETURNING scans `runs`, so inputs are read separately.
+            run_inputs = dict(c.execute(
+                f"SELECT id, input FROM runs WHERE id IN ({_placeholders(len(run_ids))})", run_ids
+            ).fetchall())
+            c.executemany(
+                "UPDATE runs SET started_at = ? WHERE id = ? AND started_at IS NULL",
+                [(now, run_id) for run_id in run_ids],
+            )
         rows.sort(key=lambda row: (-row[7], row[0]))
         loads = _json.loads
         tasks = []
-        for (tid, run_id, flow, step, index, attempt, max_att, prio, inp, run_inp) in rows:
-            flow_input = loads(run_inp)
+        for (tid, run_id, flow, step, index, attempt, max_att, prio, inp) in rows:
+            flow_input = loads(run_inputs[run_id])
             tasks.append(ClaimedTask(
                 tid, run_id, flow, step, index, attempt, max_att, prio,
                 flow_input if inp is None else loads(inp), flow_input,
@@ -598,7 +604,8 @@ class SqliteBackend:
         with self._write() as c:
             row = c.execute(
                 "UPDATE runs SET status = 'started', error = NULL, output = NULL, "
-                "finished_at = NULL WHERE id = ? AND status IN ('failed', 'cancelled') "
+                "started_at = NULL, finished_at = NULL "
+                "WHERE id = ? AND status IN ('failed', 'cancelled') "
                 "RETURNING flow_slug, priority",
                 (run_id,),
             ).fetchone()

@@ -80,8 +80,8 @@ class Store:
         self._checked[flow.slug] = definition
 
     def _resolve(self, flow: Flow | str) -> FlowDefinition:
+        """The definition to start; a flow object is registered later, once inputs are valid."""
         if isinstance(flow, Flow):
-            self.register(flow)
             return flow.definition
         if not isinstance(flow, str):
             raise InputError(f"flow must be a pf.Flow, a pf.Job or a flow slug, got {flow!r}")
@@ -164,6 +164,8 @@ class Store:
         due = self._due(delay, run_at)
         definition = self._resolve(flow)
         new = self._new_run(definition, input, due, self.clock.now(), priority, key)
+        if isinstance(flow, Flow):
+            self.register(flow)
         (run_id,) = self.backend.start_runs(definition, [new])
         self._notify_started()
         if run_id != new.id:
@@ -186,6 +188,8 @@ class Store:
         inputs = list(inputs)
         now = self.clock.now()
         news = [self._new_run(definition, item, due, now, priority, None) for item in inputs]
+        if isinstance(flow, Flow):
+            self.register(flow)
         if not news:
             return []
         self.backend.start_runs(definition, news)
