@@ -76,6 +76,10 @@ class _Runner:
         self.lease = lease
         self.poll_interval = poll_interval
         self.shutdown_timeout = shutdown_timeout
+        # Results are flushed (and free workers refilled) once half the pool is free, or after
+        # a millisecond: one transaction per batch instead of one per task.
+        self.batch_size = max(1, concurrency // 2)
+        self.batch_window = 0.001
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.counts = {"completed": 0, "failed": 0, "retried": 0, "timed_out": 0}
         self._successes: list[TaskSuccess] = []
@@ -149,6 +153,7 @@ class _Runner:
                 pause = 0.005
                 if len(claimed) == free:
                     await self._wait(None)  # every worker is busy: wait for a result
+                    await self._gather_results()
                 else:
                     await anyio.sleep(0)  # let workers start, then look again
                 continue
@@ -171,6 +176,17 @@ class _Runner:
                 continue
             await self._wait(pause)
             pause = min(pause * 2, self.poll_interval)
+
+    async def _gather_results(self) -> None:
+        """Give other busy workers a moment to finish, so results are written in batches."""
+        window = anyio.current_time() + self.batch_window
+        while (
+            self._in_flight
+            and self.concurrency - self._in_flight < self.batch_size
+            and anyio.current_time() < window
+        ):
+            self._wake.clear()
+            await self._wait(window - anyio.current_time())
 
     async def _wait(self, timeout: float | None) -> None:
         with anyio.move_on_after(timeout):
