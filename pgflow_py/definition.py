@@ -36,7 +36,7 @@ def validate_slug(slug: object, what: str = "slug") -> str:
         raise DefinitionError(
             f"{what} {slug[:20]!r}... is {len(slug)} characters long; the limit is {MAX_SLUG_LENGTH}"
         )
-    if not _SLUG_RE.match(slug):
+    if not _SLUG_RE.fullmatch(slug):
         raise DefinitionError(
             f"{what} {slug!r} is invalid: use letters, digits and underscores, "
             "not starting with a digit (pattern ^[a-zA-Z_][a-zA-Z0-9_]*$)"
@@ -51,34 +51,53 @@ def _check_number(name: str, value: object, *, allow_none: bool) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DefinitionError(f"{name} must be a number of seconds, got {value!r}")
-    if math.isnan(value) or math.isinf(value):
+    try:
+        number = float(value)
+    except OverflowError:
+        raise DefinitionError(f"{name} is too large: {value!r}") from None
+    if math.isnan(number) or math.isinf(number):
         raise DefinitionError(f"{name} must be a finite number of seconds, got {value!r}")
+
+
+class _NotGiven:
+    pass
+
+
+_NOT_GIVEN: Any = _NotGiven()
 
 
 def check_options(
     where: str,
     *,
-    max_attempts: object = None,
-    base_delay: object = None,
-    timeout: object = None,
-    start_delay: object = None,
-    max_delay: object = None,
+    max_attempts: object = _NOT_GIVEN,
+    base_delay: object = _NOT_GIVEN,
+    timeout: object = _NOT_GIVEN,
+    start_delay: object = _NOT_GIVEN,
+    max_delay: object = _NOT_GIVEN,
     allow_none: bool = False,
 ) -> None:
-    """Validate retry/timing options; ``None`` means "inherit" when ``allow_none``."""
-    if not (max_attempts is None and allow_none):
+    """Validate the options given; ``None`` means "inherit" for step options when ``allow_none``.
+
+    ``start_delay`` and ``max_delay`` are never inherited, so they must always be numbers.
+    """
+    if max_attempts is not _NOT_GIVEN and not (max_attempts is None and allow_none):
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
             raise DefinitionError(f"{where}: max_attempts must be an integer, got {max_attempts!r}")
         if max_attempts < 1:
             raise DefinitionError(
                 f"{where}: max_attempts must be at least 1 (1 = no retry), got {max_attempts}"
             )
-    for name, value in (("base_delay", base_delay), ("start_delay", start_delay),
-                        ("max_delay", max_delay)):
-        _check_number(f"{where}: {name}", value, allow_none=True)
+    for name, value, may_be_none in (
+        ("base_delay", base_delay, allow_none),
+        ("start_delay", start_delay, False),
+        ("max_delay", max_delay, False),
+    ):
+        if value is _NOT_GIVEN:
+            continue
+        _check_number(f"{where}: {name}", value, allow_none=may_be_none)
         if value is not None and value < 0:  # type: ignore[operator]
             raise DefinitionError(f"{where}: {name} must be >= 0 seconds, got {value!r}")
-    if not (timeout is None and allow_none):
+    if timeout is not _NOT_GIVEN and not (timeout is None and allow_none):
         _check_number(f"{where}: timeout", timeout, allow_none=False)
         if timeout <= 0:  # type: ignore[operator]
             raise DefinitionError(f"{where}: timeout must be > 0 seconds, got {timeout!r}")
@@ -193,7 +212,9 @@ class FlowDefinition:
     def from_dict(cls, data: dict[str, Any]) -> FlowDefinition:
         try:
             return _converter.structure(data, cls)
-        except cattrs.BaseValidationError as exc:
+        except DefinitionError:
+            raise
+        except Exception as exc:
             raise DefinitionError(f"invalid flow definition data: {exc!r}") from exc
 
     def to_json(self) -> str:

@@ -258,8 +258,8 @@ class Flow:
     async def _aperform_step(
         self, step_slug: str, value: Any, flow_input: Any, ctx: Context | None
     ) -> Any:
-        step = self.definition.step(step_slug)
         fn = self.handler(step_slug)
+        step = self.definition.step(step_slug)
         if step.step_type == "single":
             return await _acall(fn, value, self._step_context(step_slug, flow_input, ctx, None))
         if not isinstance(value, list):
@@ -279,6 +279,9 @@ class Flow:
         Each step runs once (no retries); a handler's exception propagates unchanged.
         """
         definition = self.definition
+        if ctx is None:
+            # One run id for the whole run, as in the runtime.
+            ctx = Context(flow_slug=self.slug, step_slug=definition.steps[0].slug, flow_input=input)
         for root in definition.root_steps:
             if root.step_type == "map" and not isinstance(input, list):
                 raise InputError(

@@ -22,7 +22,8 @@ from pgflow_py.testing import FakeClock
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    # A whole-second start, so datetime <-> timestamp conversions are exact.
+    return FakeClock(1_800_000_000)
 
 
 @pytest.fixture

@@ -230,7 +230,16 @@ class _Runner:
                 self._wake.set()
 
     async def _execute(self, task: ClaimedTask) -> None:
-        step = self.steps[(task.flow_slug, task.step_slug)]
+        step = self.steps.get((task.flow_slug, task.step_slug))
+        if step is None:
+            # The stored shape changed under this runner (another process re-registered it).
+            self.counts["failed"] += 1
+            self._failures.append(TaskFailure(
+                task.id, task.attempt,
+                f"this runner has no handler for step {task.flow_slug}.{task.step_slug}; "
+                "restart it with the current code", None,
+            ))
+            return
         ctx = Context(
             run_id=task.run_id,
             flow_slug=task.flow_slug,

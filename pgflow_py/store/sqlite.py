@@ -39,7 +39,10 @@ CASE
                WHERE t.run_id = r.id AND t.status = 'started') THEN 'running'
   WHEN EXISTS (SELECT 1 FROM step_tasks t
                WHERE t.run_id = r.id AND t.status = 'queued' AND t.attempts > 0) THEN 'retrying'
-  WHEN r.started_at IS NULL THEN CASE WHEN r.run_at > :now THEN 'scheduled' ELSE 'queued' END
+  WHEN r.started_at IS NULL THEN
+    CASE WHEN (SELECT min(t.run_at) FROM step_tasks t
+               WHERE t.run_id = r.id AND t.status = 'queued') > :now
+         THEN 'scheduled' ELSE 'queued' END
   ELSE 'running'
 END"""
 
@@ -265,7 +268,9 @@ class SqliteBackend:
             for step in roots:
                 for r in fresh:
                     items = r.root_items if step.step_type == "map" else None
-                    done = self._start_step(c, d, step, r.id, r.priority, r.run_at, now, items)
+                    done = self._start_step(
+                        c, d, step, r.id, r.priority, r.run_at + step.start_delay, now, items
+                    )
                     if done:  # a root map over an empty array completes at once
                         self._complete_steps(c, d, r.id, r.priority, done, now, [])
         return ids

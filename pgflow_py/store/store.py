@@ -200,12 +200,13 @@ class Store:
         # Built from what was just written, sparing a read per started run.
         now = self.clock.now()
         roots = {s.slug for s in definition.root_steps}
+        first_due = new.run_at + min(s.start_delay for s in definition.root_steps)
         if any(s.step_type == "map" for s in definition.root_steps) and not new.root_items:
             return self.get_run(new.id)  # empty root map: already advanced
         return Run(
             id=new.id,
             flow_slug=definition.slug,
-            status=RunStatus.SCHEDULED if new.run_at > now else RunStatus.QUEUED,
+            status=RunStatus.SCHEDULED if first_due > now else RunStatus.QUEUED,
             input=_json.loads(new.input_json),
             output=None,
             error=None,
