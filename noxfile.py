@@ -8,7 +8,9 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 @nox.session
 def tests(session: nox.Session) -> None:
     session.install("-e", ".[test]")
-    session.run("pytest", "--cov=pgflow_py", "--cov-report=term-missing", *session.posargs)
+    # coverage must start before pytest loads the pgflow_py plugin, hence `coverage run`.
+    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    session.run("coverage", "report", "-m")
 
 
 @nox.session
