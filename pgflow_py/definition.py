@@ -137,6 +137,11 @@ class FlowDefinition:
     backoff: Literal["exponential", "fixed"] = "exponential"
     max_delay: float = 3600.0
     jitter: bool = False
+    cron: str | None = None
+    """A 5-field cron expression (UTC): runners serving the flow start one run per tick."""
+    cron_input: Any = None
+    concurrency: int | None = None
+    """At most this many tasks of the flow run at once, across all runners."""
 
     def __attrs_post_init__(self) -> None:
         validate_definition(self)
@@ -286,6 +291,9 @@ def validate_flow_options(
     backoff: object,
     max_delay: object,
     jitter: object,
+    cron: object = None,
+    cron_input: object = None,
+    concurrency: object = None,
 ) -> None:
     """Check a flow's slug and flow-level options (usable before any step exists)."""
     validate_slug(slug, "flow slug")
@@ -298,6 +306,35 @@ def validate_flow_options(
         raise DefinitionError(f"{where}: backoff must be 'exponential' or 'fixed', got {backoff!r}")
     if not isinstance(jitter, bool):
         raise DefinitionError(f"{where}: jitter must be True or False, got {jitter!r}")
+    if concurrency is not None and (
+        isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+    ):
+        raise DefinitionError(
+            f"{where}: concurrency must be a positive integer (or None for no limit), "
+            f"got {concurrency!r}"
+        )
+    if cron is not None:
+        validate_cron(cron, where)
+        try:
+            json.dumps(cron_input, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise DefinitionError(f"{where}: cron_input must be JSON-serializable: {exc}") from None
+    elif cron_input is not None:
+        raise DefinitionError(f"{where}: cron_input is set but cron is not; add cron='...'")
+
+
+def validate_cron(expression: object, where: str) -> str:
+    """Check a 5-field cron expression with croniter."""
+    from croniter import croniter
+
+    if not isinstance(expression, str) or len(expression.split()) != 5 or not croniter.is_valid(
+        expression
+    ):
+        raise DefinitionError(
+            f"{where}: cron must be a 5-field cron expression such as '*/5 * * * *' "
+            f"(minute hour day month weekday, UTC), got {expression!r}"
+        )
+    return expression
 
 
 def validate_definition(defn: FlowDefinition) -> None:
@@ -310,6 +347,9 @@ def validate_definition(defn: FlowDefinition) -> None:
         backoff=defn.backoff,
         max_delay=defn.max_delay,
         jitter=defn.jitter,
+        cron=defn.cron,
+        cron_input=defn.cron_input,
+        concurrency=defn.concurrency,
     )
     where = f"flow {defn.slug!r}"
     if not defn.steps:

@@ -85,11 +85,15 @@ class Flow:
         jitter: bool = False,
         on_failure: Hook | None = None,
         on_dead: Hook | None = None,
+        cron: str | None = None,
+        cron_input: Any = None,
+        concurrency: int | None = None,
         _kind: Literal["job", "flow"] = "flow",
     ) -> None:
         validate_flow_options(
             slug, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
-            backoff=backoff, max_delay=max_delay, jitter=jitter,
+            backoff=backoff, max_delay=max_delay, jitter=jitter, cron=cron,
+            cron_input=cron_input, concurrency=concurrency,
         )
         _check_hook("on_failure", on_failure, f"flow {slug!r}")
         _check_hook("on_dead", on_dead, f"flow {slug!r}")
@@ -104,6 +108,9 @@ class Flow:
             "backoff": backoff,
             "max_delay": float(max_delay),
             "jitter": jitter,
+            "cron": cron,
+            "cron_input": cron_input,
+            "concurrency": concurrency,
         }
         self._steps: list[StepDefinition] = []
         self._handlers: dict[str, Handler] = {}
@@ -391,6 +398,9 @@ def job(
     jitter: bool = False,
     on_failure: Hook | None = None,
     on_dead: Hook | None = None,
+    cron: str | None = None,
+    cron_input: Any = None,
+    concurrency: int | None = None,
 ) -> Callable[[Handler], Job]: ...
 def job(
     fn: Handler | None = None,
@@ -405,16 +415,22 @@ def job(
     jitter: bool = False,
     on_failure: Hook | None = None,
     on_dead: Hook | None = None,
+    cron: str | None = None,
+    cron_input: Any = None,
+    concurrency: int | None = None,
 ) -> Job | Callable[[Handler], Job]:
     """Make a function a job: a flow with one step whose slug is the queue.
 
     ``queue`` is the flow slug (default: the function's name). Options and their defaults are those
-    of ``PgFlow.Job``: ``max_attempts=1``, ``base_delay=1`` s, ``timeout=30`` s.
+    of ``PgFlow.Job``: ``max_attempts=1``, ``base_delay=1`` s, ``timeout=30`` s. Also
+    ``backoff``/``max_delay``/``jitter`` (retry delays), ``on_failure``/``on_dead`` (hooks),
+    ``cron``/``cron_input`` (start a run per tick) and ``concurrency`` (cap on running tasks).
     """
     options: dict[str, Any] = {
         "max_attempts": max_attempts, "base_delay": base_delay, "timeout": timeout,
         "backoff": backoff, "max_delay": max_delay, "jitter": jitter,
         "on_failure": on_failure, "on_dead": on_dead,
+        "cron": cron, "cron_input": cron_input, "concurrency": concurrency,
     }
 
     def decorate(f: Handler) -> Job:
@@ -441,10 +457,14 @@ def flow(
     jitter: bool = False,
     on_failure: Hook | None = None,
     on_dead: Hook | None = None,
+    cron: str | None = None,
+    cron_input: Any = None,
+    concurrency: int | None = None,
 ) -> Flow:
     """Create a multi-step flow; add steps with ``@the_flow.step()`` and ``@the_flow.map()``."""
     return Flow(
         slug, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
         backoff=backoff, max_delay=max_delay, jitter=jitter,
-        on_failure=on_failure, on_dead=on_dead,
+        on_failure=on_failure, on_dead=on_dead, cron=cron, cron_input=cron_input,
+        concurrency=concurrency,
     )

@@ -29,6 +29,7 @@ from ..errors import PermanentFailure, Retry, StepTimeout
 from ..store import ClaimedTask, Store, TaskFailure, TaskSuccess, connect
 from .executor import StepRuntime, call_hook, run_attempt
 from .loader import load_stored_flows, step_runtimes
+from .scheduler import CronScheduler
 
 __all__ = ("RunnerStats", "arun_flows", "run_flows")
 
@@ -56,7 +57,7 @@ class _Runner:
     def __init__(
         self,
         store: Store,
-        steps: Mapping[tuple[str, str], StepRuntime],
+        flows: Sequence[Flow],
         *,
         concurrency: int,
         until_idle: bool,
@@ -68,8 +69,9 @@ class _Runner:
         self.store = store
         self.backend = store.backend
         self.clock = store.clock
-        self.steps = steps
-        self.flow_slugs = sorted({flow for flow, _ in steps})
+        self.steps = _steps_for(flows, store)
+        self.cron = CronScheduler(store, flows)
+        self.flow_slugs = sorted({flow for flow, _ in self.steps})
         self.concurrency = concurrency
         self.until_idle = until_idle
         self.resources = resources
@@ -134,6 +136,9 @@ class _Runner:
         while True:
             self._wake.clear()
             self._flush()
+            cron_at = self.cron.next_at
+            if cron_at is not None and cron_at <= self.clock.now() and not self._stopping:
+                self.cron.start_due()
             if self._stopping:
                 if self._in_flight == 0:
                     return
@@ -169,10 +174,15 @@ class _Runner:
                 await self._wait(pause)
                 pause = min(pause * 2, self.poll_interval)
                 continue
-            if self.until_idle and due is None:
-                return
-            if due is not None and (self.until_idle or due - now < self.poll_interval):
+            if self.until_idle:
+                # Waits out backoffs and delays (a fake clock jumps), never future cron ticks.
+                if due is None:
+                    return
                 await self._sleep_until(due - now)
+                continue
+            target = min((t for t in (due, self.cron.next_at) if t is not None), default=None)
+            if target is not None and target - now < pause:
+                await self._sleep_until(target - now)
                 continue
             await self._wait(pause)
             pause = min(pause * 2, self.poll_interval)
@@ -340,7 +350,7 @@ async def arun_flows(
             flows = load_stored_flows(the_store.backend.definitions())
         runner = _Runner(
             the_store,
-            _steps_for(list(flows), the_store),
+            list(flows),
             concurrency=concurrency,
             until_idle=until_idle,
             resources=dict(resources or {}),

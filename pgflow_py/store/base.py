@@ -80,6 +80,10 @@ class Backend(Protocol):
 
     def definitions(self) -> list[FlowDefinition]: ...
 
+    def registered_at(self, flow_slug: str) -> float | None:
+        """When the flow's definition was first written."""
+        ...
+
     def start_runs(self, definition: FlowDefinition, runs: Sequence[NewRun]) -> list[str]:
         """Create runs in one transaction; return their ids (an existing run's for a known key)."""
         ...
@@ -87,7 +91,8 @@ class Backend(Protocol):
     def claim(
         self, worker_id: str, flow_slugs: Sequence[str], limit: int, lease_seconds: float
     ) -> list[ClaimedTask]:
-        """Take up to ``limit`` due tasks, highest priority then oldest first, in one statement."""
+        """Take up to ``limit`` due tasks, highest priority then oldest first, keeping each
+        flow's ``concurrency`` cap across all runners."""
         ...
 
     def finish(self, successes: Sequence[TaskSuccess], failures: Sequence[TaskFailure]) -> list[str]:

@@ -222,6 +222,13 @@ class SqliteBackend:
         self._definitions[flow_slug] = definition
         return definition
 
+    def registered_at(self, flow_slug: str) -> float | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT created_at FROM flows WHERE flow_slug = ?", (flow_slug,)
+            ).fetchone()
+        return None if row is None else float(row[0])
+
     def definitions(self) -> list[FlowDefinition]:
         with self._lock:
             rows = self._conn.execute("SELECT definition FROM flows ORDER BY flow_slug").fetchall()
@@ -329,24 +336,42 @@ class SqliteBackend:
 
     # --- claiming ------------------------------------------------------------------------------
 
+    _CLAIM_SET = (
+        "UPDATE step_tasks SET status = 'started', attempts = attempts + 1, "
+        "lease_owner = ?, lease_expires = ?, started_at = ? "
+    )
+    _CLAIM_RETURNING = (
+        "RETURNING id, run_id, flow_slug, step_slug, task_index, attempts, max_attempts, "
+        "priority, input"
+    )
+    _CLAIM_SELECT = (
+        "SELECT {} FROM step_tasks WHERE status = 'queued' AND run_at <= ? "
+        "AND flow_slug IN ({}) ORDER BY priority DESC, run_at, id LIMIT ?"
+    )
+
     def claim(
         self, worker_id: str, flow_slugs: Sequence[str], limit: int, lease_seconds: float
     ) -> list[ClaimedTask]:
         if limit <= 0 or not flow_slugs:
             return []
         now = self.clock.now()
-        sql = (
-            "UPDATE step_tasks SET status = 'started', attempts = attempts + 1, "
-            "lease_owner = ?, lease_expires = ?, started_at = ? "
-            "WHERE id IN (SELECT id FROM step_tasks WHERE status = 'queued' AND run_at <= ? "
-            f"AND flow_slug IN ({_placeholders(len(flow_slugs))}) "
-            "ORDER BY priority DESC, run_at, id LIMIT ?) "
-            "RETURNING id, run_id, flow_slug, step_slug, task_index, attempts, max_attempts, "
-            "priority, input"
-        )
-        params = (worker_id, now + lease_seconds, now, now, *flow_slugs, limit)
+        lease = (worker_id, now + lease_seconds, now)
+        caps = {
+            slug: d.concurrency
+            for slug in flow_slugs
+            if (d := self._definitions.get(slug)) is not None and d.concurrency is not None
+        }
         with self._write() as c:
-            rows = c.execute(sql, params).fetchall()
+            if caps:
+                rows = self._claim_capped(c, list(flow_slugs), caps, limit, lease, now)
+            else:
+                # The common case: a single statement over the partial index of queued tasks.
+                rows = c.execute(
+                    self._CLAIM_SET + "WHERE id IN ("
+                    + self._CLAIM_SELECT.format("id", _placeholders(len(flow_slugs))) + ") "
+                    + self._CLAIM_RETURNING,
+                    (*lease, now, *flow_slugs, limit),
+                ).fetchall()
             if not rows:
                 return []
             run_ids = list({row[1] for row in rows})
@@ -368,6 +393,54 @@ class SqliteBackend:
                 flow_input if inp is None else loads(inp), flow_input,
             ))
         return tasks
+
+    def _claim_capped(
+        self,
+        c: sqlite3.Connection,
+        eligible: list[str],
+        caps: dict[str, int],
+        limit: int,
+        lease: tuple[str, float, float],
+        now: float,
+    ) -> list[Any]:
+        """Claim in priority order while no flow passes its concurrency cap.
+
+        Runs inside the write transaction, so running counts cannot change underneath. Each
+        round that meets a full flow drops it and looks again, so rounds <= capped flows + 1.
+        """
+        running = dict(c.execute(
+            "SELECT flow_slug, count(*) FROM step_tasks WHERE status = 'started' "
+            f"AND flow_slug IN ({_placeholders(len(caps))}) GROUP BY flow_slug",
+            list(caps),
+        ).fetchall())
+        room = {slug: cap - running.get(slug, 0) for slug, cap in caps.items()}
+        rows: list[Any] = []
+        while len(rows) < limit:
+            eligible = [s for s in eligible if room.get(s, 1) > 0]
+            if not eligible:
+                break
+            candidates = c.execute(
+                self._CLAIM_SELECT.format("id, flow_slug", _placeholders(len(eligible))),
+                (now, *eligible, limit - len(rows)),
+            ).fetchall()
+            take: list[int] = []
+            full = False
+            for task_id, slug in candidates:
+                if slug in room:
+                    if room[slug] <= 0:
+                        full = True
+                        continue
+                    room[slug] -= 1
+                take.append(task_id)
+            if take:
+                rows += c.execute(
+                    self._CLAIM_SET + f"WHERE id IN ({_placeholders(len(take))}) "
+                    + self._CLAIM_RETURNING,
+                    (*lease, *take),
+                ).fetchall()
+            if not full:
+                break
+        return rows
 
     def next_due(self, flow_slugs: Sequence[str]) -> float | None:
         if not flow_slugs:

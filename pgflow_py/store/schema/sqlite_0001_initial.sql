@@ -87,7 +87,8 @@ CREATE TABLE step_tasks (
 -- The claim query walks this index in claim order and touches queued rows only.
 CREATE INDEX step_tasks_ready ON step_tasks (priority DESC, run_at, id) WHERE status = 'queued';
 CREATE INDEX step_tasks_run ON step_tasks (run_id, step_slug, task_index);
-CREATE INDEX step_tasks_leased ON step_tasks (lease_expires) WHERE status = 'started';
+-- Running tasks per flow (concurrency caps) and their leases (reclaiming expired ones).
+CREATE INDEX step_tasks_running ON step_tasks (flow_slug, lease_expires) WHERE status = 'started';
 
 CREATE TABLE workers (
     id              TEXT PRIMARY KEY,
