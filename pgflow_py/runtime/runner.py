@@ -69,7 +69,8 @@ class _Runner:
         self.store = store
         self.backend = store.backend
         self.clock = store.clock
-        self.steps = _steps_for(flows, store)
+        self.versions: dict[str, int] = {}
+        self.steps = _steps_for(flows, store, self.versions)
         self.cron = CronScheduler(store, flows)
         self.flow_slugs = sorted({flow for flow, _ in self.steps})
         self.concurrency = concurrency
@@ -240,16 +241,10 @@ class _Runner:
                 self._wake.set()
 
     async def _execute(self, task: ClaimedTask) -> None:
-        step = self.steps.get((task.flow_slug, task.step_slug))
-        if step is None:
-            # The stored shape changed under this runner (another process re-registered it).
-            self.counts["failed"] += 1
-            self._failures.append(TaskFailure(
-                task.id, task.attempt,
-                f"this runner has no handler for step {task.flow_slug}.{task.step_slug}; "
-                "restart it with the current code", None,
-            ))
+        if task.flow_version != self.versions[task.flow_slug]:
+            self._outdated(task)
             return
+        step = self.steps[(task.flow_slug, task.step_slug)]
         ctx = Context(
             run_id=task.run_id,
             flow_slug=task.flow_slug,
@@ -275,6 +270,17 @@ class _Runner:
             return
         self.counts["completed"] += 1
         self._successes.append(TaskSuccess(task.id, task.attempt, output_json))
+
+    def _outdated(self, task: ClaimedTask) -> None:
+        """Another process deployed a new shape of this flow: hand its tasks back, stop serving it."""
+        self.backend.release(self.worker_id, [task.id])
+        if task.flow_slug in self.flow_slugs:
+            self.flow_slugs = [s for s in self.flow_slugs if s != task.flow_slug]
+            log.error(
+                "flow %r changed shape in the store (version %d; this runner has version %d): "
+                "no longer serving it here; restart this runner with the current code",
+                task.flow_slug, task.flow_version, self.versions[task.flow_slug],
+            )
 
     async def _failed(
         self, step: StepRuntime, task: ClaimedTask, ctx: Context, exc: Exception
@@ -313,12 +319,14 @@ class _Runner:
         self._failures.append(TaskFailure(task.id, task.attempt, error, retry_at))
 
 
-def _steps_for(flows: Sequence[Flow], store: Store) -> dict[tuple[str, str], StepRuntime]:
+def _steps_for(
+    flows: Sequence[Flow], store: Store, versions: dict[str, int]
+) -> dict[tuple[str, str], StepRuntime]:
     steps: dict[tuple[str, str], StepRuntime] = {}
     for flow in flows:
         if not isinstance(flow, Flow):
             raise TypeError(f"run_flows takes pf.Job / pf.Flow objects, got {flow!r}")
-        store.register(flow)
+        versions[flow.slug] = store.register(flow)
         for runtime in step_runtimes(flow):
             steps[(runtime.flow_slug, runtime.step_slug)] = runtime
     return steps

@@ -46,6 +46,8 @@ class ClaimedTask:
     priority: int
     input: Any
     flow_input: Any
+    flow_version: int = 1
+    """The flow definition's version the task was created under (bumped by shape changes)."""
 
 
 @attrs.frozen(slots=True)
@@ -71,9 +73,9 @@ class Backend(Protocol):
     url: str
     clock: Clock
 
-    def register(self, definition: FlowDefinition) -> None:
-        """Store or update a definition; raise ``ShapeMismatch`` if its shape changed while
-        runs are unfinished."""
+    def register(self, definition: FlowDefinition) -> int:
+        """Store or update a definition and return its version; raise ``ShapeMismatch`` if its
+        shape changed while runs are unfinished."""
         ...
 
     def get_definition(self, flow_slug: str) -> FlowDefinition | None: ...
@@ -85,7 +87,8 @@ class Backend(Protocol):
         ...
 
     def start_runs(self, definition: FlowDefinition, runs: Sequence[NewRun]) -> list[str]:
-        """Create runs in one transaction; return their ids (an existing run's for a known key)."""
+        """Register ``definition`` and create runs in one transaction; return their ids (an
+        existing run's for a known key)."""
         ...
 
     def claim(
@@ -100,6 +103,10 @@ class Backend(Protocol):
 
         Returns the ids of runs that reached a terminal status.
         """
+        ...
+
+    def release(self, worker_id: str, task_ids: Sequence[int]) -> None:
+        """Put claimed tasks back in the queue without counting an attempt."""
         ...
 
     def next_due(self, flow_slugs: Sequence[str]) -> float | None:

@@ -65,7 +65,8 @@ class SqliteBackend:
         self.url = path
         self.clock = clock
         self._lock = threading.RLock()
-        self._definitions: dict[str, FlowDefinition] = {}
+        self._definitions: dict[str, tuple[int, FlowDefinition]] = {}
+        self._json_cache: dict[int, tuple[FlowDefinition, str]] = {}
         where = "in memory" if path == ":memory:" else f"at {os.path.abspath(path)}"
         self._where = where
         try:
@@ -145,35 +146,56 @@ class SqliteBackend:
 
     # --- definitions ---------------------------------------------------------------------------
 
-    def register(self, definition: FlowDefinition) -> None:
-        now = self.clock.now()
+    def register(self, definition: FlowDefinition) -> int:
         with self._write() as c:
-            row = c.execute(
-                "SELECT definition FROM flows WHERE flow_slug = ?", (definition.slug,)
-            ).fetchone()
-            if row is None:
-                c.execute(
-                    "INSERT INTO flows (flow_slug, kind, definition, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (definition.slug, definition.kind, definition.to_json(), now, now),
-                )
-                self._insert_steps(c, definition)
-            else:
-                stored = FlowDefinition.from_json(row[0])
-                if stored.shape() != definition.shape():
-                    self._replace_shape(c, definition, stored)
-                elif stored != definition:
-                    c.execute(
-                        "UPDATE flows SET definition = ?, updated_at = ? WHERE flow_slug = ?",
-                        (definition.to_json(), now, definition.slug),
-                    )
-                    c.execute("DELETE FROM steps WHERE flow_slug = ?", (definition.slug,))
-                    c.execute("DELETE FROM deps WHERE flow_slug = ?", (definition.slug,))
-                    self._insert_steps(c, definition)
-        self._definitions[definition.slug] = definition
+            return self._register(c, definition)
 
-    def _replace_shape(
-        self, c: sqlite3.Connection, definition: FlowDefinition, stored: FlowDefinition
+    def _json_of(self, definition: FlowDefinition) -> str:
+        # Definitions are immutable, so each one is encoded once (keyed by identity; the
+        # entry keeps the object alive so the id cannot be reused).
+        cached = self._json_cache.get(id(definition))
+        if cached is None or cached[0] is not definition:
+            cached = (definition, definition.to_json())
+            self._json_cache[id(definition)] = cached
+        return cached[1]
+
+    def _register(self, c: sqlite3.Connection, definition: FlowDefinition) -> int:
+        """Write or update ``definition`` inside the caller's transaction; return its version."""
+        now = self.clock.now()
+        text = self._json_of(definition)
+        row = c.execute(
+            "SELECT definition, version FROM flows WHERE flow_slug = ?", (definition.slug,)
+        ).fetchone()
+        if row is not None and row[0] == text:
+            version = int(row[1])
+        elif row is None:
+            version = 1
+            c.execute(
+                "INSERT INTO flows (flow_slug, kind, definition, version, created_at, updated_at) "
+                "VALUES (?, ?, ?, 1, ?, ?)",
+                (definition.slug, definition.kind, text, now, now),
+            )
+            self._insert_steps(c, definition)
+        else:
+            stored = FlowDefinition.from_json(row[0])
+            version = int(row[1])
+            if stored.shape() != definition.shape():
+                self._check_no_unfinished(c, definition, stored)
+                version += 1
+            c.execute(
+                "UPDATE flows SET kind = ?, definition = ?, version = ?, updated_at = ? "
+                "WHERE flow_slug = ?",
+                (definition.kind, text, version, now, definition.slug),
+            )
+            c.execute("DELETE FROM steps WHERE flow_slug = ?", (definition.slug,))
+            c.execute("DELETE FROM deps WHERE flow_slug = ?", (definition.slug,))
+            self._insert_steps(c, definition)
+        self._definitions[definition.slug] = (version, definition)
+        return version
+
+    @staticmethod
+    def _check_no_unfinished(
+        c: sqlite3.Connection, definition: FlowDefinition, stored: FlowDefinition
     ) -> None:
         unfinished = c.execute(
             "SELECT count(*) FROM runs WHERE flow_slug = ? AND status = 'started'",
@@ -186,13 +208,6 @@ class SqliteBackend:
                 "of the stored version are unfinished. Let them finish or cancel them "
                 "(store.cancel), or give the new version a new slug."
             )
-        c.execute(
-            "UPDATE flows SET kind = ?, definition = ?, updated_at = ? WHERE flow_slug = ?",
-            (definition.kind, definition.to_json(), self.clock.now(), definition.slug),
-        )
-        c.execute("DELETE FROM steps WHERE flow_slug = ?", (definition.slug,))
-        c.execute("DELETE FROM deps WHERE flow_slug = ?", (definition.slug,))
-        self._insert_steps(c, definition)
 
     @staticmethod
     def _insert_steps(c: sqlite3.Connection, d: FlowDefinition) -> None:
@@ -214,12 +229,12 @@ class SqliteBackend:
     def get_definition(self, flow_slug: str) -> FlowDefinition | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT definition FROM flows WHERE flow_slug = ?", (flow_slug,)
+                "SELECT definition, version FROM flows WHERE flow_slug = ?", (flow_slug,)
             ).fetchone()
         if row is None:
             return None
         definition = FlowDefinition.from_json(row[0])
-        self._definitions[flow_slug] = definition
+        self._definitions[flow_slug] = (int(row[1]), definition)
         return definition
 
     def registered_at(self, flow_slug: str) -> float | None:
@@ -234,13 +249,15 @@ class SqliteBackend:
             rows = self._conn.execute("SELECT definition FROM flows ORDER BY flow_slug").fetchall()
         return [FlowDefinition.from_json(r[0]) for r in rows]
 
-    def _definition(self, flow_slug: str) -> FlowDefinition:
-        definition = self._definitions.get(flow_slug)
-        if definition is None:
+    def _definition(self, flow_slug: str, version: int | None = None) -> FlowDefinition:
+        """The flow's definition, re-read when another process has changed its version."""
+        cached = self._definitions.get(flow_slug)
+        if cached is None or (version is not None and cached[0] != version):
             definition = self.get_definition(flow_slug)
             if definition is None:
                 raise SchemaError(f"flow {flow_slug!r} has runs but no stored definition")
-        return definition
+            return definition
+        return cached[1]
 
     # --- starting runs -------------------------------------------------------------------------
 
@@ -250,6 +267,9 @@ class SqliteBackend:
         roots = [s for s in d.steps if not s.depends_on]
         ids: list[str] = []
         with self._write() as c:
+            # Checked in the same transaction, so a definition and its runs land together, and
+            # a process holding an outdated definition cannot start runs of it.
+            self._register(c, d)
             fresh: list[NewRun] = []
             for r in runs:
                 if r.key is not None:
@@ -299,6 +319,7 @@ class SqliteBackend:
         Returns ``(step_slug, output_json)`` of a step that completed immediately, for cascading.
         """
         max_attempts = d.effective(step.slug).max_attempts
+        version = self._definitions[d.slug][0]
         if step.step_type == "map":
             assert items is not None
             if not items:
@@ -314,10 +335,10 @@ class SqliteBackend:
                 (len(items), now, run_id, step.slug),
             )
             c.executemany(
-                "INSERT INTO step_tasks (run_id, flow_slug, step_slug, task_index, status, "
-                "max_attempts, priority, run_at, input, created_at) "
-                "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                [(run_id, d.slug, step.slug, i, max_attempts, priority, run_at, item, now)
+                "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, task_index, "
+                "status, max_attempts, priority, run_at, input, created_at) "
+                "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                [(run_id, d.slug, version, step.slug, i, max_attempts, priority, run_at, item, now)
                  for i, item in enumerate(items)],
             )
             return []
@@ -327,10 +348,10 @@ class SqliteBackend:
             (now, run_id, step.slug),
         )
         c.execute(
-            "INSERT INTO step_tasks (run_id, flow_slug, step_slug, task_index, status, "
-            "max_attempts, priority, run_at, input, created_at) "
-            "VALUES (?, ?, ?, NULL, 'queued', ?, ?, ?, ?, ?)",
-            (run_id, d.slug, step.slug, max_attempts, priority, run_at, input_json, now),
+            "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, task_index, "
+            "status, max_attempts, priority, run_at, input, created_at) "
+            "VALUES (?, ?, ?, ?, NULL, 'queued', ?, ?, ?, ?, ?)",
+            (run_id, d.slug, version, step.slug, max_attempts, priority, run_at, input_json, now),
         )
         return []
 
@@ -342,7 +363,7 @@ class SqliteBackend:
     )
     _CLAIM_RETURNING = (
         "RETURNING id, run_id, flow_slug, step_slug, task_index, attempts, max_attempts, "
-        "priority, input"
+        "priority, input, flow_version"
     )
     _CLAIM_SELECT = (
         "SELECT {} FROM step_tasks WHERE status = 'queued' AND run_at <= ? "
@@ -357,9 +378,10 @@ class SqliteBackend:
         now = self.clock.now()
         lease = (worker_id, now + lease_seconds, now)
         caps = {
-            slug: d.concurrency
+            slug: cached[1].concurrency
             for slug in flow_slugs
-            if (d := self._definitions.get(slug)) is not None and d.concurrency is not None
+            if (cached := self._definitions.get(slug)) is not None
+            and cached[1].concurrency is not None
         }
         with self._write() as c:
             if caps:
@@ -386,11 +408,11 @@ class SqliteBackend:
         rows.sort(key=lambda row: (-row[7], row[0]))
         loads = _json.loads
         tasks = []
-        for (tid, run_id, flow, step, index, attempt, max_att, prio, inp) in rows:
+        for (tid, run_id, flow, step, index, attempt, max_att, prio, inp, version) in rows:
             flow_input = loads(run_inputs[run_id])
             tasks.append(ClaimedTask(
                 tid, run_id, flow, step, index, attempt, max_att, prio,
-                flow_input if inp is None else loads(inp), flow_input,
+                flow_input if inp is None else loads(inp), flow_input, version,
             ))
         return tasks
 
@@ -442,6 +464,17 @@ class SqliteBackend:
                 break
         return rows
 
+    def release(self, worker_id: str, task_ids: Sequence[int]) -> None:
+        if not task_ids:
+            return
+        with self._write() as c:
+            c.executemany(
+                "UPDATE step_tasks SET status = 'queued', attempts = attempts - 1, "
+                "lease_owner = NULL, lease_expires = NULL "
+                "WHERE id = ? AND status = 'started' AND lease_owner = ?",
+                [(task_id, worker_id) for task_id in task_ids],
+            )
+
     def next_due(self, flow_slugs: Sequence[str]) -> float | None:
         if not flow_slugs:
             return None
@@ -477,12 +510,12 @@ class SqliteBackend:
             "UPDATE step_tasks SET status = 'completed', output = ?, finished_at = ?, "
             "lease_owner = NULL, lease_expires = NULL "
             "WHERE id = ? AND attempts = ? AND status = 'started' "
-            "RETURNING run_id, flow_slug, step_slug, task_index, priority",
+            "RETURNING run_id, flow_slug, step_slug, task_index, priority, flow_version",
             (s.output_json, now, s.task_id, s.attempt),
         ).fetchone()
         if row is None:
             return
-        run_id, flow_slug, step_slug, task_index, priority = row
+        run_id, flow_slug, step_slug, task_index, priority, version = row
         if task_index is None:
             step_output = s.output_json
         else:
@@ -500,7 +533,7 @@ class SqliteBackend:
                 (run_id, step_slug),
             ).fetchall()
             step_output = "[" + ",".join(o[0] for o in outputs) + "]"
-        d = self._definition(flow_slug)
+        d = self._definition(flow_slug, version)
         self._complete_steps(c, d, run_id, priority, [(step_slug, step_output)], now, finished)
 
     def _complete_steps(
@@ -690,6 +723,14 @@ class SqliteBackend:
             if row is None:
                 return False
             d = self._definition(row[0])
+            old = c.execute(
+                "SELECT max(flow_version) FROM step_tasks WHERE run_id = ?", (run_id,)
+            ).fetchone()[0]
+            if old is not None and old != self._definitions[d.slug][0]:
+                raise ShapeMismatch(
+                    f"run {run_id} was started before flow {d.slug!r} changed shape, so it "
+                    "cannot be retried; start a new run with the same input instead"
+                )
             # Tasks that did not complete run again with fresh attempts; history is kept.
             c.execute(
                 "UPDATE step_tasks SET status = 'queued', attempts = 0, run_at = ?, "

@@ -59,7 +59,6 @@ class Store:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.clock = backend.clock
-        self._checked: dict[str, FlowDefinition] = {}
         self._listeners: list[Callable[[], None]] = []
         self._finished = threading.Condition()
 
@@ -68,19 +67,15 @@ class Store:
 
     # --- definitions ---------------------------------------------------------------------------
 
-    def register(self, flow: Flow) -> None:
-        """Write ``flow``'s definition to the store (or update its options).
+    def register(self, flow: Flow) -> int:
+        """Write ``flow``'s definition to the store (or update its options); return its version.
 
         Raises :class:`~pgflow_py.ShapeMismatch` if its steps changed while runs are unfinished.
         """
-        definition = flow.definition
-        if self._checked.get(flow.slug) is definition:
-            return
-        self.backend.register(definition)
-        self._checked[flow.slug] = definition
+        return self.backend.register(flow.definition)
 
     def _resolve(self, flow: Flow | str) -> FlowDefinition:
-        """The definition to start; a flow object is registered later, once inputs are valid."""
+        """The definition to start; a flow object is registered with its runs, in one transaction."""
         if isinstance(flow, Flow):
             return flow.definition
         if not isinstance(flow, str):
@@ -164,8 +159,6 @@ class Store:
         due = self._due(delay, run_at)
         definition = self._resolve(flow)
         new = self._new_run(definition, input, due, self.clock.now(), priority, key)
-        if isinstance(flow, Flow):
-            self.register(flow)
         (run_id,) = self.backend.start_runs(definition, [new])
         self._notify_started()
         if run_id != new.id:
@@ -188,9 +181,9 @@ class Store:
         inputs = list(inputs)
         now = self.clock.now()
         news = [self._new_run(definition, item, due, now, priority, None) for item in inputs]
-        if isinstance(flow, Flow):
-            self.register(flow)
         if not news:
+            if isinstance(flow, Flow):
+                self.register(flow)
             return []
         self.backend.start_runs(definition, news)
         self._notify_started()

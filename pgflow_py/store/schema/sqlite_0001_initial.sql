@@ -5,6 +5,7 @@ CREATE TABLE flows (
     flow_slug   TEXT PRIMARY KEY,
     kind        TEXT NOT NULL,
     definition  TEXT NOT NULL,          -- FlowDefinition as JSON
+    version     INTEGER NOT NULL,       -- bumped when the shape (steps, dependencies) changes
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL
 );
@@ -68,6 +69,7 @@ CREATE TABLE step_tasks (
     run_id         TEXT NOT NULL,
     flow_slug      TEXT NOT NULL,
     step_slug      TEXT NOT NULL,
+    flow_version   INTEGER NOT NULL,    -- the flow's version when the task was created
     task_index     INTEGER,             -- NULL for a single step, element index for a map
     status         TEXT NOT NULL,       -- queued | started | completed | failed | cancelled
     attempts       INTEGER NOT NULL DEFAULT 0,
