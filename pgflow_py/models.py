@@ -44,6 +44,8 @@ class AttemptRecord:
     attempt: int
     error: str
     at: datetime
+    step_slug: str | None = None
+    task_index: int | None = None
 
 
 @attrs.frozen
@@ -88,6 +90,12 @@ class Run:
     finished_at: datetime | None
     attempts: int
     steps: tuple[StepRun, ...] = ()
+
+    @property
+    def history(self) -> tuple[AttemptRecord, ...]:
+        """Every failed attempt of every task of this run, oldest first (kept across retries)."""
+        records = [h for step in self.steps for task in step.tasks for h in task.history]
+        return tuple(sorted(records, key=lambda h: h.at))
 
     def step(self, slug: str) -> StepRun:
         for s in self.steps:

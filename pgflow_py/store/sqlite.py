@@ -833,7 +833,7 @@ class SqliteBackend:
                 output=None if output is None else loads(output),
                 error=error,
                 history=tuple(
-                    AttemptRecord(h["attempt"], h["error"], _dt(h["at"]))  # type: ignore[arg-type]
+                    AttemptRecord(h["attempt"], h["error"], _dt(h["at"]), step, index)  # type: ignore[arg-type]
                     for h in (loads(history) if history else ())
                 ),
             )

@@ -15,7 +15,7 @@ from .. import _json
 from ..clock import Clock, SystemClock
 from ..definition import FlowDefinition
 from ..dsl import Flow
-from ..errors import FlowNotFound, InputError, RunNotFound, WaitTimeout
+from ..errors import FlowNotFound, InputError, PgflowError, RunNotFound, WaitTimeout
 from ..models import Run, RunStatus, StepRun
 from .base import Backend, NewRun
 
@@ -32,9 +32,9 @@ def connect(url: str | os.PathLike[str] | None = None, *, clock: Clock | None = 
     url = os.fspath(url)
     clock = clock or SystemClock()
     if url.startswith(("postgresql://", "postgres://")):
-        raise NotImplementedError(
-            "the PostgreSQL backend is not available in this version of pgflow_py; "
-            "use a SQLite path for now"
+        raise PgflowError(
+            f"cannot open {url.split('@')[-1]!r}: the PostgreSQL backend is not available in "
+            "this version of pgflow_py; use a SQLite path for now"
         )
     from .sqlite import SqliteBackend
 
