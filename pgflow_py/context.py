@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
@@ -49,3 +50,14 @@ class Context:
     logger: logging.LoggerAdapter[logging.Logger] = attrs.field(
         default=attrs.Factory(_bound_logger, takes_self=True), eq=False, repr=False
     )
+    cancel_event: threading.Event = attrs.field(factory=threading.Event, eq=False, repr=False)
+    """Set by the runner when this attempt must stop (run cancelled or failed, lease lost)."""
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether this attempt should stop: a cheap check for long-running sync handlers.
+
+        Async handlers are cancelled outright; a sync handler's thread cannot be, so it should
+        poll this and return early. Its result is ignored either way.
+        """
+        return self.cancel_event.is_set()

@@ -44,6 +44,8 @@ class RunnerStats:
     failed: int = 0
     retried: int = 0
     timed_out: int = 0
+    cancelled: int = 0
+    """Attempts stopped because their run was cancelled or failed, or their lease was lost."""
 
 
 def _error_text(exc: BaseException) -> str:
@@ -84,10 +86,14 @@ class _Runner:
         self.batch_size = max(1, concurrency // 2)
         self.batch_window = 0.001
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.counts = {"completed": 0, "failed": 0, "retried": 0, "timed_out": 0}
+        self.counts = {"completed": 0, "failed": 0, "retried": 0, "timed_out": 0, "cancelled": 0}
         self._successes: list[TaskSuccess] = []
         self._failures: list[TaskFailure] = []
         self._in_flight = 0
+        # Attempts in progress: how to stop each one (async cancel, and a flag for sync code).
+        self._running: dict[int, tuple[anyio.CancelScope, threading.Event]] = {}
+        self._beat_interval = lease / 3
+        self._next_beat = 0.0
         self._stopping = False
         self._queue: asyncio.Queue[ClaimedTask | None] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -107,7 +113,9 @@ class _Runner:
         loop = asyncio.get_running_loop()
         loop_thread = threading.get_ident()
 
-        def wake_from_anywhere() -> None:
+        def wake_from_anywhere(event: str) -> None:
+            if event == "cancelled":
+                self._next_beat = 0.0  # look for attempts to stop at once
             if threading.get_ident() == loop_thread:
                 self._wake.set()
             else:
@@ -124,12 +132,29 @@ class _Runner:
                     for _ in range(self.concurrency):
                         self._queue.put_nowait(None)
                     if self._in_flight:
-                        # Shutdown timeout passed or the runner was cancelled.
+                        # Shutdown timeout passed or the runner was cancelled: the attempts
+                        # still running go back to the queue without counting.
+                        self.backend.release(self.worker_id, list(self._running))
+                        for _scope, event in self._running.values():
+                            event.set()
                         tg.cancel_scope.cancel()
         finally:
             self.store.remove_listener(wake_from_anywhere)
             self._flush()
+            self.backend.forget_worker(self.worker_id)
         return RunnerStats(**self.counts)
+
+    def _beat(self) -> None:
+        """Renew leases, stop attempts whose task was taken away, reclaim expired leases."""
+        self._next_beat = anyio.current_time() + self._beat_interval
+        lost = self.backend.heartbeat(
+            self.worker_id, self.flow_slugs, list(self._running), self.lease
+        )
+        for task_id in lost:
+            scope, event = self._running[task_id]
+            event.set()
+            scope.cancel()
+        self.backend.reclaim_expired(self.flow_slugs)
 
     async def _dispatch(self) -> None:
         pause = 0.005
@@ -137,6 +162,8 @@ class _Runner:
         while True:
             self._wake.clear()
             self._flush()
+            if anyio.current_time() >= self._next_beat:
+                self._beat()
             cron_at = self.cron.next_at
             if cron_at is not None and cron_at <= self.clock.now() and not self._stopping:
                 self.cron.start_due()
@@ -158,7 +185,8 @@ class _Runner:
             if claimed:
                 pause = 0.005
                 if len(claimed) == free:
-                    await self._wait(None)  # every worker is busy: wait for a result
+                    # Every worker is busy: wait for a result (or the next heartbeat).
+                    await self._wait(self._next_beat - anyio.current_time())
                     await self._gather_results()
                 else:
                     await anyio.sleep(0)  # let workers start, then look again
@@ -199,12 +227,14 @@ class _Runner:
             self._wake.clear()
             await self._wait(window - anyio.current_time())
 
-    async def _wait(self, timeout: float | None) -> None:
-        with anyio.move_on_after(timeout):
+    async def _wait(self, timeout: float) -> None:
+        timeout = min(timeout, self._next_beat - anyio.current_time())
+        with anyio.move_on_after(max(timeout, 0.0)):
             await self._wake.wait()
 
     async def _sleep_until(self, delay: float) -> None:
-        """Sleep on the store's clock (a fake clock jumps), waking early for new work."""
+        """Sleep on the store's clock (a fake clock jumps), waking early for new work or for
+        the next heartbeat."""
         async with anyio.create_task_group() as tg:
 
             async def sleeper() -> None:
@@ -212,7 +242,7 @@ class _Runner:
                 tg.cancel_scope.cancel()
 
             async def waker() -> None:
-                await self._wake.wait()
+                await self._wait(delay)
                 tg.cancel_scope.cancel()
 
             tg.start_soon(sleeper)
@@ -226,6 +256,8 @@ class _Runner:
         finished = self.backend.finish(successes, failures)
         if finished:
             self.store._notify_finished()
+            if failures:
+                self._next_beat = 0.0  # a failed run's other running attempts must stop now
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -245,6 +277,7 @@ class _Runner:
             self._outdated(task)
             return
         step = self.steps[(task.flow_slug, task.step_slug)]
+        cancel_event = threading.Event()
         ctx = Context(
             run_id=task.run_id,
             flow_slug=task.flow_slug,
@@ -255,11 +288,20 @@ class _Runner:
             flow_input=task.flow_input,
             resources=self.resources,
             deadline=step.deadline(),
+            cancel_event=cancel_event,
         )
-        try:
-            output = await run_attempt(step, task.input, ctx, self._limiter)
-        except Exception as exc:
-            await self._failed(step, task, ctx, exc)
+        with anyio.CancelScope() as scope:
+            self._running[task.id] = (scope, cancel_event)
+            try:
+                output = await run_attempt(step, task.input, ctx, self._limiter)
+            except Exception as exc:
+                await self._failed(step, task, ctx, exc)
+                return
+            finally:
+                del self._running[task.id]
+        if scope.cancelled_caught:
+            # The task was cancelled, its run failed, or its lease was lost: nothing to record.
+            self.counts["cancelled"] += 1
             return
         try:
             output_json = _json.dumps(output)

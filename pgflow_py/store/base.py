@@ -105,6 +105,23 @@ class Backend(Protocol):
         """
         ...
 
+    def heartbeat(
+        self, worker_id: str, flow_slugs: Sequence[str], task_ids: Sequence[int],
+        lease_seconds: float,
+    ) -> list[int]:
+        """Renew this worker's leases; return the ids it no longer holds (cancelled, failed
+        run, or reclaimed), whose attempts must stop."""
+        ...
+
+    def reclaim_expired(self, flow_slugs: Sequence[str]) -> int:
+        """Fail the attempts of tasks whose lease expired (their worker is gone) and requeue them
+        per their retry policy; return how many."""
+        ...
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Remove a stopped worker from the workers table."""
+        ...
+
     def release(self, worker_id: str, task_ids: Sequence[int]) -> None:
         """Put claimed tasks back in the queue without counting an attempt."""
         ...

@@ -8,8 +8,10 @@ index of queued tasks; results are applied in batches, one transaction per batch
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -19,13 +21,16 @@ from typing import Any
 import sqlite_utils
 
 from .. import _json
+from ..backoff import retry_delay
 from ..clock import Clock
 from ..definition import FlowDefinition, StepDefinition
 from ..errors import SchemaError, ShapeMismatch
 from ..models import AttemptRecord, Run, RunStatus, StepRun, TaskRun
 from .base import ClaimedTask, NewRun, TaskFailure, TaskSuccess
 
-__all__ = ("SCHEMA_VERSION", "SqliteBackend")
+__all__ = ("LOST_WORKER", "SCHEMA_VERSION", "SqliteBackend")
+
+LOST_WORKER = "WorkerLost: the worker running this attempt stopped renewing its lease"
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x70666C77  # "pflw": marks a file as a pgflow_py database
@@ -376,7 +381,8 @@ class SqliteBackend:
         if limit <= 0 or not flow_slugs:
             return []
         now = self.clock.now()
-        lease = (worker_id, now + lease_seconds, now)
+        # Leases are about liveness, so they run on real time even under a fake clock.
+        lease = (worker_id, time.time() + lease_seconds, now)
         caps = {
             slug: cached[1].concurrency
             for slug in flow_slugs
@@ -463,6 +469,61 @@ class SqliteBackend:
             if not full:
                 break
         return rows
+
+    def heartbeat(
+        self, worker_id: str, flow_slugs: Sequence[str], task_ids: Sequence[int],
+        lease_seconds: float,
+    ) -> list[int]:
+        real_now = time.time()
+        held: set[int] = set()
+        with self._write() as c:
+            for start in range(0, len(task_ids), 500):
+                chunk = list(task_ids[start:start + 500])
+                held.update(r[0] for r in c.execute(
+                    "UPDATE step_tasks SET lease_expires = ? WHERE lease_owner = ? "
+                    f"AND status = 'started' AND id IN ({_placeholders(len(chunk))}) RETURNING id",
+                    (real_now + lease_seconds, worker_id, *chunk),
+                ).fetchall())
+            c.execute(
+                "INSERT INTO workers (id, hostname, pid, flows, started_at, last_heartbeat) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "last_heartbeat = excluded.last_heartbeat, flows = excluded.flows",
+                (worker_id, socket.gethostname(), os.getpid(), ",".join(flow_slugs),
+                 real_now, real_now),
+            )
+        return [task_id for task_id in task_ids if task_id not in held]
+
+    def forget_worker(self, worker_id: str) -> None:
+        with self._write() as c:
+            c.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def reclaim_expired(self, flow_slugs: Sequence[str]) -> int:
+        if not flow_slugs:
+            return 0
+        real_now = time.time()
+        now = self.clock.now()
+        finished: list[str] = []
+        with self._write() as c:
+            expired = c.execute(
+                "SELECT id, flow_slug, flow_version, step_slug, attempts, max_attempts "
+                "FROM step_tasks "
+                f"WHERE status = 'started' AND flow_slug IN ({_placeholders(len(flow_slugs))}) "
+                "AND lease_expires < ?",
+                (*flow_slugs, real_now),
+            ).fetchall()
+            for task_id, flow_slug, version, step_slug, attempts, max_attempts in expired:
+                # The lost worker's attempt counts, so a task that kills its worker cannot
+                # be retried forever.
+                retry_at = None
+                if attempts < max_attempts:
+                    o = self._definition(flow_slug, version).effective(step_slug)
+                    retry_at = now + retry_delay(
+                        attempts, base_delay=o.base_delay, backoff=o.backoff,
+                        max_delay=o.max_delay, jitter=o.jitter,
+                    )
+                self._fail_task(c, TaskFailure(task_id, attempts, LOST_WORKER, retry_at), now,
+                                finished)
+        return len(expired)
 
     def release(self, worker_id: str, task_ids: Sequence[int]) -> None:
         if not task_ids:

@@ -59,7 +59,7 @@ class Store:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.clock = backend.clock
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[str], None]] = []
         self._finished = threading.Condition()
 
     def __repr__(self) -> str:
@@ -269,6 +269,7 @@ class Store:
     def cancel(self, run_id: str) -> Run:
         """Cancel an unfinished run: its queued tasks never start, late results are ignored."""
         self.backend.cancel(run_id)
+        self._notify("cancelled")
         self._notify_finished()
         return self.get_run(run_id)
 
@@ -297,16 +298,20 @@ class Store:
 
     # --- in-process wake-ups (used by the runtime) ---------------------------------------------
 
-    def add_listener(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (from any thread) whenever this store starts or requeues runs."""
+    def add_listener(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(event)`` (from any thread) when this store starts or requeues runs
+        (``"started"``) or cancels one (``"cancelled"``)."""
         self._listeners.append(callback)
 
-    def remove_listener(self, callback: Callable[[], None]) -> None:
+    def remove_listener(self, callback: Callable[[str], None]) -> None:
         self._listeners.remove(callback)
 
-    def _notify_started(self) -> None:
+    def _notify(self, event: str) -> None:
         for callback in list(self._listeners):
-            callback()
+            callback(event)
+
+    def _notify_started(self) -> None:
+        self._notify("started")
 
     def _notify_finished(self) -> None:
         with self._finished:
