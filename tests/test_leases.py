@@ -1,0 +1,211 @@
+"""Leases, reclaiming lost work, and stopping attempts whose run was cancelled or failed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import pgflow_py as pf
+from pgflow_py.store.sqlite import LOST_WORKER
+from pgflow_py.testing import FakeClock
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000)
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: FakeClock):
+    with pf.connect(tmp_path / "leases.db", clock=clock) as s:
+        yield s
+
+
+def _claim_as_dead_worker(store: pf.Store, slug: str, lease: float = 0.05):
+    tasks = store.backend.claim("dead-worker", [slug], 100, lease)
+    time.sleep(lease * 2)  # the dead worker never renews: its leases expire
+    return tasks
+
+
+def test_expired_lease_is_reclaimed_as_a_failed_attempt_and_rerun(store):
+    calls: list[int] = []
+
+    @pf.job(queue="victim", max_attempts=3, base_delay=5)
+    def victim(input, ctx):
+        calls.append(ctx.attempt)
+        return "recovered"
+
+    run = store.start(victim)
+    (task,) = _claim_as_dead_worker(store, "victim")
+    assert task.attempt == 1
+    stats = pf.run_flows([victim], store=store, until_idle=True)
+
+    done = store.get_run(run.id)
+    assert done.status is pf.RunStatus.COMPLETED
+    assert done.output == "recovered"
+    assert calls == [2]  # the lost attempt counted
+    assert stats.completed == 1
+    assert [(h.attempt, h.error) for h in done.history] == [(1, LOST_WORKER)]
+
+
+def test_a_task_that_keeps_killing_its_worker_fails_after_max_attempts(store):
+    @pf.job(queue="poison", max_attempts=2, base_delay=0)
+    def poison(input, ctx):
+        raise AssertionError("never reached: every attempt's worker dies")
+
+    run = store.start(poison)
+    for _ in range(2):
+        _claim_as_dead_worker(store, "poison")
+        store.backend.reclaim_expired(["poison"])
+    failed = store.get_run(run.id)
+    assert failed.status is pf.RunStatus.FAILED
+    assert failed.error == LOST_WORKER
+    assert failed.attempts == 2
+
+
+def test_a_live_slow_task_is_never_reclaimed(tmp_path):
+    # Lease 0.3 s, task runs 1.2 s: only heartbeats keep it; a second runner must not take it.
+    db = tmp_path / "slow.db"
+    calls: list[str] = []
+
+    @pf.job(queue="slow_but_alive", max_attempts=3, timeout=10)
+    def slow_but_alive(input, ctx):
+        calls.append(threading.current_thread().name)
+        time.sleep(1.2)
+        return "ok"
+
+    with pf.connect(db) as store:
+        run = store.start(slow_but_alive)
+
+    results: list[pf.RunnerStats] = []
+
+    def serve() -> None:
+        with pf.connect(db) as s:
+            results.append(pf.run_flows(
+                [slow_but_alive], store=s, until_idle=True, lease=0.3, handle_signals=False
+            ))
+
+    first = threading.Thread(target=serve)
+    first.start()
+    time.sleep(0.5)  # the first runner holds the task; its original lease has expired by now
+    second = threading.Thread(target=serve)
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert len(calls) == 1
+    with pf.connect(db) as store:
+        done = store.get_run(run.id)
+    assert done.status is pf.RunStatus.COMPLETED
+    assert done.attempts == 1
+    assert sum(r.completed for r in results) == 1
+
+
+def test_late_result_after_reclaim_is_ignored(store):
+    @pf.job(queue="late", max_attempts=3, base_delay=0)
+    def late(input, ctx):
+        return "second worker"
+
+    run = store.start(late)
+    (stale,) = _claim_as_dead_worker(store, "late")
+    pf.run_flows([late], store=store, until_idle=True)
+    # The "dead" worker comes back and reports: its attempt is no longer current.
+    store.backend.finish([pf.store.TaskSuccess(stale.id, stale.attempt, '"stale"')], [])
+    assert store.get_run(run.id).output == "second worker"
+
+
+def test_cancel_stops_a_running_async_attempt(tmp_path):
+    store = pf.connect(tmp_path / "cancel.db")
+    entered = threading.Event()
+    finished: list[bool] = []
+
+    @pf.job(queue="long_async", timeout=30)
+    async def long_async(input, ctx):
+        entered.set()
+        await asyncio.sleep(10)
+        finished.append(True)
+
+    run = store.start(long_async)
+
+    def cancel_when_running() -> None:
+        entered.wait(10)
+        store.cancel(run.id)
+
+    threading.Thread(target=cancel_when_running).start()
+    started = time.monotonic()
+    stats = pf.run_flows([long_async], store=store, until_idle=True)
+    assert time.monotonic() - started < 5  # not the handler's 10 s
+    assert finished == []
+    assert stats.cancelled == 1 and stats.completed == 0
+    assert store.get_run(run.id).status is pf.RunStatus.CANCELLED
+    store.close()
+
+
+def test_sync_handler_sees_ctx_cancelled(tmp_path):
+    store = pf.connect(tmp_path / "cancel_sync.db")
+    entered = threading.Event()
+    observed = threading.Event()
+
+    @pf.job(queue="long_sync", timeout=30)
+    def long_sync(input, ctx):
+        assert ctx.cancelled is False
+        entered.set()
+        for _ in range(1000):
+            if ctx.cancelled:
+                observed.set()
+                return "stopped early"
+            time.sleep(0.01)
+        return "ran to the end"
+
+    run = store.start(long_sync)
+    threading.Thread(target=lambda: (entered.wait(10), store.cancel(run.id))).start()
+    stats = pf.run_flows([long_sync], store=store, until_idle=True)
+    assert observed.wait(5)
+    assert stats.cancelled == 1
+    cancelled = store.get_run(run.id)
+    assert cancelled.status is pf.RunStatus.CANCELLED
+    assert cancelled.output is None
+    store.close()
+
+
+def test_a_run_failing_for_good_stops_its_other_running_attempts(store):
+    stopped: list[int] = []
+    f = pf.flow("fail_fast")
+
+    @f.map()
+    def item(x, ctx):
+        if x == 0:
+            time.sleep(0.1)  # let the sibling start first
+            raise pf.PermanentFailure("element 0 is bad")
+        for _ in range(1000):
+            if ctx.cancelled:
+                stopped.append(x)
+                return None
+            time.sleep(0.01)
+        return x
+
+    run = store.start(f, [0, 1])
+    started = time.monotonic()
+    stats = pf.run_flows([f], store=store, until_idle=True, concurrency=2)
+    assert time.monotonic() - started < 5
+    assert stats.failed == 1 and stats.cancelled == 1
+    failed = store.get_run(run.id)
+    assert failed.status is pf.RunStatus.FAILED
+    assert [t.status for t in failed.step("item").tasks] == ["failed", "cancelled"]
+
+
+def test_heartbeat_registers_the_worker_and_forgets_it_on_exit(store):
+    seen: list[list[str]] = []
+
+    @pf.job(queue="beat")
+    def beat(input, ctx):
+        conn = store.backend._conn  # same process: read the workers table directly
+        seen.append([r[0] for r in conn.execute("SELECT flows FROM workers").fetchall()])
+
+    store.start(beat)
+    pf.run_flows([beat], store=store, until_idle=True)
+    assert seen == [["beat"]]
+    assert store.backend._conn.execute("SELECT count(*) FROM workers").fetchone()[0] == 0
