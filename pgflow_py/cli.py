@@ -1,0 +1,100 @@
+"""The ``pgflow`` command: ``pgflow worker MODULE [MODULE ...]`` serves the flows they define."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import click
+
+from .dsl import Flow
+from .runtime import run_flows
+from .store import connect
+
+__all__ = ("flows_in_modules", "main")
+
+
+def flows_in_modules(names: Sequence[str]) -> list[Flow]:
+    """Import each module and return the jobs and flows defined at its top level."""
+    # Like `python -m`, let modules next to where the worker starts be importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    found: dict[str, Flow] = {}
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise click.ClickException(f"cannot import module {name!r}: {exc}") from exc
+        for value in vars(module).values():
+            if isinstance(value, Flow) and value.slug not in found:
+                found[value.slug] = value
+    return list(found.values())
+
+
+@click.group()
+@click.version_option(package_name="pgflow_py")
+def main() -> None:
+    """pgflow_py: background jobs and workflows on SQLite."""
+
+
+@main.command()
+@click.argument("modules", nargs=-1)
+@click.option(
+    "--database", envvar="PGFLOW_DATABASE", default="pgflow.db", show_default=True,
+    help="SQLite path (or URL); also $PGFLOW_DATABASE.",
+)
+@click.option("--concurrency", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Tasks run at once by this worker.")
+@click.option("--flows", "flow_slugs", default=None,
+              help="Comma-separated slugs: serve only these flows.")
+@click.option("--lease", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds a claimed task stays taken without a heartbeat.")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0,
+              show_default=True, help="Seconds running tasks get to finish after SIGTERM/SIGINT.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def worker(
+    modules: tuple[str, ...],
+    database: str,
+    concurrency: int,
+    flow_slugs: str | None,
+    lease: float,
+    shutdown_timeout: float,
+    log_level: str,
+) -> None:
+    """Serve the flows defined in MODULES (or, if they define none, every flow in the store).
+
+    SIGTERM or SIGINT stops claiming and lets running tasks finish (up to the shutdown
+    timeout); a second signal stops at once.
+    """
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log = logging.getLogger("pgflow_py.worker")
+    flows: list[Flow] | None = flows_in_modules(modules) or None
+    with connect(database) as store:
+        if flows is None:
+            from .runtime.loader import load_stored_flows
+
+            flows = load_stored_flows(store.backend.definitions())
+        if flow_slugs:
+            wanted = {s.strip() for s in flow_slugs.split(",") if s.strip()}
+            unknown = wanted - {f.slug for f in flows}
+            if unknown:
+                raise click.ClickException(
+                    f"--flows names flows that are not available: {sorted(unknown)}; "
+                    f"available: {sorted(f.slug for f in flows)}"
+                )
+            flows = [f for f in flows if f.slug in wanted]
+        log.info(
+            "serving %s from %s (concurrency %d)",
+            ", ".join(sorted(f.slug for f in flows)) or "nothing", database, concurrency,
+        )
+        stats = run_flows(
+            flows, store=store, concurrency=concurrency, lease=lease,
+            shutdown_timeout=shutdown_timeout,
+        )
+        log.info("stopped: %s", stats)

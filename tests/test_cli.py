@@ -1,0 +1,150 @@
+"""The ``pgflow worker`` command, run as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import pgflow_py as pf
+from pgflow_py.cli import main
+
+JOBS = textwrap.dedent("""
+    import time
+    import pgflow_py as pf
+
+    @pf.job(queue="cli_echo")
+    def cli_echo(input, ctx):
+        return {"echo": input}
+
+    @pf.job(queue="cli_slow", timeout=30)
+    def cli_slow(input, ctx):
+        time.sleep(input)
+        return "slept"
+""")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "cli_jobs.py").write_text(JOBS)
+    return tmp_path
+
+
+def _start(project: Path, *args: str, module: bool = False) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "pgflow_py"] if module else [
+        sys.executable, "-c", "from pgflow_py.cli import main; main(prog_name='pgflow')"
+    ]
+    return subprocess.Popen(
+        [*command, "worker", *args], cwd=project, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def _wait_terminal(db: Path, run_ids: list[str], timeout: float = 20) -> list[pf.Run]:
+    with pf.connect(db) as store:
+        return [store.wait(run_id, timeout=timeout) for run_id in run_ids]
+
+
+def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["pgflow", "python-m"])
+def test_worker_serves_the_jobs_of_its_modules_and_exits_zero_on_sigterm(project, module):
+    sys.path.insert(0, str(project))
+    try:
+        import cli_jobs
+    finally:
+        sys.path.remove(str(project))
+    db = project / "worker.db"
+    with pf.connect(db) as store:
+        runs = store.start_many(cli_jobs.cli_echo, [1, 2, 3])
+    proc = _start(project, "cli_jobs", "--database", str(db), "--lease", "3", module=module)
+    try:
+        done = _wait_terminal(db, [r.id for r in runs])
+    finally:
+        code, err = _stop(proc)
+    assert [r.output for r in done] == [{"echo": 1}, {"echo": 2}, {"echo": 3}]
+    assert code == 0, err
+    assert "serving cli_echo, cli_slow" in err
+
+
+def test_sigterm_lets_a_running_task_finish(project):
+    db = project / "graceful.db"
+    proc = _start(project, "cli_jobs", "--database", str(db), "--flows", "cli_slow")
+    # Start by slug once the worker has registered its flows.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with pf.connect(db) as store:
+                run = store.start("cli_slow", 1.0)
+            break
+        except pf.FlowNotFound:
+            assert time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "no register"
+            time.sleep(0.05)
+    with pf.connect(db) as store:
+        while store.get_run(run.id).status is not pf.RunStatus.RUNNING:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    code, err = _stop(proc)
+    assert code == 0, err
+    with pf.connect(db) as store:
+        finished = store.get_run(run.id)
+        leased = store.backend._conn.execute(
+            "SELECT count(*) FROM step_tasks WHERE lease_owner IS NOT NULL"
+        ).fetchone()[0]
+    assert finished.status is pf.RunStatus.COMPLETED
+    assert finished.output == "slept"
+    assert leased == 0
+
+
+def test_worker_without_modules_serves_the_stored_flows(project):
+    db = project / "stored.db"
+    env_path = os.pathsep.join([str(project), os.environ.get("PYTHONPATH", "")])
+    subprocess.run(
+        [sys.executable, "-c",
+         f"import cli_jobs, pgflow_py as pf; pf.connect({str(db)!r}).start(cli_jobs.cli_echo, 'x')"],
+        cwd=project, check=True, env={**os.environ, "PYTHONPATH": env_path},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgflow_py", "worker", "--database", str(db)],
+        cwd=project, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": env_path},
+    )
+    try:
+        with pf.connect(db) as store:
+            (run,) = store.runs()
+        (done,) = _wait_terminal(db, [run.id])
+    finally:
+        code, err = _stop(proc)
+    assert done.output == {"echo": "x"}
+    assert code == 0, err
+
+
+def test_unknown_flow_in_flows_option_is_a_clear_error(project, monkeypatch):
+    monkeypatch.chdir(project)
+    result = CliRunner().invoke(
+        main, ["worker", "cli_jobs", "--database", str(project / "x.db"), "--flows", "nope"]
+    )
+    assert result.exit_code != 0
+    assert "nope" in result.output and "cli_echo" in result.output
+
+
+def test_unimportable_module_is_a_clear_error(project, monkeypatch):
+    monkeypatch.chdir(project)
+    result = CliRunner().invoke(main, ["worker", "no_such_module", "--database", "x.db"])
+    assert result.exit_code != 0
+    assert "cannot import module 'no_such_module'" in result.output
