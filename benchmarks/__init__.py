@@ -1,0 +1,1 @@
+"""Benchmarks for pgflow_py (not part of the test suite): ``python -m benchmarks``."""
