@@ -40,7 +40,7 @@ JOBS = textwrap.dedent("""
     @pf.job(queue="acc_work", max_attempts=3, base_delay=0, timeout=30)
     async def acc_work(input, ctx):
         record(ctx.run_id, ctx.attempt)
-        await asyncio.sleep(input["sleep"])
+        await asyncio.sleep(input["sleep"] if ctx.attempt == 1 else 0)
         return {"n": input["n"]}
 """)
 
@@ -108,13 +108,16 @@ def test_kill_9_with_50_running_tasks_loses_nothing(project, tmp_path, monkeypat
     db = tmp_path / "kill.db"
     lease = 2.0
     with pf.connect(db) as store:
-        store.start_many(jobs.acc_work, [{"n": i, "sleep": 0.05} for i in range(1000)])
+        # The first worker gets through 100 quick runs, then all its 50 slots hold slow ones.
+        store.start_many(jobs.acc_work, [
+            {"n": i, "sleep": 30 if 100 <= i < 150 else 0.01} for i in range(1000)
+        ])
 
     first = _worker(project, db, "--concurrency", "50", "--lease", str(lease))
     try:
         _wait_for(
             lambda: _count(db, "SELECT count(*) FROM step_tasks WHERE status = 'started'") == 50
-            and _count(db, "SELECT count(*) FROM step_tasks WHERE status = 'completed'") > 50,
+            and _count(db, "SELECT count(*) FROM step_tasks WHERE status = 'completed'") == 100,
             30, "the first worker to hold 50 running tasks",
         )
         first.send_signal(signal.SIGKILL)

@@ -19,12 +19,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
+import anyio.abc
 import attrs
 
 from .. import _json
 from ..backoff import retry_delay
 from ..context import Context
-from ..dsl import Flow
+from ..dsl import Flow, Hook
 from ..errors import PermanentFailure, Retry, StepTimeout
 from ..store import ClaimedTask, Store, TaskFailure, TaskSuccess, connect
 from .executor import StepRuntime, call_hook, run_attempt
@@ -92,9 +93,13 @@ class _Runner:
         self._in_flight = 0
         # Attempts in progress: how to stop each one (async cancel, and a flag for sync code).
         self._running: dict[int, tuple[anyio.CancelScope, threading.Event]] = {}
+        # on_dead hooks: candidates by task id, then those due once their failure is recorded.
+        self._dying: dict[int, tuple[Hook, Context, Exception]] = {}
+        self._dead_hooks: list[tuple[Hook, Context, Exception]] = []
         self._beat_interval = lease / 3
         self._next_beat = 0.0
         self._stopping = False
+        self._tg: anyio.abc.TaskGroup
         self._queue: asyncio.Queue[ClaimedTask | None] = asyncio.Queue()
         self._wake = asyncio.Event()
         # Threads abandoned at a timeout release their slot, so the limit is the pool size.
@@ -126,6 +131,7 @@ class _Runner:
             async with anyio.create_task_group() as tg:
                 for _ in range(self.concurrency):
                     tg.start_soon(self._worker)
+                self._tg = tg
                 try:
                     await self._dispatch()
                 finally:
@@ -138,11 +144,23 @@ class _Runner:
                         for _scope, event in self._running.values():
                             event.set()
                         tg.cancel_scope.cancel()
+            self._flush()
+            await self._run_dead_hooks()
         finally:
             self.store.remove_listener(wake_from_anywhere)
             self._flush()
             self.backend.forget_worker(self.worker_id)
         return RunnerStats(**self.counts)
+
+    async def _run_dead_hooks(self) -> None:
+        hooks, self._dead_hooks = self._dead_hooks, []
+        for hook, ctx, exc in hooks:
+            await call_hook("on_dead", hook, ctx, exc)
+
+    def _start_dead_hooks(self) -> None:
+        hooks, self._dead_hooks = self._dead_hooks, []
+        for hook, ctx, exc in hooks:
+            self._tg.start_soon(call_hook, "on_dead", hook, ctx, exc)
 
     def _beat(self) -> None:
         """Renew leases, stop attempts whose task was taken away, reclaim expired leases."""
@@ -162,6 +180,8 @@ class _Runner:
         while True:
             self._wake.clear()
             self._flush()
+            if self._dead_hooks:
+                self._start_dead_hooks()
             if anyio.current_time() >= self._next_beat:
                 self._beat()
             cron_at = self.cron.next_at
@@ -258,6 +278,13 @@ class _Runner:
             self.store._notify_finished()
             if failures:
                 self._next_beat = 0.0  # a failed run's other running attempts must stop now
+        if self._dying:
+            failed_runs = set(finished)
+            for failure in failures:
+                dead = self._dying.pop(failure.task_id, None)
+                if dead is not None and dead[1].run_id in failed_runs:
+                    failed_runs.discard(dead[1].run_id)  # on_dead once per run
+                    self._dead_hooks.append(dead)
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -290,18 +317,22 @@ class _Runner:
             deadline=step.deadline(),
             cancel_event=cancel_event,
         )
+        error: Exception | None = None
         with anyio.CancelScope() as scope:
             self._running[task.id] = (scope, cancel_event)
             try:
                 output = await run_attempt(step, task.input, ctx, self._limiter)
             except Exception as exc:
-                await self._failed(step, task, ctx, exc)
-                return
+                error = exc
             finally:
                 del self._running[task.id]
         if scope.cancelled_caught:
             # The task was cancelled, its run failed, or its lease was lost: nothing to record.
             self.counts["cancelled"] += 1
+            return
+        if error is not None:
+            # Outside the attempt's scope, so stopping the attempt cannot cut a hook short.
+            await self._failed(step, task, ctx, error)
             return
         try:
             output_json = _json.dumps(output)
@@ -357,7 +388,8 @@ class _Runner:
             if step.on_failure is not None:
                 await call_hook("on_failure", step.on_failure, hook_ctx, exc)
             if step.on_dead is not None and not will_retry:
-                await call_hook("on_dead", step.on_dead, hook_ctx, exc)
+                # Called once the store says this failure is the one that failed the run.
+                self._dying[task.id] = (step.on_dead, hook_ctx, exc)
         self._failures.append(TaskFailure(task.id, task.attempt, error, retry_at))
 
 

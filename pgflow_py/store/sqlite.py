@@ -24,7 +24,7 @@ from .. import _json
 from ..backoff import retry_delay
 from ..clock import Clock
 from ..definition import FlowDefinition, StepDefinition
-from ..errors import SchemaError, ShapeMismatch
+from ..errors import InputError, SchemaError, ShapeMismatch
 from ..models import AttemptRecord, Run, RunStatus, StepRun, TaskRun
 from .base import ClaimedTask, NewRun, TaskFailure, TaskSuccess
 
@@ -279,7 +279,9 @@ class SqliteBackend:
             for r in runs:
                 if r.key is not None:
                     existing = c.execute(
-                        "SELECT id FROM runs WHERE flow_slug = ? AND key = ?", (d.slug, r.key)
+                        "SELECT id FROM runs WHERE flow_slug = ? AND key = ? "
+                        "AND status != 'cancelled'",
+                        (d.slug, r.key),
                     ).fetchone()
                     if existing is not None:
                         ids.append(existing[0])
@@ -529,11 +531,18 @@ class SqliteBackend:
         if not task_ids:
             return
         with self._write() as c:
-            c.executemany(
+            run_ids = {row[0] for task_id in task_ids for row in c.execute(
                 "UPDATE step_tasks SET status = 'queued', attempts = attempts - 1, "
                 "lease_owner = NULL, lease_expires = NULL "
-                "WHERE id = ? AND status = 'started' AND lease_owner = ?",
-                [(task_id, worker_id) for task_id in task_ids],
+                "WHERE id = ? AND status = 'started' AND lease_owner = ? RETURNING run_id",
+                (task_id, worker_id),
+            ).fetchall()}
+            # A run whose only progress was the released claim has not started after all.
+            c.executemany(
+                "UPDATE runs SET started_at = NULL WHERE id = ? AND NOT EXISTS ("
+                "SELECT 1 FROM step_tasks t WHERE t.run_id = runs.id AND (t.attempts > 0 "
+                "OR t.status IN ('started', 'completed')))",
+                [(run_id,) for run_id in run_ids],
             )
 
     def next_due(self, flow_slugs: Sequence[str]) -> float | None:
@@ -774,6 +783,16 @@ class SqliteBackend:
     def retry(self, run_id: str) -> bool:
         now = self.clock.now()
         with self._write() as c:
+            clash = c.execute(
+                "SELECT other.id FROM runs AS this JOIN runs AS other ON other.flow_slug = "
+                "this.flow_slug AND other.key = this.key AND other.id != this.id "
+                "AND other.status != 'cancelled' WHERE this.id = ?",
+                (run_id,),
+            ).fetchone()
+            if clash is not None:
+                raise InputError(
+                    f"run {run_id} cannot be retried: its key now belongs to run {clash[0]}"
+                )
             row = c.execute(
                 "UPDATE runs SET status = 'started', error = NULL, output = NULL, "
                 "started_at = NULL, finished_at = NULL "

@@ -46,7 +46,9 @@ CREATE TABLE runs (
     started_at       REAL,
     finished_at      REAL
 );
-CREATE UNIQUE INDEX runs_flow_key ON runs (flow_slug, key) WHERE key IS NOT NULL;
+-- A key names one live or finished run of a flow; a cancelled run frees its key.
+CREATE UNIQUE INDEX runs_flow_key ON runs (flow_slug, key)
+    WHERE key IS NOT NULL AND status != 'cancelled';
 CREATE INDEX runs_flow ON runs (flow_slug);
 CREATE INDEX runs_unfinished ON runs (flow_slug) WHERE status = 'started';
 CREATE INDEX runs_finished ON runs (finished_at) WHERE status != 'started';
