@@ -21,6 +21,8 @@ __all__ = (
 )
 
 StepType = Literal["single", "map"]
+Isolation = Literal["thread", "process"]
+"""How a sync handler runs: in a worker thread, or in a child process that can be killed."""
 FlowKind = Literal["job", "flow"]
 
 _SLUG_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -114,6 +116,7 @@ class StepDefinition:
     base_delay: float | None = None
     timeout: float | None = None
     start_delay: float = 0.0
+    isolation: Isolation | None = None
     handler: str | None = None
     """Import path ``module:qualname`` of the handler, used by runners started with ``flows=None``."""
 
@@ -142,6 +145,7 @@ class FlowDefinition:
     cron_input: Any = None
     concurrency: int | None = None
     """At most this many tasks of the flow run at once, across all runners."""
+    isolation: Isolation = "thread"
 
     def __attrs_post_init__(self) -> None:
         validate_definition(self)
@@ -180,6 +184,7 @@ class FlowDefinition:
             backoff=self.backoff,
             max_delay=self.max_delay,
             jitter=self.jitter,
+            isolation=step.isolation if step.isolation is not None else self.isolation,
         )
 
     def shape(self) -> tuple[str, tuple[tuple[str, str, tuple[str, ...]], ...]]:
@@ -241,6 +246,7 @@ class EffectiveOptions:
     backoff: Literal["exponential", "fixed"]
     max_delay: float
     jitter: bool
+    isolation: Isolation = "thread"
 
 
 # Without detailed validation the DefinitionError of __attrs_post_init__ surfaces unwrapped.
@@ -294,6 +300,7 @@ def validate_flow_options(
     cron: object = None,
     cron_input: object = None,
     concurrency: object = None,
+    isolation: object = "thread",
 ) -> None:
     """Check a flow's slug and flow-level options (usable before any step exists)."""
     validate_slug(slug, "flow slug")
@@ -306,6 +313,7 @@ def validate_flow_options(
         raise DefinitionError(f"{where}: backoff must be 'exponential' or 'fixed', got {backoff!r}")
     if not isinstance(jitter, bool):
         raise DefinitionError(f"{where}: jitter must be True or False, got {jitter!r}")
+    check_isolation(isolation, where, allow_none=False)
     if concurrency is not None and (
         isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
     ):
@@ -321,6 +329,13 @@ def validate_flow_options(
             raise DefinitionError(f"{where}: cron_input must be JSON-serializable: {exc}") from None
     elif cron_input is not None:
         raise DefinitionError(f"{where}: cron_input is set but cron is not; add cron='...'")
+
+
+def check_isolation(isolation: object, where: str, *, allow_none: bool) -> None:
+    if isolation is None and allow_none:
+        return
+    if isolation not in ("thread", "process"):
+        raise DefinitionError(f"{where}: isolation must be 'thread' or 'process', got {isolation!r}")
 
 
 def validate_cron(expression: object, where: str) -> str:
@@ -350,6 +365,7 @@ def validate_definition(defn: FlowDefinition) -> None:
         cron=defn.cron,
         cron_input=defn.cron_input,
         concurrency=defn.concurrency,
+        isolation=defn.isolation,
     )
     where = f"flow {defn.slug!r}"
     if not defn.steps:
@@ -369,6 +385,7 @@ def validate_definition(defn: FlowDefinition) -> None:
             start_delay=step.start_delay,
             allow_none=True,
         )
+        check_isolation(step.isolation, swhere, allow_none=True)
         if len(set(step.depends_on)) != len(step.depends_on):
             raise DefinitionError(f"{swhere}: depends_on lists a step twice: {list(step.depends_on)}")
         if step.slug in step.depends_on:

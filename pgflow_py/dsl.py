@@ -17,6 +17,7 @@ from .context import Context
 from .definition import (
     EffectiveOptions,
     FlowDefinition,
+    Isolation,
     StepDefinition,
     StepType,
     check_options,
@@ -46,6 +47,21 @@ def import_path(fn: Callable[..., Any]) -> str | None:
 def _check_hook(name: str, hook: object, where: str) -> None:
     if hook is not None and not callable(hook):
         raise DefinitionError(f"{where}: {name} must be a callable (ctx, error), got {hook!r}")
+
+
+def _check_isolatable(fn: Handler, where: str) -> None:
+    """A handler run in a child process must be sync and importable by its recorded path."""
+    if inspect.iscoroutinefunction(fn):
+        raise DefinitionError(
+            f"{where}: isolation='process' runs sync handlers only; this one is async "
+            "(async handlers are already cancelled at their deadline)"
+        )
+    path = import_path(fn) or ""
+    if "<locals>" in path or path.startswith("__main__:") or not path:
+        raise DefinitionError(
+            f"{where}: isolation='process' imports the handler in a child process, so it must "
+            f"be a module-level function of an importable module, not {path or fn!r}"
+        )
 
 
 def _check_handler(fn: object, where: str) -> None:
@@ -88,12 +104,13 @@ class Flow:
         cron: str | None = None,
         cron_input: Any = None,
         concurrency: int | None = None,
+        isolation: Isolation = "thread",
         _kind: Literal["job", "flow"] = "flow",
     ) -> None:
         validate_flow_options(
             slug, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
             backoff=backoff, max_delay=max_delay, jitter=jitter, cron=cron,
-            cron_input=cron_input, concurrency=concurrency,
+            cron_input=cron_input, concurrency=concurrency, isolation=isolation,
         )
         _check_hook("on_failure", on_failure, f"flow {slug!r}")
         _check_hook("on_dead", on_dead, f"flow {slug!r}")
@@ -111,6 +128,7 @@ class Flow:
             "cron": cron,
             "cron_input": cron_input,
             "concurrency": concurrency,
+            "isolation": isolation,
         }
         self._steps: list[StepDefinition] = []
         self._handlers: dict[str, Handler] = {}
@@ -128,6 +146,7 @@ class Flow:
         base_delay: float | None,
         timeout: float | None,
         start_delay: float,
+        isolation: Isolation | None = None,
     ) -> Step:
         _check_handler(fn, f"flow {self.slug!r}")
         slug = slug if slug is not None else getattr(fn, "__name__", None)
@@ -170,12 +189,15 @@ class Flow:
             base_delay=None if base_delay is None else float(base_delay),
             timeout=None if timeout is None else float(timeout),
             start_delay=float(start_delay),
+            isolation=isolation,
             handler=import_path(fn),
         )
         # Validate the whole flow with the new step before keeping it.
         definition = FlowDefinition(
             slug=self.slug, steps=(*self._steps, step), kind=self._kind, **self._options
         )
+        if definition.effective(step_slug).isolation == "process":
+            _check_isolatable(fn, where)
         self._steps.append(step)
         self._handlers[step_slug] = fn
         self._definition = definition
@@ -190,6 +212,7 @@ class Flow:
         base_delay: float | None = None,
         timeout: float | None = None,
         start_delay: float = 0,
+        isolation: Isolation | None = None,
     ) -> Callable[[Handler], Step]:
         """Decorate a step handler ``(input_or_deps, ctx) -> output``."""
         if callable(slug):
@@ -199,7 +222,8 @@ class Flow:
 
         def decorate(fn: Handler) -> Step:
             return self._add_step(
-                fn, slug, "single", depends_on, max_attempts, base_delay, timeout, start_delay
+                fn, slug, "single", depends_on, max_attempts, base_delay, timeout, start_delay,
+                isolation,
             )
 
         return decorate
@@ -213,6 +237,7 @@ class Flow:
         base_delay: float | None = None,
         timeout: float | None = None,
         start_delay: float = 0,
+        isolation: Isolation | None = None,
     ) -> Callable[[Handler], Step]:
         """Decorate a map step: one task per element of ``array``'s output (or of the flow input)."""
         if callable(slug):
@@ -221,7 +246,8 @@ class Flow:
 
         def decorate(fn: Handler) -> Step:
             return self._add_step(
-                fn, slug, "map", deps, max_attempts, base_delay, timeout, start_delay
+                fn, slug, "map", deps, max_attempts, base_delay, timeout, start_delay,
+                isolation,
             )
 
         return decorate
@@ -401,6 +427,7 @@ def job(
     cron: str | None = None,
     cron_input: Any = None,
     concurrency: int | None = None,
+    isolation: Isolation = "thread",
 ) -> Callable[[Handler], Job]: ...
 def job(
     fn: Handler | None = None,
@@ -418,6 +445,7 @@ def job(
     cron: str | None = None,
     cron_input: Any = None,
     concurrency: int | None = None,
+    isolation: Isolation = "thread",
 ) -> Job | Callable[[Handler], Job]:
     """Make a function a job: a flow with one step whose slug is the queue.
 
@@ -431,6 +459,7 @@ def job(
         "backoff": backoff, "max_delay": max_delay, "jitter": jitter,
         "on_failure": on_failure, "on_dead": on_dead,
         "cron": cron, "cron_input": cron_input, "concurrency": concurrency,
+        "isolation": isolation,
     }
 
     def decorate(f: Handler) -> Job:
@@ -460,11 +489,12 @@ def flow(
     cron: str | None = None,
     cron_input: Any = None,
     concurrency: int | None = None,
+    isolation: Isolation = "thread",
 ) -> Flow:
     """Create a multi-step flow; add steps with ``@the_flow.step()`` and ``@the_flow.map()``."""
     return Flow(
         slug, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
         backoff=backoff, max_delay=max_delay, jitter=jitter,
         on_failure=on_failure, on_dead=on_dead, cron=cron, cron_input=cron_input,
-        concurrency=concurrency,
+        concurrency=concurrency, isolation=isolation,
     )

@@ -6,6 +6,7 @@ __all__ = (
     "DefinitionError",
     "FlowNotFound",
     "InputError",
+    "IsolatedError",
     "PermanentFailure",
     "PgflowError",
     "Retry",
@@ -69,3 +70,16 @@ class Retry(PgflowError):
 
 class WaitTimeout(PgflowError, TimeoutError):
     """``store.wait`` gave up before the run finished."""
+
+
+class IsolatedError(PgflowError):
+    """An exception raised by a handler running in a child process (``isolation="process"``).
+
+    Only its type name and message cross the process boundary; the error recorded for the
+    attempt reads ``"<type name>: <message>"`` as for an in-process exception.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+        self.message = message

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import os
+import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -13,8 +16,8 @@ import attrs
 
 from ..context import Context
 from ..definition import EffectiveOptions
-from ..dsl import Hook
-from ..errors import StepTimeout
+from ..dsl import Hook, import_path
+from ..errors import IsolatedError, PermanentFailure, Retry, StepTimeout
 
 __all__ = ("StepRuntime", "call_hook", "run_attempt")
 
@@ -48,11 +51,14 @@ async def run_attempt(
 
     Async handlers are cancelled at the deadline. Sync handlers run in a worker thread that is
     abandoned at the deadline: the attempt fails then, though Python cannot stop the thread.
+    With ``isolation="process"`` a sync handler runs in a child process, killed at the deadline.
     """
     timeout = step.options.timeout
     with anyio.move_on_after(timeout):
         if step.is_async:
             return await step.handler(value, ctx)
+        if step.options.isolation == "process":
+            return await _run_in_child(step, value, ctx)
         result = await anyio.to_thread.run_sync(
             step.handler, value, ctx, abandon_on_cancel=True, limiter=limiter
         )
@@ -63,6 +69,48 @@ async def run_attempt(
         f"step {step.flow_slug}.{step.step_slug} timed out after {timeout:g}s "
         f"(attempt {ctx.attempt} of {ctx.max_attempts})"
     )
+
+
+async def _run_in_child(step: StepRuntime, value: Any, ctx: Context) -> Any:
+    """Run a sync handler in a child process, killed if this attempt is cancelled or times out."""
+    payload = json.dumps({
+        "handler": import_path(step.handler),
+        "input": value,
+        "ctx": {
+            "run_id": ctx.run_id, "flow_slug": ctx.flow_slug, "step_slug": ctx.step_slug,
+            "task_index": ctx.task_index, "attempt": ctx.attempt,
+            "max_attempts": ctx.max_attempts, "flow_input": ctx.flow_input,
+            "deadline": ctx.deadline.isoformat() if ctx.deadline else None,
+        },
+    }).encode()
+    # The child imports the handler by path, so it needs this process's import path.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    process = await anyio.open_process(
+        [sys.executable, "-m", "pgflow_py.runtime.child"], stderr=None, env=env
+    )
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        await process.stdin.send(payload)
+        await process.stdin.aclose()
+        chunks = [chunk async for chunk in process.stdout]
+        code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.wait()
+    if not chunks:
+        raise IsolatedError(
+            "ChildProcessDied", f"the handler's process exited with code {code} before reporting"
+        )
+    result = json.loads(b"".join(chunks))
+    if result["ok"]:
+        return result["output"]
+    if result["kind"] == "permanent":
+        raise PermanentFailure(result["message"])
+    if result["kind"] == "retry":
+        raise Retry(result["delay"], result["message"])
+    raise IsolatedError(result["type"], result["message"])
 
 
 async def call_hook(name: str, hook: Hook, ctx: Context, error: BaseException) -> None:

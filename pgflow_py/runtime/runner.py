@@ -26,7 +26,7 @@ from .. import _json
 from ..backoff import retry_delay
 from ..context import Context
 from ..dsl import Flow, Hook
-from ..errors import PermanentFailure, Retry, StepTimeout
+from ..errors import IsolatedError, PermanentFailure, Retry, StepTimeout
 from ..store import ClaimedTask, Store, TaskFailure, TaskSuccess, connect
 from .executor import StepRuntime, call_hook, run_attempt
 from .loader import load_stored_flows, step_runtimes
@@ -50,6 +50,8 @@ class RunnerStats:
 
 
 def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, IsolatedError):
+        return str(exc)  # already "<the child's exception type>: <message>"
     if isinstance(exc, Retry):
         return f"Retry: {exc}"
     message = str(exc)

@@ -1,0 +1,59 @@
+"""The child side of ``isolation="process"``: run one attempt of a sync handler, report as JSON.
+
+The parent writes ``{"handler", "input", "ctx"}`` to stdin and reads one JSON object from
+stdout: ``{"ok": true, "output": ...}`` or ``{"ok": false, "type", "message", "kind", "delay"}``.
+The handler's own prints go to stderr, so they cannot corrupt the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime
+from typing import Any
+
+
+def _outcome(payload: dict[str, Any]) -> dict[str, Any]:
+    from ..context import Context
+    from ..dsl import Flow, Step
+    from ..errors import PermanentFailure, Retry
+    from .loader import resolve_import_path
+
+    try:
+        target = resolve_import_path(payload["handler"])
+        if isinstance(target, Flow):
+            target = target.handler(payload["ctx"]["step_slug"])
+        elif isinstance(target, Step):
+            target = target.fn
+        fields = dict(payload["ctx"])
+        if fields.get("deadline"):
+            fields["deadline"] = datetime.fromisoformat(fields["deadline"])
+        output = target(payload["input"], Context(**fields))
+        json.dumps(output, allow_nan=False)
+        return {"ok": True, "output": output}
+    except BaseException as exc:
+        kind = "permanent" if isinstance(exc, PermanentFailure) else (
+            "retry" if isinstance(exc, Retry) else "error"
+        )
+        return {
+            "ok": False,
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "kind": kind,
+            "delay": exc.delay if isinstance(exc, Retry) else None,
+        }
+
+
+def main() -> None:
+    payload = json.loads(sys.stdin.buffer.read())
+    result_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    text = json.dumps(_outcome(payload), allow_nan=False)
+    with os.fdopen(result_fd, "w", encoding="utf-8") as out:
+        out.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""isolation="process": sync handlers in a child process that is killed at the timeout or on cancel."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import pgflow_py as pf
+
+HANDLERS = textwrap.dedent("""
+    import os, time
+    import pgflow_py as pf
+
+    MARKS = os.environ.get("ISOLATION_MARKS", "")
+
+    @pf.job(queue="iso_square", isolation="process", max_attempts=2, base_delay=0)
+    def iso_square(input, ctx):
+        print("a print from the child must not corrupt the result")
+        return {"square": input * input, "pid": os.getpid(), "attempt": ctx.attempt,
+                "run_id": ctx.run_id}
+
+    @pf.job(queue="iso_spin", isolation="process", timeout=0.5, max_attempts=2, base_delay=0)
+    def iso_spin(input, ctx):
+        if ctx.attempt == 1:
+            with open(MARKS, "a") as f:
+                f.write(f"{os.getpid()}\\n")
+            while True:  # CPU-bound and never checks anything: only a kill stops it
+                pass
+        return "second attempt"
+
+    @pf.job(queue="iso_fail", isolation="process", max_attempts=3, base_delay=0)
+    def iso_fail(input, ctx):
+        if input == "permanent":
+            raise pf.PermanentFailure("no way")
+        raise KeyError(f"missing {input}")
+
+    @pf.job(queue="iso_cancel", isolation="process", timeout=60)
+    def iso_cancel(input, ctx):
+        with open(MARKS, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        time.sleep(60)
+
+    flow = pf.flow("iso_flow")
+
+    @flow.step()
+    def numbers(input, ctx):
+        return list(range(input))
+
+    @flow.map(array=numbers, isolation="process")
+    def doubled(item, ctx):
+        return item * 2
+""")
+
+
+@pytest.fixture
+def handlers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "iso_handlers.py").write_text(HANDLERS)
+    marks = tmp_path / "marks.txt"
+    monkeypatch.setenv("ISOLATION_MARKS", str(marks))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("iso_handlers", None)
+    import iso_handlers
+
+    yield iso_handlers
+    sys.modules.pop("iso_handlers", None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A killed child may linger as a zombie until reaped; read its state.
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().split()[2] != "Z"
+
+
+def test_runs_in_a_child_process_and_returns_json(handlers, tmp_path):
+    with pf.connect(tmp_path / "iso.db") as store:
+        run = store.start(handlers.iso_square, 7)
+        stats = pf.run_flows([handlers.iso_square], store=store, until_idle=True)
+        done = store.get_run(run.id)
+    assert stats.completed == 1
+    assert done.output["square"] == 49
+    assert done.output["pid"] != os.getpid()
+    assert (done.output["attempt"], done.output["run_id"]) == (1, run.id)
+
+
+def test_timeout_kills_cpu_bound_child_and_retries(handlers, tmp_path):
+    with pf.connect(tmp_path / "spin.db") as store:
+        run = store.start(handlers.iso_spin)
+        stats = pf.run_flows([handlers.iso_spin], store=store, until_idle=True)
+        done = store.get_run(run.id)
+    assert done.status is pf.RunStatus.COMPLETED
+    assert done.output == "second attempt"
+    assert stats.timed_out == 1
+    assert done.history[0].error.startswith("StepTimeout:")
+    (pid,) = [int(p) for p in (tmp_path / "marks.txt").read_text().split()]
+    assert not _alive(pid)
+
+
+def test_exceptions_cross_with_type_name_and_message(handlers, tmp_path):
+    with pf.connect(tmp_path / "fail.db") as store:
+        failing = store.start(handlers.iso_fail, "x")
+        permanent = store.start(handlers.iso_fail, "permanent")
+        pf.run_flows([handlers.iso_fail], store=store, until_idle=True)
+        failing = store.get_run(failing.id)
+        permanent = store.get_run(permanent.id)
+    assert failing.status is pf.RunStatus.FAILED
+    assert failing.error == "KeyError: 'missing x'"
+    assert failing.attempts == 3
+    assert permanent.error == "PermanentFailure: no way"
+    assert permanent.attempts == 1
+
+
+def test_cancel_kills_the_child(handlers, tmp_path):
+    store = pf.connect(tmp_path / "cancel.db")
+    run = store.start(handlers.iso_cancel)
+    marks = tmp_path / "marks.txt"
+
+    def cancel_when_running() -> None:
+        deadline = time.monotonic() + 20
+        while not marks.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        store.cancel(run.id)
+
+    threading.Thread(target=cancel_when_running).start()
+    stats = pf.run_flows([handlers.iso_cancel], store=store, until_idle=True)
+    assert stats.cancelled == 1
+    assert store.get_run(run.id).status is pf.RunStatus.CANCELLED
+    (pid,) = [int(p) for p in marks.read_text().split()]
+    assert not _alive(pid)
+    store.close()
+
+
+def test_step_level_isolation_in_a_flow(handlers, tmp_path):
+    with pf.connect(tmp_path / "flow.db") as store:
+        run = store.start(handlers.flow, 4)
+        pf.run_flows([handlers.flow], store=store, until_idle=True)
+        assert store.get_run(run.id).output == {"doubled": [0, 2, 4, 6]}
+    assert handlers.flow.definition.effective("doubled").isolation == "process"
+    assert handlers.flow.definition.effective("numbers").isolation == "thread"
+
+
+def test_isolation_rules_at_decoration():
+    with pytest.raises(pf.DefinitionError, match="sync handlers only"):
+
+        @pf.job(queue="iso_async", isolation="process")
+        async def iso_async(input, ctx):
+            return None
+
+    with pytest.raises(pf.DefinitionError, match="module-level function"):
+
+        @pf.job(queue="iso_local", isolation="process")
+        def iso_local(input, ctx):
+            return None
+
+    with pytest.raises(pf.DefinitionError, match="isolation must be 'thread' or 'process'"):
+        pf.flow("iso_bad", isolation="fork")
