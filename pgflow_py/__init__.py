@@ -19,6 +19,7 @@ from .errors import (
     SchemaError,
     ShapeMismatch,
     StepTimeout,
+    StoreError,
     WaitTimeout,
 )
 from .models import AttemptRecord, Run, RunStatus, StepRun, TaskRun
@@ -51,6 +52,7 @@ __all__ = (
     "StepRun",
     "StepTimeout",
     "Store",
+    "StoreError",
     "TaskRun",
     "WaitTimeout",
     "__version__",

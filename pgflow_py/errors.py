@@ -14,6 +14,7 @@ __all__ = (
     "SchemaError",
     "ShapeMismatch",
     "StepTimeout",
+    "StoreError",
     "WaitTimeout",
 )
 
@@ -83,3 +84,7 @@ class IsolatedError(PgflowError):
         super().__init__(f"{type_name}: {message}" if message else type_name)
         self.type_name = type_name
         self.message = message
+
+
+class StoreError(PgflowError):
+    """The database failed (read-only, disk full, corrupt, locked too long); says where and why."""

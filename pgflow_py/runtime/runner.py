@@ -26,7 +26,7 @@ from .. import _json
 from ..backoff import retry_delay
 from ..context import Context
 from ..dsl import Flow, Hook
-from ..errors import IsolatedError, PermanentFailure, Retry, StepTimeout
+from ..errors import IsolatedError, PermanentFailure, Retry, StepTimeout, StoreError
 from ..store import ClaimedTask, Store, TaskFailure, TaskSuccess, connect
 from .executor import StepRuntime, call_hook, run_attempt
 from .loader import load_stored_flows, step_runtimes
@@ -101,6 +101,8 @@ class _Runner:
         self._beat_interval = lease / 3
         self._next_beat = 0.0
         self._stopping = False
+        self._stop_deadline: float | None = None
+        self._pause = 0.005  # adaptive poll for work from other processes
         self._tg: anyio.abc.TaskGroup
         self._queue: asyncio.Queue[ClaimedTask | None] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -150,8 +152,14 @@ class _Runner:
             await self._run_dead_hooks()
         finally:
             self.store.remove_listener(wake_from_anywhere)
-            self._flush()
-            self.backend.forget_worker(self.worker_id)
+            try:
+                self._flush()
+                self.backend.forget_worker(self.worker_id)
+            except StoreError as exc:
+                log.error(
+                    "could not record %d result(s) before stopping (%s); their tasks run again "
+                    "once their leases expire", len(self._successes) + len(self._failures), exc,
+                )
         return RunnerStats(**self.counts)
 
     async def _run_dead_hooks(self) -> None:
@@ -177,66 +185,78 @@ class _Runner:
         self.backend.reclaim_expired(self.flow_slugs)
 
     async def _dispatch(self) -> None:
-        pause = 0.005
-        stop_deadline: float | None = None
+        backoff = 0.05
         while True:
-            self._wake.clear()
-            self._flush()
-            if self._dead_hooks:
-                self._start_dead_hooks()
-            if anyio.current_time() >= self._next_beat:
-                self._beat()
-            cron_at = self.cron.next_at
-            if cron_at is not None and cron_at <= self.clock.now() and not self._stopping:
-                self.cron.start_due()
-            if self._stopping:
-                if self._in_flight == 0:
+            try:
+                if await self._dispatch_once():
                     return
-                now = anyio.current_time()
-                stop_deadline = stop_deadline or now + self.shutdown_timeout
-                if now >= stop_deadline:
-                    log.warning("shutdown timeout: cancelling %d running task(s)", self._in_flight)
-                    return
-                await self._wait(stop_deadline - now)
-                continue
-            free = self.concurrency - self._in_flight
-            claimed = self.backend.claim(self.worker_id, self.flow_slugs, free, self.lease)
-            for task in claimed:
-                self._in_flight += 1
-                self._queue.put_nowait(task)
-            if claimed:
-                pause = 0.005
-                if len(claimed) == free:
-                    # Every worker is busy: wait for a result (or the next heartbeat).
-                    await self._wait(self._next_beat - anyio.current_time())
-                    await self._gather_results()
-                else:
-                    await anyio.sleep(0)  # let workers start, then look again
-                continue
-            due = self.backend.next_due(self.flow_slugs)
-            now = self.clock.now()
-            if due is not None and due <= now:
-                # Due but not claimable (another runner holds the write lock, or took it).
-                await self._wait(pause)
-                pause = min(pause * 2, self.poll_interval)
-                continue
-            if self._in_flight:
-                # Results will wake us; meanwhile poll for work from other processes.
-                await self._wait(pause)
-                pause = min(pause * 2, self.poll_interval)
-                continue
-            if self.until_idle:
-                # Waits out backoffs and delays (a fake clock jumps), never future cron ticks.
-                if due is None:
-                    return
-                await self._sleep_until(due - now)
-                continue
-            target = min((t for t in (due, self.cron.next_at) if t is not None), default=None)
-            if target is not None and target - now < pause:
-                await self._sleep_until(target - now)
-                continue
-            await self._wait(pause)
-            pause = min(pause * 2, self.poll_interval)
+                backoff = 0.05
+            except StoreError as exc:
+                # Back off instead of spinning; unrecorded results are kept and retried.
+                log.error("database error, retrying in %.2gs: %s", backoff, exc)
+                await self._wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    async def _dispatch_once(self) -> bool:
+        """One pass: record results, heartbeat, cron, claim, then wait. True means stop."""
+        self._wake.clear()
+        self._flush()
+        if self._dead_hooks:
+            self._start_dead_hooks()
+        if anyio.current_time() >= self._next_beat:
+            self._beat()
+        cron_at = self.cron.next_at
+        if cron_at is not None and cron_at <= self.clock.now() and not self._stopping:
+            self.cron.start_due()
+        if self._stopping:
+            if self._in_flight == 0:
+                return True
+            now = anyio.current_time()
+            self._stop_deadline = self._stop_deadline or now + self.shutdown_timeout
+            if now >= self._stop_deadline:
+                log.warning("shutdown timeout: cancelling %d running task(s)", self._in_flight)
+                return True
+            await self._wait(self._stop_deadline - now)
+            return False
+        free = self.concurrency - self._in_flight
+        claimed = self.backend.claim(self.worker_id, self.flow_slugs, free, self.lease)
+        for task in claimed:
+            self._in_flight += 1
+            self._queue.put_nowait(task)
+        if claimed:
+            self._pause = 0.005
+            if len(claimed) == free:
+                # Every worker is busy: wait for a result (or the next heartbeat).
+                await self._wait(self._next_beat - anyio.current_time())
+                await self._gather_results()
+            else:
+                await anyio.sleep(0)  # let workers start, then look again
+            return False
+        due = self.backend.next_due(self.flow_slugs)
+        now = self.clock.now()
+        if due is not None and due <= now:
+            # Due but not claimable (another runner holds the write lock, or took it).
+            await self._wait(self._pause)
+            self._pause = min(self._pause * 2, self.poll_interval)
+            return False
+        if self._in_flight:
+            # Results will wake us; meanwhile poll for work from other processes.
+            await self._wait(self._pause)
+            self._pause = min(self._pause * 2, self.poll_interval)
+            return False
+        if self.until_idle:
+            # Waits out backoffs and delays (a fake clock jumps), never future cron ticks.
+            if due is None:
+                return True
+            await self._sleep_until(due - now)
+            return False
+        target = min((t for t in (due, self.cron.next_at) if t is not None), default=None)
+        if target is not None and target - now < self._pause:
+            await self._sleep_until(target - now)
+            return False
+        await self._wait(self._pause)
+        self._pause = min(self._pause * 2, self.poll_interval)
+        return False
 
     async def _gather_results(self) -> None:
         """Give other busy workers a moment to finish, so results are written in batches."""
@@ -275,7 +295,12 @@ class _Runner:
             return
         successes, self._successes = self._successes, []
         failures, self._failures = self._failures, []
-        finished = self.backend.finish(successes, failures)
+        try:
+            finished = self.backend.finish(successes, failures)
+        except StoreError:
+            self._successes[:0] = successes
+            self._failures[:0] = failures
+            raise
         if finished:
             self.store._notify_finished()
             if failures:

@@ -24,7 +24,7 @@ from .. import _json
 from ..backoff import retry_delay
 from ..clock import Clock
 from ..definition import FlowDefinition, StepDefinition
-from ..errors import InputError, SchemaError, ShapeMismatch
+from ..errors import InputError, SchemaError, ShapeMismatch, StoreError
 from ..models import AttemptRecord, Run, RunStatus, StepRun, TaskRun
 from .base import ClaimedTask, NewRun, TaskFailure, TaskSuccess
 
@@ -35,6 +35,17 @@ LOST_WORKER = "WorkerLost: the worker running this attempt stopped renewing its 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x70666C77  # "pflw": marks a file as a pgflow_py database
 _MIGRATIONS = {1: "sqlite_0001_initial.sql"}
+
+# What to do about the SQLite errors a user can meet, by a word of their message.
+_HINTS = (
+    ("readonly", "; the file or its directory (which holds the -wal and -shm files) is read-only: "
+                 "give this process write access"),
+    ("disk is full", "; the disk (or the database's size limit) is full: free some space"),
+    ("locked", "; another process held the write lock longer than the busy timeout"),
+    ("malformed", "; the file is corrupt: restore it from a backup"),
+    ("not a database", "; the file is not a SQLite database: point pgflow at another path"),
+    ("unable to open", "; check that the directory exists and is writable"),
+)
 
 # A non-terminal run's finer status is derived from its tasks when read.
 _STATUS_SQL = """
@@ -136,14 +147,34 @@ class SqliteBackend:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; SQLite errors become a :class:`StoreError` naming the file."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise self._store_error(exc) from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
             try:
                 yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._store_error(exc) from exc
+
+    def _store_error(self, exc: sqlite3.Error) -> StoreError:
+        text = str(exc)
+        hint = next((h for key, h in _HINTS if key in text.lower()), "")
+        return StoreError(f"the pgflow database {self._where} failed: {text}{hint}")
 
     def close(self) -> None:
         with self._lock:
@@ -232,8 +263,8 @@ class SqliteBackend:
         )
 
     def get_definition(self, flow_slug: str) -> FlowDefinition | None:
-        with self._lock:
-            row = self._conn.execute(
+        with self._read() as conn:
+            row = conn.execute(
                 "SELECT definition, version FROM flows WHERE flow_slug = ?", (flow_slug,)
             ).fetchone()
         if row is None:
@@ -243,15 +274,15 @@ class SqliteBackend:
         return definition
 
     def registered_at(self, flow_slug: str) -> float | None:
-        with self._lock:
-            row = self._conn.execute(
+        with self._read() as conn:
+            row = conn.execute(
                 "SELECT created_at FROM flows WHERE flow_slug = ?", (flow_slug,)
             ).fetchone()
         return None if row is None else float(row[0])
 
     def definitions(self) -> list[FlowDefinition]:
-        with self._lock:
-            rows = self._conn.execute("SELECT definition FROM flows ORDER BY flow_slug").fetchall()
+        with self._read() as conn:
+            rows = conn.execute("SELECT definition FROM flows ORDER BY flow_slug").fetchall()
         return [FlowDefinition.from_json(r[0]) for r in rows]
 
     def _definition(self, flow_slug: str, version: int | None = None) -> FlowDefinition:
@@ -548,8 +579,8 @@ class SqliteBackend:
     def next_due(self, flow_slugs: Sequence[str]) -> float | None:
         if not flow_slugs:
             return None
-        with self._lock:
-            row = self._conn.execute(
+        with self._read() as conn:
+            row = conn.execute(
                 "SELECT min(run_at) FROM step_tasks WHERE status = 'queued' "
                 f"AND flow_slug IN ({_placeholders(len(flow_slugs))})",
                 tuple(flow_slugs),
@@ -887,18 +918,18 @@ class SqliteBackend:
 
     def _read_runs(self, sql: str, params: dict[str, Any]) -> list[Run]:
         params = {**params, "now": self.clock.now()}
-        with self._lock:
-            rows = self._conn.execute(sql, params).fetchall()
+        with self._read() as conn:
+            rows = conn.execute(sql, params).fetchall()
             if not rows:
                 return []
             ids = [r[0] for r in rows]
             marks = _placeholders(len(ids))
-            step_rows = self._conn.execute(
+            step_rows = conn.execute(
                 "SELECT run_id, step_slug, status, output, error FROM step_states "
                 f"WHERE run_id IN ({marks})",
                 ids,
             ).fetchall()
-            task_rows = self._conn.execute(
+            task_rows = conn.execute(
                 "SELECT run_id, step_slug, task_index, status, attempts, output, error, history, "
                 f"started_at FROM step_tasks WHERE run_id IN ({marks}) ORDER BY id",
                 ids,
