@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
@@ -16,17 +15,19 @@ __all__ = ("Context",)
 _handler_logger = logging.getLogger("pgflow_py.handler")
 
 
-def _bound_logger(ctx: Context) -> logging.LoggerAdapter[logging.Logger]:
-    return logging.LoggerAdapter(
-        _handler_logger,
-        {
-            "run_id": ctx.run_id,
-            "flow_slug": ctx.flow_slug,
-            "step_slug": ctx.step_slug,
-            "task_index": ctx.task_index,
-            "attempt": ctx.attempt,
-        },
-    )
+class CancelFlag:
+    """A flag the runner raises when an attempt must stop; cheap to create and to check."""
+
+    __slots__ = ("_raised",)
+
+    def __init__(self) -> None:
+        self._raised = False
+
+    def set(self) -> None:
+        self._raised = True  # a single attribute store: safe across threads
+
+    def is_set(self) -> bool:
+        return self._raised
 
 
 @attrs.frozen(kw_only=True)
@@ -47,11 +48,22 @@ class Context:
     resources: Mapping[str, Any] = attrs.field(factory=dict)
     deadline: datetime | None = None
     will_retry: bool = False
-    logger: logging.LoggerAdapter[logging.Logger] = attrs.field(
-        default=attrs.Factory(_bound_logger, takes_self=True), eq=False, repr=False
-    )
-    cancel_event: threading.Event = attrs.field(factory=threading.Event, eq=False, repr=False)
-    """Set by the runner when this attempt must stop (run cancelled or failed, lease lost)."""
+    cancel_flag: CancelFlag = attrs.field(factory=CancelFlag, eq=False, repr=False)
+    """Raised by the runner when this attempt must stop (run cancelled or failed, lease lost)."""
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger (``pgflow_py.handler``) whose records carry this attempt's ids."""
+        return logging.LoggerAdapter(
+            _handler_logger,
+            {
+                "run_id": self.run_id,
+                "flow_slug": self.flow_slug,
+                "step_slug": self.step_slug,
+                "task_index": self.task_index,
+                "attempt": self.attempt,
+            },
+        )
 
     @property
     def cancelled(self) -> bool:
@@ -60,4 +72,4 @@ class Context:
         Async handlers are cancelled outright; a sync handler's thread cannot be, so it should
         poll this and return early. Its result is ignored either way.
         """
-        return self.cancel_event.is_set()
+        return self.cancel_flag.is_set()

@@ -19,7 +19,7 @@ from ..definition import EffectiveOptions
 from ..dsl import Hook, import_path
 from ..errors import IsolatedError, PermanentFailure, Retry, StepTimeout
 
-__all__ = ("StepRuntime", "call_hook", "run_attempt")
+__all__ = ("StepRuntime", "call_hook", "run_attempt", "timeout_error")
 
 log = logging.getLogger("pgflow_py.runner")
 
@@ -34,6 +34,7 @@ class StepRuntime:
     options: EffectiveOptions
     on_failure: Hook | None = None
     on_dead: Hook | None = None
+    is_job: bool = False
     is_async: bool = attrs.field(init=False)
 
     @is_async.default
@@ -47,26 +48,27 @@ class StepRuntime:
 async def run_attempt(
     step: StepRuntime, value: Any, ctx: Context, limiter: anyio.CapacityLimiter
 ) -> Any:
-    """Run the handler; raise :class:`StepTimeout` if it passes its timeout.
+    """Run the handler once, inside the caller's cancel scope (whose deadline is the timeout).
 
     Async handlers are cancelled at the deadline. Sync handlers run in a worker thread that is
     abandoned at the deadline: the attempt fails then, though Python cannot stop the thread.
     With ``isolation="process"`` a sync handler runs in a child process, killed at the deadline.
     """
-    timeout = step.options.timeout
-    with anyio.move_on_after(timeout):
-        if step.is_async:
-            return await step.handler(value, ctx)
-        if step.options.isolation == "process":
-            return await _run_in_child(step, value, ctx)
-        result = await anyio.to_thread.run_sync(
-            step.handler, value, ctx, abandon_on_cancel=True, limiter=limiter
-        )
-        if inspect.isawaitable(result):
-            result = await result
-        return result
-    raise StepTimeout(
-        f"step {step.flow_slug}.{step.step_slug} timed out after {timeout:g}s "
+    if step.is_async:
+        return await step.handler(value, ctx)
+    if step.options.isolation == "process":
+        return await _run_in_child(step, value, ctx)
+    result = await anyio.to_thread.run_sync(
+        step.handler, value, ctx, abandon_on_cancel=True, limiter=limiter
+    )
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def timeout_error(step: StepRuntime, ctx: Context) -> StepTimeout:
+    return StepTimeout(
+        f"step {step.flow_slug}.{step.step_slug} timed out after {step.options.timeout:g}s "
         f"(attempt {ctx.attempt} of {ctx.max_attempts})"
     )
 

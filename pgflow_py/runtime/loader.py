@@ -28,6 +28,7 @@ def step_runtimes(flow: Flow) -> list[StepRuntime]:
             options=definition.effective(step.slug),
             on_failure=flow.on_failure,
             on_dead=flow.on_dead,
+            is_job=definition.kind == "job",
         )
         for step in definition.steps
     ]

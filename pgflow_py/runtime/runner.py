@@ -24,11 +24,11 @@ import attrs
 
 from .. import _json
 from ..backoff import retry_delay
-from ..context import Context
+from ..context import CancelFlag, Context
 from ..dsl import Flow, Hook
 from ..errors import IsolatedError, PermanentFailure, Retry, StepTimeout, StoreError
 from ..store import ClaimedTask, Store, TaskFailure, TaskSuccess, connect
-from .executor import StepRuntime, call_hook, run_attempt
+from .executor import StepRuntime, call_hook, run_attempt, timeout_error
 from .loader import load_stored_flows, step_runtimes
 from .scheduler import CronScheduler
 
@@ -94,7 +94,7 @@ class _Runner:
         self._failures: list[TaskFailure] = []
         self._in_flight = 0
         # Attempts in progress: how to stop each one (async cancel, and a flag for sync code).
-        self._running: dict[int, tuple[anyio.CancelScope, threading.Event]] = {}
+        self._running: dict[int, tuple[anyio.CancelScope, CancelFlag]] = {}
         # on_dead hooks: candidates by task id, then those due once their failure is recorded.
         self._dying: dict[int, tuple[Hook, Context, Exception]] = {}
         self._dead_hooks: list[tuple[Hook, Context, Exception]] = []
@@ -145,8 +145,8 @@ class _Runner:
                         # Shutdown timeout passed or the runner was cancelled: the attempts
                         # still running go back to the queue without counting.
                         self.backend.release(self.worker_id, list(self._running))
-                        for _scope, event in self._running.values():
-                            event.set()
+                        for _scope, flag in self._running.values():
+                            flag.set()
                         tg.cancel_scope.cancel()
             self._flush()
             await self._run_dead_hooks()
@@ -179,8 +179,8 @@ class _Runner:
             self.worker_id, self.flow_slugs, list(self._running), self.lease
         )
         for task_id in lost:
-            scope, event = self._running[task_id]
-            event.set()
+            scope, flag = self._running[task_id]
+            flag.set()
             scope.cancel()
         self.backend.reclaim_expired(self.flow_slugs)
 
@@ -331,7 +331,7 @@ class _Runner:
             self._outdated(task)
             return
         step = self.steps[(task.flow_slug, task.step_slug)]
-        cancel_event = threading.Event()
+        flag = CancelFlag()
         ctx = Context(
             run_id=task.run_id,
             flow_slug=task.flow_slug,
@@ -342,11 +342,12 @@ class _Runner:
             flow_input=task.flow_input,
             resources=self.resources,
             deadline=step.deadline(),
-            cancel_event=cancel_event,
+            cancel_flag=flag,
         )
         error: Exception | None = None
-        with anyio.CancelScope() as scope:
-            self._running[task.id] = (scope, cancel_event)
+        # One scope: its deadline is the timeout, and the heartbeat cancels it to stop the attempt.
+        with anyio.CancelScope(deadline=anyio.current_time() + step.options.timeout) as scope:
+            self._running[task.id] = (scope, flag)
             try:
                 output = await run_attempt(step, task.input, ctx, self._limiter)
             except Exception as exc:
@@ -354,9 +355,11 @@ class _Runner:
             finally:
                 del self._running[task.id]
         if scope.cancelled_caught:
-            # The task was cancelled, its run failed, or its lease was lost: nothing to record.
-            self.counts["cancelled"] += 1
-            return
+            if flag.is_set():
+                # The task was cancelled, its run failed, or its lease was lost: nothing to record.
+                self.counts["cancelled"] += 1
+                return
+            error = timeout_error(step, ctx)
         if error is not None:
             # Outside the attempt's scope, so stopping the attempt cannot cut a hook short.
             await self._failed(step, task, ctx, error)
@@ -369,7 +372,9 @@ class _Runner:
             ))
             return
         self.counts["completed"] += 1
-        self._successes.append(TaskSuccess(task.id, task.attempt, output_json))
+        self._successes.append(TaskSuccess(
+            task.id, task.attempt, output_json, task.run_id, task.step_slug, step.is_job
+        ))
 
     def _outdated(self, task: ClaimedTask) -> None:
         """Another process deployed a new shape of this flow: hand its tasks back, stop serving it."""

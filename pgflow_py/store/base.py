@@ -52,9 +52,15 @@ class ClaimedTask:
 
 @attrs.frozen(slots=True)
 class TaskSuccess:
+    """A completed attempt. ``job`` (with ``run_id`` and ``step_slug``) marks the one step of a
+    job, which backends may complete in bulk."""
+
     task_id: int
     attempt: int
     output_json: str
+    run_id: str = ""
+    step_slug: str = ""
+    job: bool = False
 
 
 @attrs.frozen(slots=True)

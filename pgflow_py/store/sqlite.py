@@ -112,6 +112,10 @@ class SqliteBackend:
         if self.url != ":memory:":
             c.execute("PRAGMA journal_mode = WAL")
         c.execute("PRAGMA synchronous = NORMAL")
+        # Runs and tasks are touched at random (uuids): keep the hot pages in memory.
+        c.execute("PRAGMA cache_size = -65536")
+        c.execute("PRAGMA mmap_size = 268435456")
+        c.execute("PRAGMA temp_store = MEMORY")
         c.execute("PRAGMA foreign_keys = OFF")
 
     def _migrate(self) -> None:
@@ -300,7 +304,6 @@ class SqliteBackend:
     def start_runs(self, definition: FlowDefinition, runs: Sequence[NewRun]) -> list[str]:
         now = self.clock.now()
         d = definition
-        roots = [s for s in d.steps if not s.depends_on]
         ids: list[str] = []
         with self._write() as c:
             # Checked in the same transaction, so a definition and its runs land together, and
@@ -325,19 +328,46 @@ class SqliteBackend:
                 [(r.id, d.slug, r.input_json, r.key, r.priority, len(d.steps), r.run_at,
                   r.created_at) for r in fresh],
             )
-            c.executemany(
-                "INSERT INTO step_states (run_id, step_slug, status, remaining_deps) "
-                "VALUES (?, ?, 'created', ?)",
-                [(r.id, s.slug, len(s.depends_on)) for r in fresh for s in d.steps],
-            )
-            for step in roots:
-                for r in fresh:
-                    items = r.root_items if step.step_type == "map" else None
-                    done = self._start_step(
-                        c, d, step, r.id, r.priority, r.run_at + step.start_delay, now, items
+            # Root steps start with their runs; the rows of a whole batch go in one
+            # executemany per table.
+            version = self._definitions[d.slug][0]
+            states: list[tuple[Any, ...]] = []
+            tasks: list[tuple[Any, ...]] = []
+            empty_maps: list[tuple[NewRun, str]] = []
+            for r in fresh:
+                for step in d.steps:
+                    if step.depends_on:
+                        states.append((r.id, step.slug, "created", len(step.depends_on), None, None))
+                        continue
+                    max_attempts = d.effective(step.slug).max_attempts
+                    due = r.run_at + step.start_delay
+                    if step.step_type == "single":
+                        states.append((r.id, step.slug, "started", 0, 1, now))
+                        tasks.append((r.id, d.slug, version, step.slug, None, max_attempts,
+                                      r.priority, due, None, now))
+                        continue
+                    items = r.root_items or ()
+                    states.append((r.id, step.slug, "started", 0, len(items), now))
+                    if not items:
+                        empty_maps.append((r, step.slug))
+                    tasks.extend(
+                        (r.id, d.slug, version, step.slug, i, max_attempts, r.priority, due, item,
+                         now)
+                        for i, item in enumerate(items)
                     )
-                    if done:  # a root map over an empty array completes at once
-                        self._complete_steps(c, d, r.id, r.priority, done, now, [])
+            c.executemany(
+                "INSERT INTO step_states (run_id, step_slug, status, remaining_deps, "
+                "remaining_tasks, started_at) VALUES (?, ?, ?, ?, ?, ?)",
+                states,
+            )
+            c.executemany(
+                "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, task_index, "
+                "status, max_attempts, priority, run_at, input, created_at) "
+                "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                tasks,
+            )
+            for r, slug in empty_maps:  # a root map over an empty array completes at once
+                self._complete_steps(c, d, r.id, r.priority, [(slug, "[]")], now, [])
         return ids
 
     def _start_step(
@@ -436,14 +466,13 @@ class SqliteBackend:
             if not rows:
                 return []
             run_ids = list({row[1] for row in rows})
-            # A correlated subquery in RETURNING scans `runs`, so inputs are read separately.
+            # Marks the runs started and reads their inputs in one statement (a correlated
+            # subquery in the claim's RETURNING would scan `runs`).
             run_inputs = dict(c.execute(
-                f"SELECT id, input FROM runs WHERE id IN ({_placeholders(len(run_ids))})", run_ids
+                "UPDATE runs SET started_at = coalesce(started_at, ?) "
+                f"WHERE id IN ({_placeholders(len(run_ids))}) RETURNING id, input",
+                (now, *run_ids),
             ).fetchall())
-            c.executemany(
-                "UPDATE runs SET started_at = ? WHERE id = ? AND started_at IS NULL",
-                [(now, run_id) for run_id in run_ids],
-            )
         rows.sort(key=lambda row: (-row[7], row[0]))
         loads = _json.loads
         tasks = []
@@ -597,11 +626,48 @@ class SqliteBackend:
         now = self.clock.now()
         finished: list[str] = []
         with self._write() as c:
-            for s in successes:
+            rest = self._complete_jobs(c, [s for s in successes if s.job], now, finished)
+            for s in [s for s in successes if not s.job] + rest:
                 self._complete_task(c, s, now, finished)
             for f in failures:
                 self._fail_task(c, f, now, finished)
         return finished
+
+    def _complete_jobs(
+        self, c: sqlite3.Connection, batch: list[TaskSuccess], now: float, finished: list[str]
+    ) -> list[TaskSuccess]:
+        """Complete the tasks of single-step jobs set-wise: three executemany for the batch.
+
+        Optimistic: if any result turns out late (its task is no longer started at that
+        attempt), the batch is undone and returned for the one-by-one path.
+        """
+        if not batch:
+            return []
+        c.execute("SAVEPOINT jobs")
+        done = c.executemany(
+            "UPDATE step_tasks SET status = 'completed', output = ?, finished_at = ?, "
+            "lease_owner = NULL, lease_expires = NULL "
+            "WHERE id = ? AND attempts = ? AND status = 'started'",
+            [(s.output_json, now, s.task_id, s.attempt) for s in batch],
+        ).rowcount
+        if done == len(batch):
+            c.executemany(
+                "UPDATE step_states SET status = 'completed', output = ?, remaining_tasks = 0, "
+                "finished_at = ? WHERE run_id = ? AND step_slug = ?",
+                [(s.output_json, now, s.run_id, s.step_slug) for s in batch],
+            )
+            done = c.executemany(
+                "UPDATE runs SET status = 'completed', remaining_steps = 0, output = ?, "
+                "finished_at = ? WHERE id = ? AND status = 'started'",
+                [(s.output_json, now, s.run_id) for s in batch],
+            ).rowcount
+        if done != len(batch):
+            c.execute("ROLLBACK TO jobs")
+            c.execute("RELEASE jobs")
+            return batch
+        c.execute("RELEASE jobs")
+        finished.extend(s.run_id for s in batch)
+        return []
 
     def _complete_task(
         self, c: sqlite3.Connection, s: TaskSuccess, now: float, finished: list[str]

@@ -42,6 +42,21 @@ def connect(url: str | os.PathLike[str] | None = None, *, clock: Clock | None = 
     return Store(SqliteBackend(path, clock))
 
 
+def new_run_id() -> str:
+    """A UUIDv7: time-ordered, so runs started together sit together in the database's B-trees
+    (far fewer pages written per batch than with random UUIDv4 keys)."""
+    millis = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (
+        (millis & 0xFFFFFFFFFFFF) << 80
+        | 0x7 << 76
+        | ((rand >> 62) & 0xFFF) << 64
+        | 0b10 << 62
+        | (rand & ((1 << 62) - 1))
+    )
+    return str(uuid.UUID(int=value))
+
+
 def _seconds(value: float | timedelta, name: str) -> float:
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(
@@ -131,7 +146,7 @@ class Store:
                     f"must be an array (list), got {type(input).__name__}"
                 )
             root_items = tuple(_json.dumps(item) for item in input)
-        return NewRun(str(uuid.uuid4()), input_json, due, now, priority, key, root_items)
+        return NewRun(new_run_id(), input_json, due, now, priority, key, root_items)
 
     @staticmethod
     def _check_priority(priority: int) -> None:
