@@ -11,9 +11,11 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import attrs
+
 from .. import _json
 from ..clock import Clock, SystemClock
-from ..definition import FlowDefinition
+from ..definition import FlowDefinition, StepDefinition
 from ..dsl import Flow
 from ..errors import FlowNotFound, InputError, PgflowError, RunNotFound, WaitTimeout
 from ..models import Run, RunStatus, StepRun
@@ -68,6 +70,16 @@ def _seconds(value: float | timedelta, name: str) -> float:
     return float(seconds)
 
 
+@attrs.frozen
+class _StartPlan:
+    """What every start of one definition needs, computed once."""
+
+    definition: FlowDefinition
+    root_map: StepDefinition | None
+    first_delay: float
+    steps: tuple[StepRun, ...]
+
+
 class Store:
     """Runs and definitions in a database. Create with :func:`connect`; use as a context manager."""
 
@@ -75,6 +87,7 @@ class Store:
         self.backend = backend
         self.clock = backend.clock
         self._listeners: list[Callable[[str], None]] = []
+        self._plans: dict[int, _StartPlan] = {}
         self._finished = threading.Condition()
 
     def __repr__(self) -> str:
@@ -121,9 +134,25 @@ class Store:
             return run_at.timestamp()
         return now
 
+    def _plan(self, definition: FlowDefinition) -> _StartPlan:
+        cached = self._plans.get(id(definition))
+        if cached is None or cached.definition is not definition:
+            roots = definition.root_steps
+            cached = _StartPlan(
+                definition=definition,
+                root_map=next((s for s in roots if s.step_type == "map"), None),
+                first_delay=min(s.start_delay for s in roots),
+                steps=tuple(
+                    StepRun(s.slug, "created" if s.depends_on else "started", 0, None, None)
+                    for s in definition.steps
+                ),
+            )
+            self._plans[id(definition)] = cached
+        return cached
+
     @staticmethod
     def _new_run(
-        definition: FlowDefinition,
+        plan: _StartPlan,
         input: Any,
         due: float,
         now: float,
@@ -134,16 +163,15 @@ class Store:
             input_json = _json.dumps(input)
         except (TypeError, ValueError) as exc:
             raise InputError(
-                f"input of flow {definition.slug!r} must be JSON-serializable "
+                f"input of flow {plan.definition.slug!r} must be JSON-serializable "
                 f"(dicts, lists, str, numbers, bools, None, attrs classes, dataclasses): {exc}"
             ) from None
         root_items = None
-        if any(s.step_type == "map" for s in definition.root_steps):
+        if plan.root_map is not None:
             if not isinstance(input, (list, tuple)):
-                root = next(s for s in definition.root_steps if s.step_type == "map")
                 raise InputError(
-                    f"flow {definition.slug!r} starts with map step {root.slug!r}, so its input "
-                    f"must be an array (list), got {type(input).__name__}"
+                    f"flow {plan.definition.slug!r} starts with map step {plan.root_map.slug!r}, "
+                    f"so its input must be an array (list), got {type(input).__name__}"
                 )
             root_items = tuple(_json.dumps(item) for item in input)
         return NewRun(new_run_id(), input_json, due, now, priority, key, root_items)
@@ -173,12 +201,13 @@ class Store:
             raise InputError(f"key must be a string, got {key!r}")
         due = self._due(delay, run_at)
         definition = self._resolve(flow)
-        new = self._new_run(definition, input, due, self.clock.now(), priority, key)
+        plan = self._plan(definition)
+        new = self._new_run(plan, input, due, self.clock.now(), priority, key)
         (run_id,) = self.backend.start_runs(definition, [new])
         self._notify_started()
         if run_id != new.id:
             return self.get_run(run_id)
-        return self._fresh_run(definition, new, input)
+        return self._fresh_run(plan, new, self.clock.now())
 
     def start_many(
         self,
@@ -195,26 +224,25 @@ class Store:
         definition = self._resolve(flow)
         inputs = list(inputs)
         now = self.clock.now()
-        news = [self._new_run(definition, item, due, now, priority, None) for item in inputs]
+        plan = self._plan(definition)
+        news = [self._new_run(plan, item, due, now, priority, None) for item in inputs]
         if not news:
             if isinstance(flow, Flow):
                 self.register(flow)
             return []
         self.backend.start_runs(definition, news)
         self._notify_started()
-        return [self._fresh_run(definition, n, i) for n, i in zip(news, inputs, strict=True)]
-
-    def _fresh_run(self, definition: FlowDefinition, new: NewRun, input: Any) -> Run:
-        # Built from what was just written, sparing a read per started run.
         now = self.clock.now()
-        roots = {s.slug for s in definition.root_steps}
-        first_due = new.run_at + min(s.start_delay for s in definition.root_steps)
-        if any(s.step_type == "map" for s in definition.root_steps) and not new.root_items:
+        return [self._fresh_run(plan, new, now) for new in news]
+
+    def _fresh_run(self, plan: _StartPlan, new: NewRun, now: float) -> Run:
+        # Built from what was just written, sparing a read per started run.
+        if plan.root_map is not None and not new.root_items:
             return self.get_run(new.id)  # empty root map: already advanced
         return Run(
             id=new.id,
-            flow_slug=definition.slug,
-            status=RunStatus.SCHEDULED if first_due > now else RunStatus.QUEUED,
+            flow_slug=plan.definition.slug,
+            status=RunStatus.SCHEDULED if new.run_at + plan.first_delay > now else RunStatus.QUEUED,
             input=_json.loads(new.input_json),
             output=None,
             error=None,
@@ -224,10 +252,7 @@ class Store:
             started_at=None,
             finished_at=None,
             attempts=0,
-            steps=tuple(
-                StepRun(s.slug, "started" if s.slug in roots else "created", 0, None, None)
-                for s in definition.steps
-            ),
+            steps=plan.steps,
         )
 
     # --- reading -------------------------------------------------------------------------------
