@@ -392,13 +392,14 @@ class SqliteBackend:
             assert items is not None
             if not items:
                 c.execute(
-                    "UPDATE step_states SET status = 'started', remaining_tasks = 0, "
+                    "UPDATE step_states SET status = 'started', remaining_deps = 0, remaining_tasks = 0, "
                     "started_at = ? WHERE run_id = ? AND step_slug = ?",
                     (now, run_id, step.slug),
                 )
                 return [(step.slug, "[]")]  # the caller completes it
             c.execute(
-                "UPDATE step_states SET status = 'started', remaining_tasks = ?, started_at = ? "
+                "UPDATE step_states SET status = 'started', remaining_deps = 0, "
+                "remaining_tasks = ?, started_at = ? "
                 "WHERE run_id = ? AND step_slug = ?",
                 (len(items), now, run_id, step.slug),
             )
@@ -411,7 +412,8 @@ class SqliteBackend:
             )
             return []
         c.execute(
-            "UPDATE step_states SET status = 'started', remaining_tasks = 1, started_at = ? "
+            "UPDATE step_states SET status = 'started', remaining_deps = 0, "
+            "remaining_tasks = 1, started_at = ? "
             "WHERE run_id = ? AND step_slug = ?",
             (now, run_id, step.slug),
         )
@@ -742,15 +744,22 @@ class SqliteBackend:
                 finished.append(run_id)
                 return
             for dependent in d.dependents(step_slug):
-                ready = c.execute(
-                    "UPDATE step_states SET remaining_deps = remaining_deps - 1 "
-                    "WHERE run_id = ? AND step_slug = ? AND status = 'created' "
-                    "RETURNING remaining_deps",
-                    (run_id, dependent.slug),
-                ).fetchone()
-                if ready is None or ready[0] > 0:
-                    continue
-                started = self._begin_step(c, d, run_id, priority, dependent, now)
+                known: tuple[str, str] | None = None
+                if not updated:
+                    break  # the step had completed before: its dependents were handled then
+                if len(dependent.depends_on) == 1:
+                    # Its only dependency just completed: it is ready, and we hold the output.
+                    known = (step_slug, output)
+                else:
+                    ready = c.execute(
+                        "UPDATE step_states SET remaining_deps = remaining_deps - 1 "
+                        "WHERE run_id = ? AND step_slug = ? AND status = 'created' "
+                        "RETURNING remaining_deps",
+                        (run_id, dependent.slug),
+                    ).fetchone()
+                    if ready is None or ready[0] > 0:
+                        continue
+                started = self._begin_step(c, d, run_id, priority, dependent, now, known)
                 if started is None:
                     finished.append(run_id)
                     return
@@ -764,14 +773,16 @@ class SqliteBackend:
         priority: int,
         step: StepDefinition,
         now: float,
+        known: tuple[str, str] | None = None,
     ) -> list[tuple[str, str]] | None:
         """Start a step whose dependencies are all complete, handing it their outputs.
 
+        ``known`` is the ``(slug, output)`` of a sole dependency the caller already holds.
         Returns steps completed at once (an empty map), or ``None`` if the run failed because
         a map step received something other than an array.
         """
         run_at = now + step.start_delay
-        deps = c.execute(
+        deps = [known] if known is not None else c.execute(
             "SELECT step_slug, output FROM step_states WHERE run_id = ? "
             f"AND step_slug IN ({_placeholders(len(step.depends_on))})",
             (run_id, *step.depends_on),
