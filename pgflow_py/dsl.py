@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import attrs
@@ -288,29 +288,28 @@ class Flow:
             max_attempts=opts.max_attempts, flow_input=flow_input,
         )
 
-    async def _aperform_step(
+    # The DAG walk is written once, as generators that yield (handler, value, ctx) calls; the
+    # sync and async entry points only differ in how they make each call.
+
+    def _step_calls(
         self, step_slug: str, value: Any, flow_input: Any, ctx: Context | None
-    ) -> Any:
+    ) -> Generator[_Call, Any, Any]:
         fn = self.handler(step_slug)
         step = self.definition.step(step_slug)
         if step.step_type == "single":
-            return await _acall(fn, value, self._step_context(step_slug, flow_input, ctx, None))
+            return (yield fn, value, self._step_context(step_slug, flow_input, ctx, None))
         if not isinstance(value, list):
             source = step.depends_on[0] if step.depends_on else "the flow input"
             raise PgflowError(
                 f"map step {step_slug!r} expected an array from {source}, "
                 f"got {type(value).__name__}"
             )
-        return [
-            await _acall(fn, item, self._step_context(step_slug, flow_input, ctx, i))
-            for i, item in enumerate(value)
-        ]
+        outputs = []
+        for i, item in enumerate(value):
+            outputs.append((yield fn, item, self._step_context(step_slug, flow_input, ctx, i)))
+        return outputs
 
-    async def aperform(self, input: Any = None, ctx: Context | None = None) -> Any:
-        """Run the whole flow in this event loop, step by step, and return the run output.
-
-        Each step runs once (no retries); a handler's exception propagates unchanged.
-        """
+    def _run_calls(self, input: Any, ctx: Context | None) -> Generator[_Call, Any, Any]:
         definition = self.definition
         if ctx is None:
             # One run id for the whole run, as in the runtime.
@@ -329,23 +328,39 @@ class Flow:
                 value = outputs[step.depends_on[0]]
             else:
                 value = {dep: outputs[dep] for dep in step.depends_on}
-            outputs[step.slug] = await self._aperform_step(step.slug, value, input, ctx)
+            outputs[step.slug] = yield from self._step_calls(step.slug, value, input, ctx)
         if definition.kind == "job":
             return outputs[definition.steps[0].slug]
         return {leaf.slug: outputs[leaf.slug] for leaf in definition.leaf_steps}
 
+    async def aperform(self, input: Any = None, ctx: Context | None = None) -> Any:
+        """Run the whole flow in this event loop, step by step, and return the run output.
+
+        Each step runs once (no retries); a handler's exception propagates unchanged.
+        """
+        return await _drive_async(self._run_calls(input, ctx))
+
     def perform(self, input: Any = None, ctx: Context | None = None) -> Any:
-        """Run the whole flow in this thread and return the run output (see :meth:`aperform`)."""
-        return _run_sync(self.aperform(input, ctx), "perform", "aperform")
+        """Run the whole flow in this thread, step by step, and return the run output.
+
+        Sync handlers are called directly; an async handler is run to completion (outside a
+        running event loop; inside one, use :meth:`aperform`).
+        """
+        return _drive_sync(self._run_calls(input, ctx), "perform")
+
+    def _one_step(
+        self, step_slug: str, input: Any, ctx: Context | None
+    ) -> Generator[_Call, Any, Any]:
+        flow_input = ctx.flow_input if ctx is not None and ctx.flow_input is not None else input
+        return self._step_calls(step_slug, input, flow_input, ctx)
 
     async def aperform_step(self, step_slug: str, input: Any = None, ctx: Context | None = None) -> Any:
         """Run one step: ``input`` is the flow input (root), ``{dep: output}``, or a map's array."""
-        flow_input = ctx.flow_input if ctx is not None and ctx.flow_input is not None else input
-        return await self._aperform_step(step_slug, input, flow_input, ctx)
+        return await _drive_async(self._one_step(step_slug, input, ctx))
 
     def perform_step(self, step_slug: str, input: Any = None, ctx: Context | None = None) -> Any:
         """Run one step in this thread (see :meth:`aperform_step`)."""
-        return _run_sync(self.aperform_step(step_slug, input, ctx), "perform_step", "aperform_step")
+        return _drive_sync(self._one_step(step_slug, input, ctx), "perform_step")
 
 
 class Job(Flow):
@@ -365,28 +380,51 @@ class Job(Flow):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
-    async def aperform(self, input: Any = None, ctx: Context | None = None) -> Any:
-        """Call the handler with ``input`` inside this event loop and return its output."""
-        ctx = self._step_context(self.step_slug, input, ctx, None)
-        return await _acall(self.fn, input, ctx)
+    def _run_calls(self, input: Any, ctx: Context | None) -> Generator[_Call, Any, Any]:
+        return (yield self.fn, input, self._step_context(self.step_slug, input, ctx, None))
 
 
-async def _acall(fn: Handler, value: Any, ctx: Context) -> Any:
-    result = fn(value, ctx)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
+_Call = tuple[Handler, Any, Context]
 
 
-def _run_sync(coro: Any, name: str, async_name: str) -> Any:
+async def _drive_async(calls: Generator[_Call, Any, Any]) -> Any:
+    try:
+        fn, value, ctx = next(calls)
+        while True:
+            result = fn(value, ctx)
+            if inspect.isawaitable(result):
+                result = await result
+            fn, value, ctx = calls.send(result)
+    except StopIteration as done:
+        return done.value
+
+
+def _drive_sync(calls: Generator[_Call, Any, Any], name: str) -> Any:
+    try:
+        fn, value, ctx = next(calls)
+        while True:
+            result = fn(value, ctx)
+            if inspect.isawaitable(result):
+                result = _await_here(result, name)
+            fn, value, ctx = calls.send(result)
+    except StopIteration as done:
+        return done.value
+
+
+def _await_here(awaitable: Any, name: str) -> Any:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)
-    coro.close()
+        return asyncio.run(_awaited(awaitable))
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()
     raise RuntimeError(
-        f"{name}() was called inside a running event loop; use 'await ...{async_name}(...)' there"
+        f"{name}() met an async handler inside a running event loop; use 'await ...a{name}(...)'"
     )
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def perform(name: str | F | None = None) -> Any:

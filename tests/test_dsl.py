@@ -285,21 +285,47 @@ def test_control_flow_exceptions_propagate_from_perform() -> None:
         j.perform("other")
 
 
-def test_perform_inside_a_running_loop_points_at_aperform() -> None:
+def test_perform_of_sync_handlers_works_inside_a_running_loop() -> None:
+    # perform calls a sync handler directly, in this thread, as the contract says.
     job, seen = make_recording_job()
     f = pf.flow("f")
-    f.step("a")(lambda i, c: i)
+    f.step("a")(lambda i, c: i + 1)
+
+    async def main() -> None:
+        assert job.perform({"to": "a"}) == {"sent": True, "to": "a"}
+        assert f.perform(1) == {"a": 2}
+        assert f.perform_step("a", 1) == 2
+
+    asyncio.run(main())
+    assert len(seen) == 1
+
+
+def test_perform_of_an_async_handler_inside_a_running_loop_points_at_aperform() -> None:
+    ran: list[int] = []
+
+    @pf.job(queue="async_in_loop")
+    async def async_in_loop(input: Any, ctx: pf.Context) -> Any:
+        ran.append(input)
+        return input
 
     async def main() -> None:
         with pytest.raises(RuntimeError, match="aperform"):
-            job.perform({"to": "a"})
-        with pytest.raises(RuntimeError, match="aperform"):
-            f.perform(1)
-        with pytest.raises(RuntimeError, match="aperform_step"):
-            f.perform_step("a", 1)
+            async_in_loop.perform(1)
+        assert await async_in_loop.aperform(2) == 2
 
     asyncio.run(main())
-    assert seen == []  # the handler did not run
+    assert ran == [2]  # the handler did not run for perform
+
+
+def test_perform_of_a_sync_handler_that_runs_its_own_event_loop() -> None:
+    @pf.job(queue="own_loop")
+    def own_loop(input: Any, ctx: pf.Context) -> Any:
+        async def inner() -> int:
+            return input * 2
+
+        return asyncio.run(inner())
+
+    assert own_loop.perform(21) == 42
 
 
 def test_aperform_inside_an_event_loop() -> None:

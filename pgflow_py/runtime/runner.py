@@ -103,6 +103,7 @@ class _Runner:
         self._stopping = False
         self._stop_deadline: float | None = None
         self._pause = 0.005  # adaptive poll for work from other processes
+        self._must_claim = True
         self._tg: anyio.abc.TaskGroup
         self._queue: asyncio.Queue[ClaimedTask | None] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -125,6 +126,8 @@ class _Runner:
         def wake_from_anywhere(event: str) -> None:
             if event == "cancelled":
                 self._next_beat = 0.0  # look for attempts to stop at once
+            else:
+                self._must_claim = True  # new work from this process: claim without asking
             if threading.get_ident() == loop_thread:
                 self._wake.set()
             else:
@@ -219,7 +222,18 @@ class _Runner:
             await self._wait(self._stop_deadline - now)
             return False
         free = self.concurrency - self._in_flight
-        claimed = self.backend.claim(self.worker_id, self.flow_slugs, free, self.lease)
+        claimed: list[ClaimedTask] = []
+        due: float | None = None
+        if free > 0:
+            if not self._must_claim:
+                # Nothing new from this process: a cheap read tells whether anything (perhaps
+                # started by another process) is due, before taking the write lock to claim.
+                due = self.backend.next_due(self.flow_slugs)
+            if self._must_claim or (due is not None and due <= self.clock.now()):
+                claimed = self.backend.claim(self.worker_id, self.flow_slugs, free, self.lease)
+                due = None
+            # A full batch may leave more behind; otherwise ask again next time.
+            self._must_claim = len(claimed) == free
         for task in claimed:
             self._in_flight += 1
             self._queue.put_nowait(task)
@@ -232,7 +246,8 @@ class _Runner:
             else:
                 await anyio.sleep(0)  # let workers start, then look again
             return False
-        due = self.backend.next_due(self.flow_slugs)
+        if due is None:
+            due = self.backend.next_due(self.flow_slugs)
         now = self.clock.now()
         if due is not None and due <= now:
             # Due but not claimable (another runner holds the write lock, or took it).
@@ -293,6 +308,8 @@ class _Runner:
     def _flush(self) -> None:
         if not self._successes and not self._failures:
             return
+        # Results can queue new tasks (dependent steps, retries): claim next pass.
+        self._must_claim = True
         successes, self._successes = self._successes, []
         failures, self._failures = self._failures, []
         try:
@@ -373,7 +390,8 @@ class _Runner:
             return
         self.counts["completed"] += 1
         self._successes.append(TaskSuccess(
-            task.id, task.attempt, output_json, task.run_id, task.step_slug, step.is_job
+            task.id, task.attempt, output_json, task.run_id, task.step_slug, step.is_job,
+            task.claim,
         ))
 
     def _outdated(self, task: ClaimedTask) -> None:
@@ -422,7 +440,7 @@ class _Runner:
             if step.on_dead is not None and not will_retry:
                 # Called once the store says this failure is the one that failed the run.
                 self._dying[task.id] = (step.on_dead, hook_ctx, exc)
-        self._failures.append(TaskFailure(task.id, task.attempt, error, retry_at))
+        self._failures.append(TaskFailure(task.id, task.attempt, error, retry_at, task.claim))
 
 
 def _steps_for(

@@ -48,6 +48,8 @@ class ClaimedTask:
     flow_input: Any
     flow_version: int = 1
     """The flow definition's version the task was created under (bumped by shape changes)."""
+    claim: int | None = None
+    """Which claim of the task this is (never reset, unlike ``attempt`` after a retry)."""
 
 
 @attrs.frozen(slots=True)
@@ -61,6 +63,9 @@ class TaskSuccess:
     run_id: str = ""
     step_slug: str = ""
     job: bool = False
+    claim: int | None = None
+    """The :attr:`ClaimedTask.claim` this result belongs to; a result of an earlier claim (after
+    a cancel and retry) is ignored. ``None`` checks the attempt only."""
 
 
 @attrs.frozen(slots=True)
@@ -71,6 +76,7 @@ class TaskFailure:
     attempt: int
     error: str
     retry_at: float | None
+    claim: int | None = None
 
 
 class Backend(Protocol):

@@ -82,7 +82,7 @@ class SqliteBackend:
         self.clock = clock
         self._lock = threading.RLock()
         self._definitions: dict[str, tuple[int, FlowDefinition]] = {}
-        self._json_cache: dict[int, tuple[FlowDefinition, str]] = {}
+        self._json_cache: dict[str, tuple[FlowDefinition, str]] = {}
         where = "in memory" if path == ":memory:" else f"at {os.path.abspath(path)}"
         self._where = where
         try:
@@ -191,12 +191,11 @@ class SqliteBackend:
             return self._register(c, definition)
 
     def _json_of(self, definition: FlowDefinition) -> str:
-        # Definitions are immutable, so each one is encoded once (keyed by identity; the
-        # entry keeps the object alive so the id cannot be reused).
-        cached = self._json_cache.get(id(definition))
+        # Definitions are immutable: encode each once; one entry per flow slug.
+        cached = self._json_cache.get(definition.slug)
         if cached is None or cached[0] is not definition:
             cached = (definition, definition.to_json())
-            self._json_cache[id(definition)] = cached
+            self._json_cache[definition.slug] = cached
         return cached[1]
 
     def _register(self, c: sqlite3.Connection, definition: FlowDefinition) -> int:
@@ -273,7 +272,12 @@ class SqliteBackend:
             ).fetchone()
         if row is None:
             return None
-        definition = FlowDefinition.from_json(row[0])
+        cached = self._json_cache.get(flow_slug)
+        if cached is not None and cached[1] == row[0]:
+            definition = cached[0]  # unchanged since last read: skip parsing and validating
+        else:
+            definition = FlowDefinition.from_json(row[0])
+            self._json_cache[flow_slug] = (definition, row[0])
         self._definitions[flow_slug] = (int(row[1]), definition)
         return definition
 
@@ -367,7 +371,9 @@ class SqliteBackend:
                 tasks,
             )
             for r, slug in empty_maps:  # a root map over an empty array completes at once
-                self._complete_steps(c, d, r.id, r.priority, [(slug, "[]")], now, [])
+                self._complete_steps(
+                    c, d, r.id, r.priority, [(slug, "[]")], now, [], not_before=r.run_at
+                )
         return ids
 
     def _start_step(
@@ -428,15 +434,18 @@ class SqliteBackend:
     # --- claiming ------------------------------------------------------------------------------
 
     _CLAIM_SET = (
-        "UPDATE step_tasks SET status = 'started', attempts = attempts + 1, "
+        "UPDATE step_tasks SET status = 'started', attempts = attempts + 1, claims = claims + 1, "
         "lease_owner = ?, lease_expires = ?, started_at = ? "
     )
     _CLAIM_RETURNING = (
         "RETURNING id, run_id, flow_slug, step_slug, task_index, attempts, max_attempts, "
-        "priority, input, flow_version"
+        "priority, input, flow_version, claims"
     )
     _CLAIM_SELECT = (
-        "SELECT {} FROM step_tasks WHERE status = 'queued' AND run_at <= ? "
+        # Pinned to the claim-order index: with the (flow_slug, run_at) index the planner would
+        # otherwise sort every due task to find the first few.
+        "SELECT {} FROM step_tasks INDEXED BY step_tasks_ready WHERE status = 'queued' "
+        "AND run_at <= ? "
         "AND flow_slug IN ({}) ORDER BY priority DESC, run_at, id LIMIT ?"
     )
 
@@ -478,11 +487,11 @@ class SqliteBackend:
         rows.sort(key=lambda row: (-row[7], row[0]))
         loads = _json.loads
         tasks = []
-        for (tid, run_id, flow, step, index, attempt, max_att, prio, inp, version) in rows:
+        for (tid, run_id, flow, step, index, attempt, max_att, prio, inp, version, claim) in rows:
             flow_input = loads(run_inputs[run_id])
             tasks.append(ClaimedTask(
                 tid, run_id, flow, step, index, attempt, max_att, prio,
-                flow_input if inp is None else loads(inp), flow_input, version,
+                flow_input if inp is None else loads(inp), flow_input, version, claim,
             ))
         return tasks
 
@@ -611,12 +620,13 @@ class SqliteBackend:
         if not flow_slugs:
             return None
         with self._read() as conn:
-            row = conn.execute(
-                "SELECT min(run_at) FROM step_tasks WHERE status = 'queued' "
-                f"AND flow_slug IN ({_placeholders(len(flow_slugs))})",
-                tuple(flow_slugs),
-            ).fetchone()
-        return None if row[0] is None else float(row[0])
+            # One min() per flow: each is a single probe of the step_tasks_due index.
+            dues = [conn.execute(
+                "SELECT min(run_at) FROM step_tasks WHERE status = 'queued' AND flow_slug = ?",
+                (slug,),
+            ).fetchone()[0] for slug in flow_slugs]
+        found = [float(d) for d in dues if d is not None]
+        return min(found) if found else None
 
     # --- results -------------------------------------------------------------------------------
 
@@ -649,8 +659,8 @@ class SqliteBackend:
         done = c.executemany(
             "UPDATE step_tasks SET status = 'completed', output = ?, finished_at = ?, "
             "lease_owner = NULL, lease_expires = NULL "
-            "WHERE id = ? AND attempts = ? AND status = 'started'",
-            [(s.output_json, now, s.task_id, s.attempt) for s in batch],
+            "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started'",
+            [(s.output_json, now, s.task_id, s.attempt, s.claim) for s in batch],
         ).rowcount
         if done == len(batch):
             c.executemany(
@@ -678,9 +688,9 @@ class SqliteBackend:
         row = c.execute(
             "UPDATE step_tasks SET status = 'completed', output = ?, finished_at = ?, "
             "lease_owner = NULL, lease_expires = NULL "
-            "WHERE id = ? AND attempts = ? AND status = 'started' "
+            "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
             "RETURNING run_id, flow_slug, step_slug, task_index, priority, flow_version",
-            (s.output_json, now, s.task_id, s.attempt),
+            (s.output_json, now, s.task_id, s.attempt, s.claim),
         ).fetchone()
         if row is None:
             return
@@ -714,8 +724,12 @@ class SqliteBackend:
         done: list[tuple[str, str]],
         now: float,
         finished: list[str],
+        not_before: float = 0.0,
     ) -> None:
-        """Mark steps completed and start the dependents that became ready, cascading."""
+        """Mark steps completed and start the dependents that became ready, cascading.
+
+        Dependents are due no earlier than ``not_before`` (a delayed run's start time).
+        """
         while done:
             step_slug, output = done.pop()
             updated = c.execute(
@@ -759,7 +773,9 @@ class SqliteBackend:
                     ).fetchone()
                     if ready is None or ready[0] > 0:
                         continue
-                started = self._begin_step(c, d, run_id, priority, dependent, now, known)
+                started = self._begin_step(
+                    c, d, run_id, priority, dependent, now, known, max(now, not_before)
+                )
                 if started is None:
                     finished.append(run_id)
                     return
@@ -774,6 +790,7 @@ class SqliteBackend:
         step: StepDefinition,
         now: float,
         known: tuple[str, str] | None = None,
+        due_from: float | None = None,
     ) -> list[tuple[str, str]] | None:
         """Start a step whose dependencies are all complete, handing it their outputs.
 
@@ -781,7 +798,7 @@ class SqliteBackend:
         Returns steps completed at once (an empty map), or ``None`` if the run failed because
         a map step received something other than an array.
         """
-        run_at = now + step.start_delay
+        run_at = (now if due_from is None else due_from) + step.start_delay
         deps = [known] if known is not None else c.execute(
             "SELECT step_slug, output FROM step_states WHERE run_id = ? "
             f"AND step_slug IN ({_placeholders(len(step.depends_on))})",
@@ -829,15 +846,16 @@ class SqliteBackend:
             c.execute(
                 f"UPDATE step_tasks SET status = 'queued', run_at = ?, error = ?, {history_sql}, "
                 "lease_owner = NULL, lease_expires = NULL "
-                "WHERE id = ? AND attempts = ? AND status = 'started'",
-                (f.retry_at, f.error, f.error, now, f.task_id, f.attempt),
+                "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started'",
+                (f.retry_at, f.error, f.error, now, f.task_id, f.attempt, f.claim),
             )
             return
         row = c.execute(
             f"UPDATE step_tasks SET status = 'failed', error = ?, {history_sql}, finished_at = ?, "
             "lease_owner = NULL, lease_expires = NULL "
-            "WHERE id = ? AND attempts = ? AND status = 'started' RETURNING run_id, step_slug",
-            (f.error, f.error, now, now, f.task_id, f.attempt),
+            "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
+            "RETURNING run_id, step_slug",
+            (f.error, f.error, now, now, f.task_id, f.attempt, f.claim),
         ).fetchone()
         if row is None:
             return
@@ -940,11 +958,20 @@ class SqliteBackend:
                 "WHERE run_id = ? AND status IN ('failed', 'cancelled') AND remaining_tasks IS NULL",
                 (run_id,),
             )
-            ready = [r[0] for r in c.execute(
-                "SELECT step_slug FROM step_states WHERE run_id = ? AND status = 'created' "
-                "AND remaining_deps = 0",
-                (run_id,),
-            ).fetchall()]
+            # Waiting steps count again the dependencies that have not completed (a step
+            # started on its sole dependency never had its count decremented).
+            statuses = dict(c.execute(
+                "SELECT step_slug, status FROM step_states WHERE run_id = ?", (run_id,)
+            ).fetchall())
+            waiting = {
+                slug: sum(statuses.get(dep) != "completed" for dep in d.step(slug).depends_on)
+                for slug, status in statuses.items() if status == "created"
+            }
+            c.executemany(
+                "UPDATE step_states SET remaining_deps = ? WHERE run_id = ? AND step_slug = ?",
+                [(left, run_id, slug) for slug, left in waiting.items()],
+            )
+            ready = [slug for slug, left in waiting.items() if left == 0]
             for slug in ready:
                 done = self._begin_step(c, d, run_id, row[1], d.step(slug), now)
                 if done:

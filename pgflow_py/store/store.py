@@ -87,7 +87,7 @@ class Store:
         self.backend = backend
         self.clock = backend.clock
         self._listeners: list[Callable[[str], None]] = []
-        self._plans: dict[int, _StartPlan] = {}
+        self._plans: dict[str, _StartPlan] = {}
         self._finished = threading.Condition()
 
     def __repr__(self) -> str:
@@ -135,7 +135,7 @@ class Store:
         return now
 
     def _plan(self, definition: FlowDefinition) -> _StartPlan:
-        cached = self._plans.get(id(definition))
+        cached = self._plans.get(definition.slug)
         if cached is None or cached.definition is not definition:
             roots = definition.root_steps
             cached = _StartPlan(
@@ -147,7 +147,7 @@ class Store:
                     for s in definition.steps
                 ),
             )
-            self._plans[id(definition)] = cached
+            self._plans[definition.slug] = cached
         return cached
 
     @staticmethod

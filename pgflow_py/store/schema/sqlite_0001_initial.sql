@@ -74,7 +74,8 @@ CREATE TABLE step_tasks (
     flow_version   INTEGER NOT NULL,    -- the flow's version when the task was created
     task_index     INTEGER,             -- NULL for a single step, element index for a map
     status         TEXT NOT NULL,       -- queued | started | completed | failed | cancelled
-    attempts       INTEGER NOT NULL DEFAULT 0,
+    attempts       INTEGER NOT NULL DEFAULT 0,   -- of the current try; reset by store.retry
+    claims         INTEGER NOT NULL DEFAULT 0,   -- every claim ever: a result names its claim
     max_attempts   INTEGER NOT NULL,
     priority       INTEGER NOT NULL DEFAULT 0,
     run_at         REAL NOT NULL,
@@ -90,6 +91,8 @@ CREATE TABLE step_tasks (
 );
 -- The claim query walks this index in claim order and touches queued rows only.
 CREATE INDEX step_tasks_ready ON step_tasks (priority DESC, run_at, id) WHERE status = 'queued';
+-- When the next queued task of a flow is due: a cheap read before claiming, and idle waits.
+CREATE INDEX step_tasks_due ON step_tasks (flow_slug, run_at) WHERE status = 'queued';
 CREATE INDEX step_tasks_run ON step_tasks (run_id, step_slug, task_index);
 -- Running tasks per flow (concurrency caps) and their leases (reclaiming expired ones).
 CREATE INDEX step_tasks_running ON step_tasks (flow_slug, lease_expires) WHERE status = 'started';
