@@ -6,6 +6,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 
 import click
@@ -98,3 +99,12 @@ def worker(
             shutdown_timeout=shutdown_timeout,
         )
         log.info("stopped: %s", stats)
+    lingering = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    if lingering:
+        # Sync handlers abandoned at a timeout or a second signal cannot be stopped, and
+        # Python would wait for them at exit; their tasks are released or reclaimed already.
+        log.warning("exiting with %d handler thread(s) still running", len(lingering))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

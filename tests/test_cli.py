@@ -148,3 +148,38 @@ def test_unimportable_module_is_a_clear_error(project, monkeypatch):
     result = CliRunner().invoke(main, ["worker", "no_such_module", "--database", "x.db"])
     assert result.exit_code != 0
     assert "cannot import module 'no_such_module'" in result.output
+
+
+def test_second_signal_exits_even_with_a_sync_handler_still_running(project):
+    db = project / "twice.db"
+    proc = _start(project, "cli_jobs", "--database", str(db), "--flows", "cli_slow", "--lease", "3")
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with pf.connect(db) as store:
+                run = store.start("cli_slow", 30)  # sleeps 30 s in a worker thread
+            break
+        except pf.FlowNotFound:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    with pf.connect(db) as store:
+        while store.get_run(run.id).status is not pf.RunStatus.RUNNING:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    stopped_at = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert time.monotonic() - stopped_at < 15  # not the handler's 30 s
+    assert "second SIGTERM: stopping now" in err
+    with pf.connect(db) as store:
+        # The attempt was handed back without counting: the run is queued for another worker.
+        back = store.get_run(run.id)
+    assert back.status is pf.RunStatus.QUEUED
+    assert back.attempts == 0

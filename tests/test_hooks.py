@@ -494,3 +494,27 @@ def test_a_hook_runs_to_completion_even_when_a_sibling_task_fails_the_run_meanwh
     assert store.get_run(run.id).status is pf.RunStatus.FAILED
     assert sorted(started) == [0, 1]
     assert sorted(ended) == [0, 1], f"on_failure of task 1 was interrupted: started {started}, ended {ended}"
+
+
+def test_a_slow_on_failure_hook_does_not_hide_the_real_error(tmp_path):
+    # The failure is recorded before the hook runs, so the hook outliving the lease is harmless.
+    calls: list[str] = []
+
+    def slow_hook(ctx, error):
+        time.sleep(1.0)
+        calls.append(str(error))
+
+    def on_dead(ctx, error):
+        calls.append("dead")
+
+    @pf.job(queue="slow_hook_job", on_failure=slow_hook, on_dead=on_dead)
+    def slow_hook_job(input, ctx):
+        raise ValueError("the real error")
+
+    with pf.connect(tmp_path / "slow_hook.db") as store:
+        run = store.start(slow_hook_job)
+        pf.run_flows([slow_hook_job], store=store, until_idle=True, lease=0.3)
+        failed = store.get_run(run.id)
+    assert failed.error == "ValueError: the real error"
+    assert [h.error for h in failed.history] == ["ValueError: the real error"]
+    assert calls == ["the real error", "dead"]  # on_dead still after on_failure

@@ -98,6 +98,8 @@ class _Runner:
         # on_dead hooks: candidates by task id, then those due once their failure is recorded.
         self._dying: dict[int, tuple[Hook, Context, Exception]] = {}
         self._dead_hooks: list[tuple[Hook, Context, Exception]] = []
+        self._hooking: set[int] = set()  # tasks whose on_failure hook is running
+        self._dead_after_hook: dict[int, tuple[Hook, Context, Exception]] = {}
         self._beat_interval = lease / 3
         self._next_beat = 0.0
         self._stopping = False
@@ -328,7 +330,10 @@ class _Runner:
                 dead = self._dying.pop(failure.task_id, None)
                 if dead is not None and dead[1].run_id in failed_runs:
                     failed_runs.discard(dead[1].run_id)  # on_dead once per run
-                    self._dead_hooks.append(dead)
+                    if failure.task_id in self._hooking:
+                        self._dead_after_hook[failure.task_id] = dead  # after on_failure
+                    else:
+                        self._dead_hooks.append(dead)
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -433,14 +438,24 @@ class _Runner:
                 task.flow_slug, task.step_slug, task.run_id, task.attempt, task.max_attempts,
                 error, exc_info=not isinstance(exc, (PermanentFailure, StepTimeout)),
             )
-        if step.on_failure is not None or (step.on_dead is not None and not will_retry):
-            hook_ctx = attrs.evolve(ctx, will_retry=will_retry)
-            if step.on_failure is not None:
-                await call_hook("on_failure", step.on_failure, hook_ctx, exc)
-            if step.on_dead is not None and not will_retry:
-                # Called once the store says this failure is the one that failed the run.
-                self._dying[task.id] = (step.on_dead, hook_ctx, exc)
+        hook_ctx = attrs.evolve(ctx, will_retry=will_retry)
+        if step.on_dead is not None and not will_retry:
+            # Called once the store says this failure is the one that failed the run.
+            self._dying[task.id] = (step.on_dead, hook_ctx, exc)
+        if step.on_failure is not None:
+            self._hooking.add(task.id)
+        # Recorded before the hook runs: a slow hook must not hold the task (or its lease).
         self._failures.append(TaskFailure(task.id, task.attempt, error, retry_at, task.claim))
+        self._wake.set()
+        if step.on_failure is not None:
+            try:
+                await call_hook("on_failure", step.on_failure, hook_ctx, exc)
+            finally:
+                self._hooking.discard(task.id)
+            dead = self._dead_after_hook.pop(task.id, None)
+            if dead is not None:  # on_dead was waiting for this on_failure to finish
+                self._dead_hooks.append(dead)
+                self._wake.set()
 
 
 def _steps_for(
