@@ -454,3 +454,29 @@ def test_cap_holds_across_two_runners_on_one_file(db_path, clock):
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_cron_tick_runs_once_even_after_its_run_is_pruned_or_cancelled(tmp_path):
+    clock = FakeClock(1_800_000_000 + 1)  # just after an hour boundary
+    ran: list[float] = []
+
+    @pf.job(queue="hourly_once", cron="0 * * * *")
+    def hourly_once(input, ctx):
+        ran.append(clock.now())
+
+    with pf.connect(tmp_path / "cron_once.db", clock=clock) as store:
+        pf.run_flows([hourly_once], store=store, until_idle=True)  # registers; no tick yet
+        clock.advance(3600)
+        pf.run_flows([hourly_once], store=store, until_idle=True)
+        assert len(ran) == 1
+        clock.advance(1)
+        assert store.prune(older_than=0) == 1
+        pf.run_flows([hourly_once], store=store, until_idle=True)  # the same tick again
+        assert len(ran) == 1 and store.runs() == []
+        # A cancelled tick run does not come back either.
+        clock.advance(3600)
+        (run,) = [r for r in [store._start_tick(hourly_once, clock.now() - 1, "cron:x")] if r]
+        store.cancel(run.id)
+        pf.run_flows([hourly_once], store=store, until_idle=True)
+        assert len(ran) == 1
+        assert [r.status for r in store.runs()] == [pf.RunStatus.CANCELLED]

@@ -1,7 +1,9 @@
 """Cron: start one run per tick of each served flow that has a ``cron`` expression.
 
-Every runner serving a cron flow does this; the run of a tick is started with the key
-``cron:<tick timestamp>``, so however many runners reach the tick, the store keeps one run.
+Every runner serving a cron flow does this. The store records the latest tick started per flow
+and creates a tick's run only if no run of that tick (or a later one) was created, so however
+many runners reach the tick, and even after its run was pruned or cancelled, there is one run.
+The run carries the key ``cron:<tick timestamp>`` so it can be found.
 After downtime only the most recent missed tick runs (once), and never a tick from before the
 flow was first registered.
 """
@@ -74,8 +76,8 @@ class CronScheduler:
                 continue
             tick = latest_tick(entry.expression, now)
             if tick >= entry.since:
-                run = self.store.start(
-                    entry.flow, entry.flow.definition.cron_input, key=cron_key(tick)
-                )
-                log.debug("cron %r: tick %s is run %s", entry.flow.slug, cron_key(tick), run.id)
+                run = self.store._start_tick(entry.flow, tick, cron_key(tick))
+                if run is not None:
+                    log.info("cron %r: started run %s for %s", entry.flow.slug, run.id,
+                             cron_key(tick))
             entry.next_at = next_tick(entry.expression, now)

@@ -30,6 +30,8 @@ class NewRun:
     priority: int = 0
     key: str | None = None
     root_items: tuple[str, ...] | None = None
+    cron_tick: float | None = None
+    """For a cron run: its tick. The run is created only if no run of this or a later tick was."""
 
 
 @attrs.frozen(slots=True)
@@ -100,7 +102,7 @@ class Backend(Protocol):
 
     def start_runs(self, definition: FlowDefinition, runs: Sequence[NewRun]) -> list[str]:
         """Register ``definition`` and create runs in one transaction; return their ids (an
-        existing run's for a known key)."""
+        existing run's for a known key, ``""`` for a cron tick already started)."""
         ...
 
     def claim(

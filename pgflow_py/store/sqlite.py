@@ -315,6 +315,13 @@ class SqliteBackend:
             self._register(c, d)
             fresh: list[NewRun] = []
             for r in runs:
+                if r.cron_tick is not None and not c.execute(
+                    "UPDATE flows SET cron_last_tick = ? WHERE flow_slug = ? "
+                    "AND (cron_last_tick IS NULL OR cron_last_tick < ?)",
+                    (r.cron_tick, d.slug, r.cron_tick),
+                ).rowcount:
+                    ids.append("")  # this tick (or a later one) already has its run
+                    continue
                 if r.key is not None:
                     existing = c.execute(
                         "SELECT id FROM runs WHERE flow_slug = ? AND key = ? "

@@ -209,6 +209,21 @@ class Store:
             return self.get_run(run_id)
         return self._fresh_run(plan, new, self.clock.now())
 
+    def _start_tick(self, flow: Flow, tick: float, key: str) -> Run | None:
+        """Start the cron run of ``tick`` unless a run of it (or of a later tick) was started:
+        exactly once per tick, even after that run was pruned or cancelled."""
+        definition = flow.definition
+        plan = self._plan(definition)
+        now = self.clock.now()
+        new = attrs.evolve(
+            self._new_run(plan, definition.cron_input, now, now, 0, key), cron_tick=tick
+        )
+        (run_id,) = self.backend.start_runs(definition, [new])
+        if not run_id:
+            return None
+        self._notify_started()
+        return self.get_run(run_id) if run_id != new.id else self._fresh_run(plan, new, now)
+
     def start_many(
         self,
         flow: Flow | str,

@@ -6,6 +6,7 @@ CREATE TABLE flows (
     kind        TEXT NOT NULL,
     definition  TEXT NOT NULL,          -- FlowDefinition as JSON
     version     INTEGER NOT NULL,       -- bumped when the shape (steps, dependencies) changes
+    cron_last_tick REAL,                -- the latest cron tick a run was started for
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL
 );
