@@ -16,10 +16,12 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import attrs
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -65,6 +67,10 @@ JOBS = {m: _make_job(m) for m in (1, 2, 3)}
 FLOWS = {m: _make_flow(m) for m in (1, 2, 3)}
 SLUGS = [f.slug for f in (*JOBS.values(), *FLOWS.values())]
 
+# Results name the claim they answer when the backend hands out claim tokens (attempt numbers
+# alone repeat after store.retry and backend.release).
+CLAIM_TOKENS = "claim" in attrs.fields_dict(TaskSuccess)
+
 json_values = st.integers(-5, 1000)
 NOT_AN_ARRAY = {"not": "an array"}
 
@@ -89,6 +95,7 @@ class TaskModel:
     step_slug: str
     task_index: int | None
     attempts: int = 0
+    claims: int = 0
     status: str = "queued"  # queued | started | completed | failed | cancelled
 
 
@@ -96,7 +103,12 @@ class TaskModel:
 class Held:
     worker: str
     attempt: int
+    claim: int | None
     expires_by: float | None  # real time after which a tiny lease has surely expired
+
+    @property
+    def key(self) -> tuple[int, int | None]:
+        return (self.attempt, self.claim)
 
 
 def _tracked(fn: Any) -> Any:
@@ -123,8 +135,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.runs: dict[str, RunModel] = {}
         self.tasks: dict[int, TaskModel] = {}
         self.held: dict[int, Held] = {}
-        # (task_id, attempt) pairs whose attempt is over: results for them must be ignored.
-        self.stale: list[tuple[int, int]] = []
+        # (task_id, (attempt, claim)) of attempts that are over: their results must be ignored.
+        self.stale: list[tuple[int, tuple[int, int | None]]] = []
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -139,12 +151,27 @@ class StoreMachine(RuleBasedStateMachine):
             self.sql("SELECT * FROM step_tasks ORDER BY id"),
         )
 
+    def success(self, task_id: int, key: tuple[int, int | None], value: Any) -> TaskSuccess:
+        """A success as the runner reports it (a job's names its run, for the batch path)."""
+        attempt, claim = key
+        t = self.tasks[task_id]
+        extra: dict[str, Any] = {"claim": claim} if CLAIM_TOKENS else {}
+        if self.runs[t.run_id].kind == "job":
+            extra.update(run_id=t.run_id, step_slug=t.step_slug, job=True)
+        return TaskSuccess(task_id, attempt, json.dumps(value), **extra)
+
+    @staticmethod
+    def failure(task_id: int, key: tuple[int, int | None], error: str, retry_at: float | None) -> TaskFailure:
+        attempt, claim = key
+        extra: dict[str, Any] = {"claim": claim} if CLAIM_TOKENS else {}
+        return TaskFailure(task_id, attempt, error, retry_at, **extra)
+
     def drop_held_of_run(self, run_id: str) -> None:
         """The run ended: its running attempts are over (their late results must be ignored)."""
         for task_id, h in list(self.held.items()):
             if self.tasks[task_id].run_id == run_id:
                 del self.held[task_id]
-                self.stale.append((task_id, h.attempt))
+                self.stale.append((task_id, h.key))
         for t in self.tasks.values():
             if t.run_id == run_id and t.status in ("queued", "started"):
                 t.status = "cancelled"
@@ -201,17 +228,22 @@ class StoreMachine(RuleBasedStateMachine):
             assert task.input == self.expected_input(task, run)
             (run_at,) = self.sql("SELECT run_at FROM step_tasks WHERE id = ?", (task.id,))[0]
             assert run_at <= now, "claimed a task before it was due"
+            claim = getattr(task, "claim", None)
+            if claim is not None:  # claim tokens count every claim ever, never reset
+                assert claim == model.claims + 1, (task, model)
+                model.claims = claim
             model.attempts = task.attempt
             model.status = "started"
-            self.held[task.id] = Held(worker, task.attempt, expires_by)
+            self.held[task.id] = Held(worker, task.attempt, claim, expires_by)
         return claimed
 
-    def do_complete(self, task_id: int, value: Any) -> None:
+    def do_complete(self, task_id: int, value: Any, late: Sequence[TaskSuccess] = ()) -> None:
+        """Report a success, in one batch with ``late`` results that must be ignored."""
         h = self.held.pop(task_id)
         t = self.tasks[task_id]
         run = self.runs[t.run_id]
-        finished = self.backend.finish([TaskSuccess(task_id, h.attempt, json.dumps(value))], [])
-        self.stale.append((task_id, h.attempt))
+        finished = self.backend.finish([*late, self.success(task_id, h.key, value)], [])
+        self.stale.append((task_id, h.key))
         t.status = "completed"
         expect_finished: list[str] = []
         if run.kind == "job":
@@ -238,8 +270,8 @@ class StoreMachine(RuleBasedStateMachine):
         h = self.held.pop(task_id)
         t = self.tasks[task_id]
         retry_at = None if retry_in is None else self.clock.now() + retry_in
-        finished = self.backend.finish([], [TaskFailure(task_id, h.attempt, "boom", retry_at)])
-        self.stale.append((task_id, h.attempt))
+        finished = self.backend.finish([], [self.failure(task_id, h.key, "boom", retry_at)])
+        self.stale.append((task_id, h.key))
         if retry_at is None:
             t.status = "failed"
             self.fail_run(t.run_id)
@@ -250,6 +282,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     # --- rules ---------------------------------------------------------------------------------
 
+    @precondition(lambda self: sum(r.status == "active" for r in self.runs.values()) < 4)
     @rule(
         kind=st.sampled_from(["job", "flow"]),
         max_attempts=st.integers(1, 3),
@@ -269,65 +302,74 @@ class StoreMachine(RuleBasedStateMachine):
             assert run.status is expected
             self.runs[run.id] = RunModel(run.id, kind, max_attempts, value)
 
-    @rule(worker=st.sampled_from(WORKERS), limit=st.integers(1, 4), tiny_lease=st.booleans())
+    @precondition(lambda self: any(r.status == "active" for r in self.runs.values()))
+    @rule(
+        advance=st.sampled_from([0.0, 0.5, 1.0, 2.0, 5.0, 30.0]),
+        worker=st.sampled_from(WORKERS),
+        limit=st.integers(1, 4),
+        tiny_lease=st.booleans(),
+    )
     @_tracked
-    def claim(self, worker: str, limit: int, tiny_lease: bool) -> None:
+    def claim(self, advance: float, worker: str, limit: int, tiny_lease: bool) -> None:
+        """Time passes (backoffs and delays fall due), then a worker takes what is due."""
+        self.clock.advance(advance)
         self.do_claim(worker, limit, TINY_LEASE if tiny_lease else LONG_LEASE)
 
     @precondition(lambda self: self.held)
-    @rule(data=st.data())
+    @rule(data=st.data(), outcome=st.sampled_from(["success", "retry", "fail"]))
     @_tracked
-    def complete(self, data: st.DataObject) -> None:
+    def report(self, data: st.DataObject, outcome: str) -> None:
+        """A worker reports a held attempt: success, failure to retry (while attempts are left)
+        after a short backoff, or failure for good."""
         task_id = data.draw(st.sampled_from(sorted(self.held)), label="task")
-        self.do_complete(task_id, self.output_for(task_id, data))
-
-    @precondition(lambda self: self.held)
-    @rule(data=st.data())
-    @_tracked
-    def fail(self, data: st.DataObject) -> None:
-        task_id = data.draw(st.sampled_from(sorted(self.held)), label="task")
-        h = self.held[task_id]
+        if outcome == "success":
+            late: list[TaskSuccess] = []
+            if self.stale and data.draw(st.booleans(), label="batched_with_late_results"):
+                late = [self.success(tid, key, [99]) for tid, key in self.stale]
+            self.do_complete(task_id, self.output_for(task_id, data), late)
+            return
         retry_in = None
-        if h.attempt < self.runs[self.tasks[task_id].run_id].max_attempts:
-            retry_in = data.draw(st.sampled_from([0.0, 1.0, 10.0, None]), label="retry_in")
+        attempts_left = self.runs[self.tasks[task_id].run_id].max_attempts - self.held[task_id].attempt
+        if outcome == "retry" and attempts_left > 0:
+            retry_in = data.draw(st.sampled_from([0.0, 1.0, 10.0]), label="retry_in")
         self.do_fail(task_id, retry_in)
 
-    @precondition(lambda self: self.stale)
-    @rule(data=st.data())
-    @_tracked
-    def late_result(self, data: st.DataObject) -> None:
-        """A result for an attempt that is over (finished, reclaimed, cancelled) changes nothing."""
-        task_id, attempt = data.draw(st.sampled_from(self.stale), label="stale")
+    def send_late(self, task_id: int, key: tuple[int, int | None], outcome: str) -> None:
+        """Report an attempt that is over again: the store must ignore it entirely."""
         before = self.snapshot()
-        outcome = data.draw(st.sampled_from(["success", "retry", "fail"]), label="outcome")
         if outcome == "success":
-            finished = self.backend.finish([TaskSuccess(task_id, attempt, json.dumps([99]))], [])
+            finished = self.backend.finish([self.success(task_id, key, [99])], [])
         else:
             retry_at = self.clock.now() if outcome == "retry" else None
-            finished = self.backend.finish([], [TaskFailure(task_id, attempt, "late", retry_at)])
-        assert finished == []
-        assert self.snapshot() == before, f"a late {outcome} of task {task_id} attempt {attempt} was applied"
+            finished = self.backend.finish([], [self.failure(task_id, key, "late", retry_at)])
+        held = self.held.get(task_id)
+        assert finished == [] and self.snapshot() == before, (
+            f"a late {outcome} of task {task_id} attempt {key[0]} (claim {key[1]}) was applied "
+            f"(the task is {self.tasks[task_id].status}"
+            + (f", held by {held.worker} at attempt {held.attempt})" if held else ")")
+        )
+
+    @precondition(lambda self: self.stale)
+    @rule(outcome=st.sampled_from(["success", "retry", "fail"]))
+    @_tracked
+    def late_results(self, outcome: str) -> None:
+        """Every attempt that is over (finished, reclaimed, cancelled) reports again: ignored."""
+        for task_id, key in self.stale:
+            self.send_late(task_id, key, outcome)
 
     @precondition(lambda self: self.held)
     @rule(data=st.data())
     @_tracked
-    def expire_lease(self, data: st.DataObject) -> None:
-        """A worker dies: its lease runs out and the attempt is reclaimed as a failed one."""
+    def expire_leases(self, data: st.DataObject) -> None:
+        """Workers die: a held lease (and every tiny one) runs out; reclaiming fails the attempts."""
+        tiny = [tid for tid, h in self.held.items() if h.expires_by is not None]
         task_id = data.draw(st.sampled_from(sorted(self.held)), label="task")
         with self.backend._lock:
             self.backend._conn.execute("UPDATE step_tasks SET lease_expires = 0 WHERE id = ?", (task_id,))
-        tiny = [tid for tid, h in self.held.items() if h.expires_by is not None]
         if tiny:
-            time.sleep(max(0.0, max(self.held[tid].expires_by or 0.0 for tid in tiny) - time.time()) + 0.002)
+            deadline = max(self.held[tid].expires_by or 0.0 for tid in tiny)
+            time.sleep(max(0.0, deadline - time.time()) + 0.002)
         self.reclaim({task_id, *tiny})
-
-    @precondition(lambda self: any(h.expires_by is not None for h in self.held.values()))
-    @rule()
-    @_tracked
-    def tiny_leases_run_out(self) -> None:
-        tiny = [tid for tid, h in self.held.items() if h.expires_by is not None]
-        time.sleep(max(0.0, max(self.held[tid].expires_by or 0.0 for tid in tiny) - time.time()) + 0.002)
-        self.reclaim(set(tiny))
 
     def reclaim(self, expired: set[int]) -> None:
         now = self.clock.now()
@@ -340,7 +382,7 @@ class StoreMachine(RuleBasedStateMachine):
         }
         for task_id in sorted(expired):
             h = self.held.pop(task_id)
-            self.stale.append((task_id, h.attempt))
+            self.stale.append((task_id, h.key))
             t = self.tasks[task_id]
             if h.attempt < self.runs[t.run_id].max_attempts:
                 t.status = "queued"
@@ -351,6 +393,16 @@ class StoreMachine(RuleBasedStateMachine):
                 t.status = "failed"
         for run_id in failed_runs:
             self.fail_run(run_id)
+            # Expired tasks are reclaimed in no set order: the first at max_attempts fails the
+            # run, and the expired tasks after it are cancelled with the rest of the run.
+            mine = sorted(tid for tid in expired if self.tasks[tid].run_id == run_id)
+            marks = ",".join("?" * len(mine))
+            rows = dict(self.sql(f"SELECT id, status FROM step_tasks WHERE id IN ({marks})", tuple(mine)))
+            failed = [tid for tid in mine if rows[tid] == "failed"]
+            assert len(failed) == 1 and self.tasks[failed[0]].status == "failed", rows
+            assert all(rows[tid] == "cancelled" for tid in mine if tid not in failed), rows
+            for tid in mine:
+                self.tasks[tid].status = rows[tid]
 
     @precondition(lambda self: self.held)
     @rule(data=st.data())
@@ -371,7 +423,12 @@ class StoreMachine(RuleBasedStateMachine):
             t = self.tasks[task_id]
             t.attempts = h.attempt - 1
             t.status = "queued"
+            if h.claim is not None:
+                # The attempt number is handed out again, but a claim token names this claim
+                # alone, so a late result of the released attempt must be ignored too.
+                self.stale.append((task_id, h.key))
 
+    @precondition(lambda self: self.held)
     @rule(worker=st.sampled_from(WORKERS), data=st.data())
     @_tracked
     def heartbeat(self, worker: str, data: st.DataObject) -> None:
@@ -385,16 +442,17 @@ class StoreMachine(RuleBasedStateMachine):
         for task_id in mine:
             self.held[task_id].expires_by = None  # renewed to a long lease
 
-    @rule(seconds=st.sampled_from([0.5, 1.0, 2.0, 5.0, 30.0]))
-    @_tracked
-    def advance_clock(self, seconds: float) -> None:
-        self.clock.advance(seconds)
+    def pick_run(self, data: st.DataObject, *statuses: str) -> str:
+        """Mostly a run in one of ``statuses``, sometimes any run (to check refusals)."""
+        wanted = [r.id for r in self.runs.values() if r.status in statuses]
+        pool = wanted if data.draw(st.integers(0, 3), label="wanted") else list(self.runs)
+        return data.draw(st.sampled_from(pool), label="run")
 
-    @precondition(lambda self: self.runs)
+    @precondition(lambda self: any(r.status == "active" for r in self.runs.values()))
     @rule(data=st.data())
     @_tracked
     def cancel(self, data: st.DataObject) -> None:
-        run_id = data.draw(st.sampled_from(list(self.runs)), label="run")
+        run_id = self.pick_run(data, "active")
         run = self.runs[run_id]
         result = self.store.cancel(run_id)
         if run.status == "active":
@@ -402,11 +460,11 @@ class StoreMachine(RuleBasedStateMachine):
             self.drop_held_of_run(run_id)
         assert result.status.value == run.status
 
-    @precondition(lambda self: self.runs)
+    @precondition(lambda self: any(r.status in ("failed", "cancelled") for r in self.runs.values()))
     @rule(data=st.data())
     @_tracked
     def retry(self, data: st.DataObject) -> None:
-        run_id = data.draw(st.sampled_from(list(self.runs)), label="run")
+        run_id = self.pick_run(data, "failed", "cancelled")
         run = self.runs[run_id]
         if run.status not in ("failed", "cancelled"):
             try:
@@ -425,6 +483,18 @@ class StoreMachine(RuleBasedStateMachine):
         assert result.status.is_terminal == (run.status != "active"), result.status
 
     # --- invariants ----------------------------------------------------------------------------
+
+    @invariant()
+    @_tracked
+    def late_results_of_live_tasks_are_ignored(self) -> None:
+        """The risky late results: old attempts of tasks that are queued or running again.
+
+        (Sending them is a write, but one the store must ignore, so the state stays as it was.)
+        """
+        for task_id, key in self.stale:
+            if self.tasks[task_id].status in ("queued", "started"):
+                for outcome in ("success", "retry"):
+                    self.send_late(task_id, key, outcome)
 
     @invariant()
     @_tracked
@@ -506,7 +576,8 @@ class StoreMachine(RuleBasedStateMachine):
                 break
             if not self.do_claim("w1", 1000, LONG_LEASE):
                 self.clock.advance(3600)
-        for check in (self.no_task_lost, self.terminal_runs_are_idle, self.attempts_within_bounds,
+        for check in (self.late_results_of_live_tasks_are_ignored, self.no_task_lost,
+                      self.terminal_runs_are_idle, self.attempts_within_bounds,
                       self.no_task_completed_twice, self.tasks_match_model, self.runs_match_model):
             check()
         statuses = {r[0] for r in self.sql("SELECT DISTINCT status FROM runs")}
