@@ -518,3 +518,51 @@ def test_a_slow_on_failure_hook_does_not_hide_the_real_error(tmp_path):
     assert failed.error == "ValueError: the real error"
     assert [h.error for h in failed.history] == ["ValueError: the real error"]
     assert calls == ["the real error", "dead"]  # on_dead still after on_failure
+
+
+def test_on_dead_when_the_store_fails_the_run_itself(tmp_path):
+    # A map fed a non-array fails the run without a failing attempt: on_dead still runs once.
+    dead: list[tuple[str, str, str]] = []
+
+    def on_dead(ctx, error):
+        dead.append((ctx.step_slug, type(error).__name__, str(error)))
+
+    f = pf.flow("non_array_dead", on_dead=on_dead, max_attempts=3)
+
+    @f.step()
+    def source(input, ctx):
+        return {"not": "a list"}
+
+    @f.map(array=source)
+    def each(item, ctx):
+        return item
+
+    with pf.connect(tmp_path / "non_array_dead.db") as store:
+        run = store.start(f, {})
+        pf.run_flows([f], store=store, until_idle=True)
+        assert store.get_run(run.id).status is pf.RunStatus.FAILED
+    assert len(dead) == 1
+    step, kind, message = dead[0]
+    assert (step, kind) == ("each", "PgflowError")
+    assert "expected an array" in message
+
+
+def test_on_dead_when_a_lost_worker_used_the_last_attempt(tmp_path):
+    dead: list[tuple[str, int, str]] = []
+
+    def on_dead(ctx, error):
+        dead.append((ctx.run_id, ctx.attempt, str(error)))
+
+    @pf.job(queue="lost_for_good", on_dead=on_dead)
+    def lost_for_good(input, ctx):
+        raise AssertionError("never runs: its only attempt's worker died")
+
+    with pf.connect(tmp_path / "lost_dead.db") as store:
+        run = store.start(lost_for_good, {"x": 1})
+        store.backend.claim("dead-worker", ["lost_for_good"], 1, 0.01)
+        time.sleep(0.05)
+        stats = pf.run_flows([lost_for_good], store=store, until_idle=True)
+        assert store.get_run(run.id).status is pf.RunStatus.FAILED
+    assert stats.failed == 1
+    assert [(run_id, attempt) for run_id, attempt, _ in dead] == [(run.id, 1)]
+    assert dead[0][2].startswith("WorkerLost")

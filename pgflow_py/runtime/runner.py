@@ -26,8 +26,15 @@ from .. import _json
 from ..backoff import retry_delay
 from ..context import CancelFlag, Context
 from ..dsl import Flow, Hook
-from ..errors import IsolatedError, PermanentFailure, Retry, StepTimeout, StoreError
-from ..store import ClaimedTask, Store, TaskFailure, TaskSuccess, connect
+from ..errors import (
+    IsolatedError,
+    PermanentFailure,
+    PgflowError,
+    Retry,
+    StepTimeout,
+    StoreError,
+)
+from ..store import ClaimedTask, RunFailure, Store, TaskFailure, TaskSuccess, connect
 from .executor import StepRuntime, call_hook, run_attempt, timeout_error
 from .loader import load_stored_flows, step_runtimes
 from .scheduler import CronScheduler
@@ -187,7 +194,10 @@ class _Runner:
             scope, flag = self._running[task_id]
             flag.set()
             scope.cancel()
-        self.backend.reclaim_expired(self.flow_slugs)
+        failed_runs: list[RunFailure] = []
+        self.backend.reclaim_expired(self.flow_slugs, failed_runs)
+        self.counts["failed"] += len(failed_runs)
+        self._runs_failed(failed_runs)
 
     async def _dispatch(self) -> None:
         backoff = 0.05
@@ -314,26 +324,45 @@ class _Runner:
         self._must_claim = True
         successes, self._successes = self._successes, []
         failures, self._failures = self._failures, []
+        failed_runs: list[RunFailure] = []
         try:
-            finished = self.backend.finish(successes, failures)
+            finished = self.backend.finish(successes, failures, failed_runs)
         except StoreError:
             self._successes[:0] = successes
             self._failures[:0] = failures
             raise
         if finished:
             self.store._notify_finished()
-            if failures:
-                self._next_beat = 0.0  # a failed run's other running attempts must stop now
-        if self._dying:
-            failed_runs = set(finished)
-            for failure in failures:
-                dead = self._dying.pop(failure.task_id, None)
-                if dead is not None and dead[1].run_id in failed_runs:
-                    failed_runs.discard(dead[1].run_id)  # on_dead once per run
-                    if failure.task_id in self._hooking:
-                        self._dead_after_hook[failure.task_id] = dead  # after on_failure
-                    else:
-                        self._dead_hooks.append(dead)
+        dying = {f.task_id: self._dying.pop(f.task_id) for f in failures if f.task_id in self._dying}
+        self._runs_failed(failed_runs, dying)
+
+    def _runs_failed(
+        self,
+        failed_runs: list[RunFailure],
+        dying: dict[int, tuple[Hook, Context, Exception]] | None = None,
+    ) -> None:
+        """Stop the failed runs' other attempts and call ``on_dead`` once for each."""
+        if failed_runs:
+            self._next_beat = 0.0  # their other running attempts must stop now
+        for failure in failed_runs:
+            dead = (dying or {}).get(failure.task_id) if failure.task_id is not None else None
+            if dead is None:
+                # Failed by the store (a map fed a non-array, a lost worker's last attempt):
+                # no handler exception to hand over, so the hook gets the recorded error.
+                step = self.steps.get((failure.flow_slug, failure.step_slug))
+                if step is None or step.on_dead is None:
+                    continue
+                ctx = Context(
+                    run_id=failure.run_id, flow_slug=failure.flow_slug,
+                    step_slug=failure.step_slug, task_index=failure.task_index,
+                    attempt=failure.attempt, max_attempts=step.options.max_attempts,
+                    flow_input=failure.flow_input, resources=self.resources,
+                )
+                dead = (step.on_dead, ctx, PgflowError(failure.error))
+            if failure.task_id is not None and failure.task_id in self._hooking:
+                self._dead_after_hook[failure.task_id] = dead  # after its on_failure
+            else:
+                self._dead_hooks.append(dead)
 
     # --- workers -------------------------------------------------------------------------------
 

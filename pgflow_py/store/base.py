@@ -16,7 +16,7 @@ from ..clock import Clock
 from ..definition import FlowDefinition
 from ..models import Run
 
-__all__ = ("Backend", "ClaimedTask", "NewRun", "TaskFailure", "TaskSuccess")
+__all__ = ("Backend", "ClaimedTask", "NewRun", "RunFailure", "TaskFailure", "TaskSuccess")
 
 
 @attrs.frozen(slots=True)
@@ -81,6 +81,24 @@ class TaskFailure:
     claim: int | None = None
 
 
+@attrs.frozen(slots=True)
+class RunFailure:
+    """A run that failed for good, as reported by ``finish`` and ``reclaim_expired``.
+
+    ``task_id`` is the task whose failure did it, ``None`` when the store failed the run itself
+    (a map step fed something other than an array).
+    """
+
+    run_id: str
+    flow_slug: str
+    step_slug: str
+    error: str
+    flow_input: Any
+    task_id: int | None = None
+    task_index: int | None = None
+    attempt: int = 0
+
+
 class Backend(Protocol):
     """Job-level storage operations. Implementations are safe to call from several threads."""
 
@@ -112,10 +130,16 @@ class Backend(Protocol):
         flow's ``concurrency`` cap across all runners."""
         ...
 
-    def finish(self, successes: Sequence[TaskSuccess], failures: Sequence[TaskFailure]) -> list[str]:
+    def finish(
+        self,
+        successes: Sequence[TaskSuccess],
+        failures: Sequence[TaskFailure],
+        failed_runs: list[RunFailure] | None = None,
+    ) -> list[str]:
         """Record results in one transaction, advancing their runs; late results are ignored.
 
-        Returns the ids of runs that reached a terminal status.
+        Returns the ids of runs that reached a terminal status; the runs that failed for good
+        are also appended to ``failed_runs`` when given.
         """
         ...
 
@@ -127,9 +151,11 @@ class Backend(Protocol):
         run, or reclaimed), whose attempts must stop."""
         ...
 
-    def reclaim_expired(self, flow_slugs: Sequence[str]) -> int:
+    def reclaim_expired(
+        self, flow_slugs: Sequence[str], failed_runs: list[RunFailure] | None = None
+    ) -> int:
         """Fail the attempts of tasks whose lease expired (their worker is gone) and requeue them
-        per their retry policy; return how many."""
+        per their retry policy; return how many. Runs failed for good go to ``failed_runs``."""
         ...
 
     def forget_worker(self, worker_id: str) -> None:

@@ -26,7 +26,7 @@ from ..clock import Clock
 from ..definition import FlowDefinition, StepDefinition
 from ..errors import InputError, SchemaError, ShapeMismatch, StoreError
 from ..models import AttemptRecord, Run, RunStatus, StepRun, TaskRun
-from .base import ClaimedTask, NewRun, TaskFailure, TaskSuccess
+from .base import ClaimedTask, NewRun, RunFailure, TaskFailure, TaskSuccess
 
 __all__ = ("LOST_WORKER", "SCHEMA_VERSION", "SqliteBackend")
 
@@ -83,6 +83,7 @@ class SqliteBackend:
         self._lock = threading.RLock()
         self._definitions: dict[str, tuple[int, FlowDefinition]] = {}
         self._json_cache: dict[str, tuple[FlowDefinition, str]] = {}
+        self._failed_runs: list[RunFailure] | None = None
         where = "in memory" if path == ":memory:" else f"at {os.path.abspath(path)}"
         self._where = where
         try:
@@ -577,13 +578,15 @@ class SqliteBackend:
         with self._write() as c:
             c.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
 
-    def reclaim_expired(self, flow_slugs: Sequence[str]) -> int:
+    def reclaim_expired(
+        self, flow_slugs: Sequence[str], failed_runs: list[RunFailure] | None = None
+    ) -> int:
         if not flow_slugs:
             return 0
         real_now = time.time()
         now = self.clock.now()
         finished: list[str] = []
-        with self._write() as c:
+        with self._write() as c, self._collecting_failures(failed_runs):
             expired = c.execute(
                 "SELECT id, flow_slug, flow_version, step_slug, attempts, max_attempts "
                 "FROM step_tasks "
@@ -637,14 +640,26 @@ class SqliteBackend:
 
     # --- results -------------------------------------------------------------------------------
 
+    @contextmanager
+    def _collecting_failures(self, into: list[RunFailure] | None) -> Iterator[None]:
+        # Called with the write lock held, so only this transaction appends to the list.
+        self._failed_runs = into
+        try:
+            yield
+        finally:
+            self._failed_runs = None
+
     def finish(
-        self, successes: Sequence[TaskSuccess], failures: Sequence[TaskFailure]
+        self,
+        successes: Sequence[TaskSuccess],
+        failures: Sequence[TaskFailure],
+        failed_runs: list[RunFailure] | None = None,
     ) -> list[str]:
         if not successes and not failures:
             return []
         now = self.clock.now()
         finished: list[str] = []
-        with self._write() as c:
+        with self._write() as c, self._collecting_failures(failed_runs):
             rest = self._complete_jobs(c, [s for s in successes if s.job], now, finished)
             for s in [s for s in successes if not s.job] + rest:
                 self._complete_task(c, s, now, finished)
@@ -861,23 +876,36 @@ class SqliteBackend:
             f"UPDATE step_tasks SET status = 'failed', error = ?, {history_sql}, finished_at = ?, "
             "lease_owner = NULL, lease_expires = NULL "
             "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
-            "RETURNING run_id, step_slug",
+            "RETURNING run_id, step_slug, task_index",
             (f.error, f.error, now, now, f.task_id, f.attempt, f.claim),
         ).fetchone()
         if row is None:
             return
-        if self._fail_run(c, row[0], row[1], f.error, now):
+        if self._fail_run(c, row[0], row[1], f.error, now, (f.task_id, row[2], f.attempt)):
             finished.append(row[0])
 
     def _fail_run(
-        self, c: sqlite3.Connection, run_id: str, step_slug: str, error: str, now: float
+        self,
+        c: sqlite3.Connection,
+        run_id: str,
+        step_slug: str,
+        error: str,
+        now: float,
+        task: tuple[int, int | None, int] | None = None,
     ) -> bool:
-        if not c.execute(
+        """Fail a run for good (``task``: the id, index and attempt of the task that did it)."""
+        row = c.execute(
             "UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
-            "WHERE id = ? AND status = 'started'",
+            "WHERE id = ? AND status = 'started' RETURNING flow_slug, input",
             (error, now, run_id),
-        ).rowcount:
+        ).fetchone()
+        if row is None:
             return False
+        if self._failed_runs is not None:
+            task_id, index, attempt = task if task is not None else (None, None, 0)
+            self._failed_runs.append(RunFailure(
+                run_id, row[0], step_slug, error, _json.loads(row[1]), task_id, index, attempt
+            ))
         c.execute(
             "UPDATE step_states SET status = 'failed', error = ?, finished_at = ? "
             "WHERE run_id = ? AND step_slug = ?",
