@@ -4,18 +4,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 import pgflow_py as pf
 
+T0 = 1_800_000_000
+"""Where the ``clock`` fixture starts: whole seconds (exact datetime math), on a cron boundary."""
+
 
 @pytest.fixture
 def clock() -> pf.testing.FakeClock:
-    """A fake clock for the ``store`` fixture, starting at a round time (exact datetime math)."""
-    return pf.testing.FakeClock(datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc))
+    """A fake clock for the ``store`` fixture."""
+    return pf.testing.FakeClock(T0)
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,15 +17,6 @@ from pgflow_py.testing import FakeClock
 T0 = 1_800_000_000
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(T0)
-
-
-@pytest.fixture
-def store(tmp_path: Path, clock: FakeClock) -> Iterator[pf.Store]:
-    with pf.connect(tmp_path / "dead.db", clock=clock) as s:
-        yield s
 
 
 def drain(store: pf.Store, *flows: pf.Flow, **options: Any) -> pf.RunnerStats:

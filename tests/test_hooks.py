@@ -7,25 +7,11 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import pgflow_py as pf
-from pgflow_py.testing import FakeClock
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(1_800_000_000)
-
-
-@pytest.fixture
-def store(tmp_path: Path, clock: FakeClock) -> Iterator[pf.Store]:
-    with pf.connect(tmp_path / "hooks.db", clock=clock) as s:
-        yield s
 
 
 def drain(store: pf.Store, *flows: pf.Flow, **options: Any) -> pf.RunnerStats:

@@ -5,24 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from pathlib import Path
-
-import pytest
 
 import pgflow_py as pf
 from pgflow_py.store.sqlite import LOST_WORKER
-from pgflow_py.testing import FakeClock
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(1_800_000_000)
-
-
-@pytest.fixture
-def store(tmp_path: Path, clock: FakeClock):
-    with pf.connect(tmp_path / "leases.db", clock=clock) as s:
-        yield s
 
 
 def _claim_as_dead_worker(store: pf.Store, slug: str, lease: float = 0.05):

@@ -12,24 +12,10 @@ import textwrap
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
 import pgflow_py as pf
-from pgflow_py.testing import FakeClock
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    # A whole-second start, so datetime <-> timestamp conversions are exact.
-    return FakeClock(1_800_000_000)
-
-
-@pytest.fixture
-def store(tmp_path: Path, clock: FakeClock):
-    with pf.connect(tmp_path / "runner.db", clock=clock) as s:
-        yield s
 
 
 def drain(store: pf.Store, *flows: pf.Flow, **options) -> pf.RunnerStats:
