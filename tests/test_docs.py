@@ -122,3 +122,13 @@ def test_parse_blocks() -> None:
     ]
     assert blocks[1].source == "print('```')\n"
     assert blocks[1].id == "01-beat"
+
+
+def test_the_readme_snippet_runs(tmp_path: Path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    (block,) = [b for b in parse_blocks(readme) if b.info == "python" and b.heading == "In one screen"]
+    done = subprocess.run(
+        [sys.executable, "-c", block.source], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "{'sent': True}"
