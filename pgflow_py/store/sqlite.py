@@ -300,7 +300,11 @@ class SqliteBackend:
         if cached is None or (version is not None and cached[0] != version):
             definition = self.get_definition(flow_slug)
             if definition is None:
-                raise SchemaError(f"flow {flow_slug!r} has runs but no stored definition")
+                raise SchemaError(
+                    f"flow {flow_slug!r} has runs in {self._where} but no stored definition "
+                    "(was its row deleted by hand?); register the flow again with "
+                    "store.register(flow)"
+                )
             return definition
         return cached[1]
 
