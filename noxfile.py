@@ -16,7 +16,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.4")
-    session.run("ruff", "check", "pgflow_py", "tests", "examples")
+    session.run("ruff", "check", "pgflow_py", "tests", "examples", "benchmarks")
 
 
 @nox.session

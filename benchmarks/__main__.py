@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pgflow_py as pf
 
+from . import latency, memory
+
 
 @pf.job(queue="bench_async")
 async def bench_async(input, ctx):
@@ -94,6 +96,19 @@ BENCHMARKS: list[tuple[str, str, Callable[[Path, int], float], float]] = [
 ]
 
 
+def _single_figures(directory: Path) -> list[tuple[str, str, float]]:
+    """Latency percentiles (one series each) and peak memory (one run)."""
+    same_p50, same_p99 = latency.same_process(directory)
+    other_p50, other_p99 = latency.other_process(directory)
+    return [
+        ("pick-up latency, same process, p50", "ms", same_p50),
+        ("pick-up latency, same process, p99", "ms", same_p99),
+        ("pick-up latency, other process, p50", "ms", other_p50),
+        ("pick-up latency, other process, p99", "ms", other_p99),
+        ("peak RSS of a runner draining 100,000 jobs", "MB", memory.peak_rss_mb(directory)),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=3)
@@ -110,6 +125,9 @@ def main() -> None:
                             "all": [round(f) for f in figures]})
             print(f"{name:<48} {median:>10,.0f} {unit:<7} (n={n:,}, runs: "
                   + ", ".join(f"{f:,.0f}" for f in figures) + ")", flush=True)
+        for name, unit, value in _single_figures(Path(tmp)):
+            results.append({"benchmark": name, "unit": unit, "value": round(value, 2)})
+            print(f"{name:<48} {value:>10,.1f} {unit}", flush=True)
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(),
                "platform": platform.platform(), "sqlite": __import__("sqlite3").sqlite_version}
     print(f"machine: {machine}")
