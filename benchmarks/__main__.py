@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pgflow_py as pf
 
-from . import latency, memory
+from . import backlog, latency, memory
 
 
 @pf.job(queue="bench_async")
@@ -96,8 +96,8 @@ BENCHMARKS: list[tuple[str, str, Callable[[Path, int], float], float]] = [
 ]
 
 
-def _single_figures(directory: Path) -> list[tuple[str, str, float]]:
-    """Latency percentiles (one series each) and peak memory (one run)."""
+def _single_figures(directory: Path, backlog_size: int) -> list[tuple[str, str, float]]:
+    """Latency percentiles (one series each), peak memory and the backlog ratio (one run)."""
     same_p50, same_p99 = latency.same_process(directory)
     other_p50, other_p99 = latency.other_process(directory)
     return [
@@ -106,6 +106,8 @@ def _single_figures(directory: Path) -> list[tuple[str, str, float]]:
         ("pick-up latency, other process, p50", "ms", other_p50),
         ("pick-up latency, other process, p99", "ms", other_p99),
         ("peak RSS of a runner draining 100,000 jobs", "MB", memory.peak_rss_mb(directory)),
+        (f"10,000 jobs from {backlog_size:,} queued vs from 10,000", "x",
+         backlog.drain_head(directory, backlog_size) / backlog.drain_head(directory, 10_000)),
     ]
 
 
@@ -114,6 +116,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--backlog", type=int, default=1_000_000,
+                        help="queued jobs for the backlog ratio (filling 1,000,000 takes ~1 min)")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +129,7 @@ def main() -> None:
                             "all": [round(f) for f in figures]})
             print(f"{name:<48} {median:>10,.0f} {unit:<7} (n={n:,}, runs: "
                   + ", ".join(f"{f:,.0f}" for f in figures) + ")", flush=True)
-        for name, unit, value in _single_figures(Path(tmp)):
+        for name, unit, value in _single_figures(Path(tmp), args.backlog):
             results.append({"benchmark": name, "unit": unit, "value": round(value, 2)})
             print(f"{name:<48} {value:>10,.1f} {unit}", flush=True)
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(),
