@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pgflow_py as pf
 
-from . import backlog, latency, memory
+from . import backlog, huey_compare, latency, memory
 
 
 @pf.job(queue="bench_async")
@@ -132,6 +132,18 @@ def main() -> None:
         for name, unit, value in _single_figures(Path(tmp), args.backlog):
             results.append({"benchmark": name, "unit": unit, "value": round(value, 2)})
             print(f"{name:<48} {value:>10,.1f} {unit}", flush=True)
+        try:
+            ours = drain(bench_async, 100)(Path(tmp), args.jobs)
+            theirs, workers = huey_compare.best(Path(tmp), args.jobs)
+        except ImportError:
+            print("huey side by side: skipped (pip install -e '.[bench]')")
+        else:
+            for name, unit, value in (
+                (f"huey SqliteHuey consumer, {workers} thread(s)", "jobs/s", theirs),
+                ("pgflow_py (async, concurrency 100) / huey, same run", "x", ours / theirs),
+            ):
+                results.append({"benchmark": name, "unit": unit, "value": round(value, 2)})
+                print(f"{name:<48} {value:>10,.1f} {unit}", flush=True)
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(),
                "platform": platform.platform(), "sqlite": __import__("sqlite3").sqlite_version}
     print(f"machine: {machine}")
