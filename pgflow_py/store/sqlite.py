@@ -350,12 +350,13 @@ class SqliteBackend:
             states: list[tuple[Any, ...]] = []
             tasks: list[tuple[Any, ...]] = []
             empty_maps: list[tuple[NewRun, str]] = []
+            max_attempts_of = {s.slug: d.effective(s.slug).max_attempts for s in d.root_steps}
             for r in fresh:
                 for step in d.steps:
                     if step.depends_on:
                         states.append((r.id, step.slug, "created", len(step.depends_on), None, None))
                         continue
-                    max_attempts = d.effective(step.slug).max_attempts
+                    max_attempts = max_attempts_of[step.slug]
                     due = r.run_at + step.start_delay
                     if step.step_type == "single":
                         states.append((r.id, step.slug, "started", 0, 1, now))
@@ -1104,12 +1105,14 @@ class SqliteBackend:
                 tasks=tuple(t for t, _ in step_tasks),
             )
         result = []
+        by_run: dict[str, list[tuple[TaskRun, float | None]]] = {}
+        for (rid, _step), step_tasks in tasks.items():
+            by_run.setdefault(rid, []).extend(step_tasks)
         for (run_id, flow_slug, status, inp, output, error, key, priority, created, started,
              finished) in rows:
             order = self._step_order(flow_slug)
             run_steps = steps.get(run_id, {})
-            all_tasks = [t for (rid, _), ts in tasks.items() if rid == run_id for t in ts]
-            last = max(all_tasks, key=lambda t: t[1] or 0.0, default=None)
+            last = max(by_run.get(run_id, ()), key=lambda t: t[1] or 0.0, default=None)
             result.append(Run(
                 id=run_id,
                 flow_slug=flow_slug,
