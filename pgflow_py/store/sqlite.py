@@ -26,6 +26,7 @@ from ..clock import Clock
 from ..definition import FlowDefinition, StepDefinition
 from ..errors import InputError, SchemaError, ShapeMismatch, StoreError
 from ..models import AttemptRecord, Run, RunStatus, StepRun, TaskRun
+from ._checkpoint import Checkpointer
 from .base import ClaimedTask, NewRun, RunFailure, TaskFailure, TaskSuccess
 
 __all__ = ("LOST_WORKER", "SCHEMA_VERSION", "SqliteBackend")
@@ -92,6 +93,7 @@ class SqliteBackend:
             )
         except sqlite3.Error as exc:
             raise SchemaError(f"cannot open the pgflow database {where}: {exc}") from exc
+        self._checkpointer: Checkpointer | None = None
         try:
             self._configure(busy_timeout)
             self._migrate()
@@ -104,6 +106,8 @@ class SqliteBackend:
         except BaseException:
             self._conn.close()
             raise
+        if path != ":memory:":
+            self._checkpointer = Checkpointer(path, busy_timeout)
 
     # --- connection and schema -----------------------------------------------------------------
 
@@ -112,6 +116,10 @@ class SqliteBackend:
         c.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         if self.url != ":memory:":
             c.execute("PRAGMA journal_mode = WAL")
+            # Checkpoints run in the background (see _checkpoint); this is the fallback should
+            # that thread fall behind. Past that, the WAL file is cut back to 64 MB.
+            c.execute("PRAGMA wal_autocheckpoint = 16384")
+            c.execute("PRAGMA journal_size_limit = 67108864")
         c.execute("PRAGMA synchronous = NORMAL")
         # Runs and tasks are touched at random (uuids): keep the hot pages in memory.
         c.execute("PRAGMA cache_size = -65536")
@@ -167,6 +175,8 @@ class SqliteBackend:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise self._store_error(exc) from exc
+            if self._checkpointer is not None:
+                self._checkpointer.wrote()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -182,6 +192,8 @@ class SqliteBackend:
         return StoreError(f"the pgflow database {self._where} failed: {text}{hint}")
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         with self._lock:
             self._conn.close()
 

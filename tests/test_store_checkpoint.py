@@ -1,0 +1,42 @@
+"""WAL checkpoints happen in the background, not inside a writer's COMMIT."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pgflow_py as pf
+
+
+@pf.job(queue="checkpointed")
+def checkpointed(input, ctx):
+    return input
+
+
+def _checkpoint_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "pgflow-wal-checkpoint"]
+
+
+def test_writes_reach_the_database_file_without_the_writer_checkpointing(db_path: Path) -> None:
+    before = len(_checkpoint_threads())
+    with pf.connect(db_path) as store:
+        (autocheckpoint,) = store.backend._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert autocheckpoint > 5_000  # the writer alone would leave 5,000 runs in the WAL
+        empty = db_path.stat().st_size
+        for chunk in range(5):
+            store.start_many(checkpointed, [{"i": i} for i in range(chunk * 1000, chunk * 1000 + 1000)])
+        deadline = time.monotonic() + 10
+        while db_path.stat().st_size <= empty and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert db_path.stat().st_size > empty + 100_000, "the WAL was not checkpointed"
+        assert len(_checkpoint_threads()) == before + 1
+        assert store.runs(flow=checkpointed, limit=10_000)[0].input == {"i": 4999}
+    assert len(_checkpoint_threads()) == before  # close() stops the thread
+
+
+def test_an_in_memory_store_has_no_checkpoint_thread() -> None:
+    before = len(_checkpoint_threads())
+    with pf.connect(":memory:") as store:
+        store.start(checkpointed, {"i": 1})
+        assert len(_checkpoint_threads()) == before
