@@ -15,8 +15,9 @@ import signal
 import socket
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -43,6 +44,8 @@ __all__ = ("RunnerStats", "arun_flows", "run_flows")
 
 log = logging.getLogger("pgflow_py.runner")
 
+_T = TypeVar("_T")
+
 
 @attrs.frozen
 class RunnerStats:
@@ -63,6 +66,28 @@ def _error_text(exc: BaseException) -> str:
         return f"Retry: {exc}"
     message = str(exc)
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+_uncancel = getattr(asyncio.Task, "uncancel", None)  # Python 3.11+: keep cancel counts balanced
+
+
+class _Attempt:
+    """One running attempt of a task, and how to stop it."""
+
+    __slots__ = ("flag", "stopped", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task  # the worker running it
+        self.flag = CancelFlag()
+        self.stopped: str | None = None
+
+    def stop(self, why: str) -> None:
+        """``"timeout"`` fails the attempt; ``"cancel"`` (run cancelled or failed, lease lost)
+        drops it. Async handlers are cancelled; sync ones see ``ctx.cancelled``."""
+        if self.stopped is None:
+            self.stopped = why
+            self.flag.set()
+            self.task.cancel()
 
 
 class _Runner:
@@ -91,17 +116,15 @@ class _Runner:
         self.lease = lease
         self.poll_interval = poll_interval
         self.shutdown_timeout = shutdown_timeout
-        # Results are flushed (and free workers refilled) once half the pool is free, or after
-        # a millisecond: one transaction per batch instead of one per task.
+        # At most half the pool is claimed per transaction, so one batch runs on the event loop
+        # while the database thread records the one before and claims the next.
         self.batch_size = max(1, concurrency // 2)
-        self.batch_window = 0.001
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.counts = {"completed": 0, "failed": 0, "retried": 0, "timed_out": 0, "cancelled": 0}
         self._successes: list[TaskSuccess] = []
         self._failures: list[TaskFailure] = []
         self._in_flight = 0
-        # Attempts in progress: how to stop each one (async cancel, and a flag for sync code).
-        self._running: dict[int, tuple[anyio.CancelScope, CancelFlag]] = {}
+        self._running: dict[int, _Attempt] = {}
         # on_dead hooks: candidates by task id, then those due once their failure is recorded.
         self._dying: dict[int, tuple[Hook, Context, Exception]] = {}
         self._dead_hooks: list[tuple[Hook, Context, Exception]] = []
@@ -114,8 +137,12 @@ class _Runner:
         self._pause = 0.005  # adaptive poll for work from other processes
         self._must_claim = True
         self._tg: anyio.abc.TaskGroup
+        self._loop: asyncio.AbstractEventLoop
         self._queue: asyncio.Queue[ClaimedTask | None] = asyncio.Queue()
         self._wake = asyncio.Event()
+        # Every database call of the runner runs on this one thread, a transaction per call:
+        # sqlite3 releases the GIL inside SQLite, so handlers keep running meanwhile.
+        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="pgflow-db")
         # Threads abandoned at a timeout release their slot, so the limit is the pool size.
         self._limiter = anyio.CapacityLimiter(concurrency)
 
@@ -129,7 +156,7 @@ class _Runner:
     # --- main loop -----------------------------------------------------------------------------
 
     async def run(self) -> RunnerStats:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         loop_thread = threading.get_ident()
 
         def wake_from_anywhere(event: str) -> None:
@@ -154,18 +181,22 @@ class _Runner:
                     for _ in range(self.concurrency):
                         self._queue.put_nowait(None)
                     if self._in_flight:
-                        # Shutdown timeout passed or the runner was cancelled: the attempts
-                        # still running go back to the queue without counting.
-                        self.backend.release(self.worker_id, list(self._running))
-                        for _scope, flag in self._running.values():
-                            flag.set()
+                        # Shutdown timeout passed or the runner was cancelled: stop the attempts
+                        # still running; their tasks are released below, without counting.
+                        for attempt in self._running.values():
+                            attempt.flag.set()
                         tg.cancel_scope.cancel()
-            self._flush()
+            await self._exchange(0)
             await self._run_dead_hooks()
         finally:
             self.store.remove_listener(wake_from_anywhere)
+            # A database call interrupted by cancellation still completes on its thread.
+            self._db_thread.shutdown(wait=True)
             try:
-                self._flush()
+                self._record(self._successes, self._failures)
+                self._successes, self._failures = [], []
+                # Whatever is still leased to this runner goes back to the queue.
+                self.backend.release(self.worker_id, None)
                 self.backend.forget_worker(self.worker_id)
             except StoreError as exc:
                 log.error(
@@ -173,6 +204,9 @@ class _Runner:
                     "once their leases expire", len(self._successes) + len(self._failures), exc,
                 )
         return RunnerStats(**self.counts)
+
+    async def _db(self, function: Callable[..., _T], *args: Any) -> _T:
+        return await self._loop.run_in_executor(self._db_thread, function, *args)
 
     async def _run_dead_hooks(self) -> None:
         hooks, self._dead_hooks = self._dead_hooks, []
@@ -184,20 +218,23 @@ class _Runner:
         for hook, ctx, exc in hooks:
             self._tg.start_soon(call_hook, "on_dead", hook, ctx, exc)
 
-    def _beat(self) -> None:
+    async def _beat(self) -> None:
         """Renew leases, stop attempts whose task was taken away, reclaim expired leases."""
-        self._next_beat = anyio.current_time() + self._beat_interval
-        lost = self.backend.heartbeat(
-            self.worker_id, self.flow_slugs, list(self._running), self.lease
-        )
-        for task_id in lost:
-            scope, flag = self._running[task_id]
-            flag.set()
-            scope.cancel()
+        self._next_beat = self._loop.time() + self._beat_interval
+        running = dict(self._running)
         failed_runs: list[RunFailure] = []
-        self.backend.reclaim_expired(self.flow_slugs, failed_runs)
+        lost = await self._db(self._beat_in_db, list(running), failed_runs)
+        for task_id in lost:
+            # The same attempt only: the task may have finished and started again meanwhile.
+            if self._running.get(task_id) is running[task_id]:
+                running[task_id].stop("cancel")
         self.counts["failed"] += len(failed_runs)
         self._runs_failed(failed_runs)
+
+    def _beat_in_db(self, running: list[int], failed_runs: list[RunFailure]) -> list[int]:
+        lost = self.backend.heartbeat(self.worker_id, self.flow_slugs, running, self.lease)
+        self.backend.reclaim_expired(self.flow_slugs, failed_runs)
+        return lost
 
     async def _dispatch(self) -> None:
         backoff = 0.05
@@ -213,56 +250,61 @@ class _Runner:
                 backoff = min(backoff * 2, 30.0)
 
     async def _dispatch_once(self) -> bool:
-        """One pass: record results, heartbeat, cron, claim, then wait. True means stop."""
+        """One pass: heartbeat, cron, record results and claim, then wait. True means stop."""
         self._wake.clear()
-        self._flush()
         if self._dead_hooks:
             self._start_dead_hooks()
-        if anyio.current_time() >= self._next_beat:
-            self._beat()
+        if self._loop.time() >= self._next_beat:
+            await self._beat()
         cron_at = self.cron.next_at
         if cron_at is not None and cron_at <= self.clock.now() and not self._stopping:
             self.cron.start_due()
         if self._stopping:
+            if self._successes or self._failures:
+                await self._exchange(0)
             if self._in_flight == 0:
                 return True
-            now = anyio.current_time()
+            now = self._loop.time()
             self._stop_deadline = self._stop_deadline or now + self.shutdown_timeout
             if now >= self._stop_deadline:
                 log.warning("shutdown timeout: cancelling %d running task(s)", self._in_flight)
                 return True
             await self._wait(self._stop_deadline - now)
             return False
-        free = self.concurrency - self._in_flight
-        claimed: list[ClaimedTask] = []
+        idle_workers = self.concurrency - self._in_flight
+        want = min(idle_workers, self.batch_size)
         due: float | None = None
-        if free > 0:
-            if not self._must_claim:
-                # Nothing new from this process: a cheap read tells whether anything (perhaps
-                # started by another process) is due, before taking the write lock to claim.
-                due = self.backend.next_due(self.flow_slugs)
-            if self._must_claim or (due is not None and due <= self.clock.now()):
-                claimed = self.backend.claim(self.worker_id, self.flow_slugs, free, self.lease)
-                due = None
-            # A full batch may leave more behind; otherwise ask again next time.
-            self._must_claim = len(claimed) == free
-        for task in claimed:
-            self._in_flight += 1
-            self._queue.put_nowait(task)
-        if claimed:
-            self._pause = 0.005
-            if len(claimed) == free:
-                # Every worker is busy: wait for a result (or the next heartbeat).
-                await self._wait(self._next_beat - anyio.current_time())
-                await self._gather_results()
-            else:
-                await anyio.sleep(0)  # let workers start, then look again
+        if want and not (self._must_claim or self._successes or self._failures):
+            # Nothing new from this process: a cheap read tells whether anything (perhaps
+            # started by another process) is due, before taking the write lock to claim.
+            due = await self._db(self.backend.next_due, self.flow_slugs)
+            if due is None or due > self.clock.now():
+                want = 0
+        if want or self._successes or self._failures:
+            claimed = await self._exchange(want)
+            due = None  # the results may have queued tasks (retries, next steps)
+            if want:
+                # A full batch may leave more behind; otherwise ask again next time.
+                self._must_claim = len(claimed) == want
+            if claimed:
+                self._pause = 0.005
+                self._in_flight += len(claimed)
+                for task in claimed:
+                    self._queue.put_nowait(task)
+                return False  # the previous batch's results are ready by now: go again
+            if self._successes or self._failures:
+                return False
+        if idle_workers <= 0:
+            # Every worker is busy: results (or the next heartbeat) wake us.
+            await self._wait(self._next_beat - self._loop.time())
             return False
         if due is None:
-            due = self.backend.next_due(self.flow_slugs)
+            due = await self._db(self.backend.next_due, self.flow_slugs)
+            if self._successes or self._failures:
+                return False  # results came in meanwhile
         now = self.clock.now()
         if due is not None and due <= now:
-            # Due but not claimable (another runner holds the write lock, or took it).
+            # Due but not claimed (another runner took it, or holds the write lock).
             await self._wait(self._pause)
             self._pause = min(self._pause * 2, self.poll_interval)
             return False
@@ -285,19 +327,10 @@ class _Runner:
         self._pause = min(self._pause * 2, self.poll_interval)
         return False
 
-    async def _gather_results(self) -> None:
-        """Give other busy workers a moment to finish, so results are written in batches."""
-        window = anyio.current_time() + self.batch_window
-        while (
-            self._in_flight
-            and self.concurrency - self._in_flight < self.batch_size
-            and anyio.current_time() < window
-        ):
-            self._wake.clear()
-            await self._wait(window - anyio.current_time())
-
     async def _wait(self, timeout: float) -> None:
-        timeout = min(timeout, self._next_beat - anyio.current_time())
+        timeout = min(timeout, self._next_beat - self._loop.time())
+        if self._wake.is_set():
+            return
         with anyio.move_on_after(max(timeout, 0.0)):
             await self._wake.wait()
 
@@ -317,20 +350,32 @@ class _Runner:
             tg.start_soon(sleeper)
             tg.start_soon(waker)
 
-    def _flush(self) -> None:
-        if not self._successes and not self._failures:
-            return
-        # Results can queue new tasks (dependent steps, retries): claim next pass.
-        self._must_claim = True
+    async def _exchange(self, claim: int) -> list[ClaimedTask]:
+        """Record the results gathered so far and claim up to ``claim`` tasks: one transaction."""
         successes, self._successes = self._successes, []
         failures, self._failures = self._failures, []
         failed_runs: list[RunFailure] = []
         try:
-            finished = self.backend.finish(successes, failures, failed_runs)
+            finished, claimed = await self._db(
+                self.backend.finish_and_claim, successes, failures, failed_runs,
+                self.worker_id, self.flow_slugs, claim, self.lease,
+            )
         except StoreError:
             self._successes[:0] = successes
             self._failures[:0] = failures
             raise
+        self._recorded(finished, failures, failed_runs)
+        return claimed
+
+    def _record(self, successes: list[TaskSuccess], failures: list[TaskFailure]) -> None:
+        """Record results on the calling thread (at shutdown, when the loop is done)."""
+        failed_runs: list[RunFailure] = []
+        finished = self.backend.finish(successes, failures, failed_runs)
+        self._recorded(finished, failures, failed_runs)
+
+    def _recorded(
+        self, finished: list[str], failures: list[TaskFailure], failed_runs: list[RunFailure]
+    ) -> None:
         if finished:
             self.store._notify_finished()
         dying = {f.task_id: self._dying.pop(f.task_id) for f in failures if f.task_id in self._dying}
@@ -367,22 +412,24 @@ class _Runner:
     # --- workers -------------------------------------------------------------------------------
 
     async def _worker(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
         while True:
             task = await self._queue.get()
             if task is None:
                 return
             try:
-                await self._execute(task)
+                await self._execute(task, me)
             finally:
                 self._in_flight -= 1
                 self._wake.set()
 
-    async def _execute(self, task: ClaimedTask) -> None:
+    async def _execute(self, task: ClaimedTask, me: asyncio.Task[Any]) -> None:
         if task.flow_version != self.versions[task.flow_slug]:
             self._outdated(task)
             return
         step = self.steps[(task.flow_slug, task.step_slug)]
-        flag = CancelFlag()
+        attempt = _Attempt(me)
         ctx = Context(
             run_id=task.run_id,
             flow_slug=task.flow_slug,
@@ -393,35 +440,48 @@ class _Runner:
             flow_input=task.flow_input,
             resources=self.resources,
             deadline=step.deadline(),
-            cancel_flag=flag,
+            cancel_flag=attempt.flag,
         )
         error: Exception | None = None
-        # One scope: its deadline is the timeout, and the heartbeat cancels it to stop the attempt.
-        with anyio.CancelScope(deadline=anyio.current_time() + step.options.timeout) as scope:
-            self._running[task.id] = (scope, flag)
-            try:
+        output: Any = None
+        # A timer rather than a cancel scope per attempt: stopping cancels the worker's task.
+        timer = self._loop.call_later(step.options.timeout, attempt.stop, "timeout")
+        self._running[task.id] = attempt
+        try:
+            if step.is_async:
+                output = await step.handler(task.input, ctx)
+            else:
                 output = await run_attempt(step, task.input, ctx, self._limiter)
-            except Exception as exc:
-                error = exc
-            finally:
-                del self._running[task.id]
-        if scope.cancelled_caught:
-            if flag.is_set():
-                # The task was cancelled, its run failed, or its lease was lost: nothing to record.
-                self.counts["cancelled"] += 1
-                return
+        except asyncio.CancelledError:
+            if attempt.stopped is None:
+                raise  # the runner itself is being cancelled
+        except Exception as exc:
+            error = exc
+        finally:
+            timer.cancel()
+            del self._running[task.id]
+            if attempt.stopped is not None and _uncancel is not None:
+                _uncancel(me)
+        if attempt.stopped == "cancel":
+            # The task was cancelled, its run failed, or its lease was lost: nothing to record.
+            self.counts["cancelled"] += 1
+            return
+        if attempt.stopped == "timeout":
             error = timeout_error(step, ctx)
         if error is not None:
-            # Outside the attempt's scope, so stopping the attempt cannot cut a hook short.
+            # Outside the attempt's try, so stopping the attempt cannot cut a hook short.
             await self._failed(step, task, ctx, error)
             return
-        try:
-            output_json = _json.dumps(output)
-        except (TypeError, ValueError) as exc:
-            await self._failed(step, task, ctx, TypeError(
-                f"the handler returned a value that is not JSON-serializable: {exc}"
-            ))
-            return
+        if output is None:
+            output_json = "null"
+        else:
+            try:
+                output_json = _json.dumps(output)
+            except (TypeError, ValueError) as exc:
+                await self._failed(step, task, ctx, TypeError(
+                    f"the handler returned a value that is not JSON-serializable: {exc}"
+                ))
+                return
         self.counts["completed"] += 1
         self._successes.append(TaskSuccess(
             task.id, task.attempt, output_json, task.run_id, task.step_slug, step.is_job,
@@ -465,7 +525,7 @@ class _Runner:
             log.warning(
                 "%s.%s failed for good (run %s, attempt %d of %d): %s",
                 task.flow_slug, task.step_slug, task.run_id, task.attempt, task.max_attempts,
-                error, exc_info=not isinstance(exc, (PermanentFailure, StepTimeout)),
+                error, exc_info=None if isinstance(exc, (PermanentFailure, StepTimeout)) else exc,
             )
         hook_ctx = attrs.evolve(ctx, will_retry=will_retry)
         if step.on_dead is not None and not will_retry:

@@ -143,6 +143,20 @@ class Backend(Protocol):
         """
         ...
 
+    def finish_and_claim(
+        self,
+        successes: Sequence[TaskSuccess],
+        failures: Sequence[TaskFailure],
+        failed_runs: list[RunFailure] | None,
+        worker_id: str,
+        flow_slugs: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+    ) -> tuple[list[str], list[ClaimedTask]]:
+        """``finish`` then ``claim`` in one transaction (the runner's hot path): returns the
+        finished runs' ids and the claimed tasks, which may include tasks these results queued."""
+        ...
+
     def heartbeat(
         self, worker_id: str, flow_slugs: Sequence[str], task_ids: Sequence[int],
         lease_seconds: float,
@@ -162,8 +176,9 @@ class Backend(Protocol):
         """Remove a stopped worker from the workers table."""
         ...
 
-    def release(self, worker_id: str, task_ids: Sequence[int]) -> None:
-        """Put claimed tasks back in the queue without counting an attempt."""
+    def release(self, worker_id: str, task_ids: Sequence[int] | None) -> None:
+        """Put claimed tasks back in the queue without counting an attempt (``None``: every
+        task this worker holds)."""
         ...
 
     def next_due(self, flow_slugs: Sequence[str]) -> float | None:

@@ -477,38 +477,31 @@ class SqliteBackend:
     def claim(
         self, worker_id: str, flow_slugs: Sequence[str], limit: int, lease_seconds: float
     ) -> list[ClaimedTask]:
-        if limit <= 0 or not flow_slugs:
-            return []
+        return self.finish_and_claim((), (), None, worker_id, flow_slugs, limit, lease_seconds)[1]
+
+    def finish_and_claim(
+        self,
+        successes: Sequence[TaskSuccess],
+        failures: Sequence[TaskFailure],
+        failed_runs: list[RunFailure] | None,
+        worker_id: str,
+        flow_slugs: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+    ) -> tuple[list[str], list[ClaimedTask]]:
+        claiming = limit > 0 and bool(flow_slugs)
+        if not successes and not failures and not claiming:
+            return [], []
         now = self.clock.now()
-        # Leases are about liveness, so they run on real time even under a fake clock.
-        lease = (worker_id, time.time() + lease_seconds, now)
-        caps = {
-            slug: cached[1].concurrency
-            for slug in flow_slugs
-            if (cached := self._definitions.get(slug)) is not None
-            and cached[1].concurrency is not None
-        }
-        with self._write() as c:
-            if caps:
-                rows = self._claim_capped(c, list(flow_slugs), caps, limit, lease, now)
-            else:
-                # The common case: a single statement over the partial index of queued tasks.
-                rows = c.execute(
-                    self._CLAIM_SET + "WHERE id IN ("
-                    + self._CLAIM_SELECT.format("id", _placeholders(len(flow_slugs))) + ") "
-                    + self._CLAIM_RETURNING,
-                    (*lease, now, *flow_slugs, limit),
-                ).fetchall()
-            if not rows:
-                return []
-            run_ids = list({row[1] for row in rows})
-            # Marks the runs started and reads their inputs in one statement (a correlated
-            # subquery in the claim's RETURNING would scan `runs`).
-            run_inputs = dict(c.execute(
-                "UPDATE runs SET started_at = coalesce(started_at, ?) "
-                f"WHERE id IN ({_placeholders(len(run_ids))}) RETURNING id, input",
-                (now, *run_ids),
-            ).fetchall())
+        finished: list[str] = []
+        rows: list[Any] = []
+        with self._write() as c, self._collecting_failures(failed_runs):
+            if successes or failures:
+                self._finish(c, successes, failures, now, finished)
+            if claiming:
+                rows, run_inputs = self._claim(c, worker_id, flow_slugs, limit, lease_seconds, now)
+        if not rows:
+            return finished, []
         rows.sort(key=lambda row: (-row[7], row[0]))
         loads = _json.loads
         tasks = []
@@ -518,7 +511,47 @@ class SqliteBackend:
                 tid, run_id, flow, step, index, attempt, max_att, prio,
                 flow_input if inp is None else loads(inp), flow_input, version, claim,
             ))
-        return tasks
+        return finished, tasks
+
+    def _claim(
+        self,
+        c: sqlite3.Connection,
+        worker_id: str,
+        flow_slugs: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+        now: float,
+    ) -> tuple[list[Any], dict[str, str]]:
+        """Claim inside the caller's transaction: the task rows and their runs' input JSON."""
+        # Leases are about liveness, so they run on real time even under a fake clock.
+        lease = (worker_id, time.time() + lease_seconds, now)
+        caps = {
+            slug: cached[1].concurrency
+            for slug in flow_slugs
+            if (cached := self._definitions.get(slug)) is not None
+            and cached[1].concurrency is not None
+        }
+        if caps:
+            rows = self._claim_capped(c, list(flow_slugs), caps, limit, lease, now)
+        else:
+            # The common case: a single statement over the partial index of queued tasks.
+            rows = c.execute(
+                self._CLAIM_SET + "WHERE id IN ("
+                + self._CLAIM_SELECT.format("id", _placeholders(len(flow_slugs))) + ") "
+                + self._CLAIM_RETURNING,
+                (*lease, now, *flow_slugs, limit),
+            ).fetchall()
+        if not rows:
+            return [], {}
+        run_ids = list({row[1] for row in rows})
+        # Marks the runs started and reads their inputs in one statement (a correlated
+        # subquery in the claim's RETURNING would scan `runs`).
+        run_inputs = dict(c.execute(
+            "UPDATE runs SET started_at = coalesce(started_at, ?) "
+            f"WHERE id IN ({_placeholders(len(run_ids))}) RETURNING id, input",
+            (now, *run_ids),
+        ).fetchall())
+        return rows, run_inputs
 
     def _claim_capped(
         self,
@@ -625,22 +658,27 @@ class SqliteBackend:
                                 finished)
         return len(expired)
 
-    def release(self, worker_id: str, task_ids: Sequence[int]) -> None:
-        if not task_ids:
+    def release(self, worker_id: str, task_ids: Sequence[int] | None) -> None:
+        if task_ids is not None and not task_ids:
             return
+        unclaim = (
+            "UPDATE step_tasks SET status = 'queued', attempts = attempts - 1, "
+            "lease_owner = NULL, lease_expires = NULL "
+            "WHERE status = 'started' AND lease_owner = ? "
+        )
         with self._write() as c:
-            run_ids = {row[0] for task_id in task_ids for row in c.execute(
-                "UPDATE step_tasks SET status = 'queued', attempts = attempts - 1, "
-                "lease_owner = NULL, lease_expires = NULL "
-                "WHERE id = ? AND status = 'started' AND lease_owner = ? RETURNING run_id",
-                (task_id, worker_id),
-            ).fetchall()}
+            if task_ids is None:
+                rows = c.execute(unclaim + "RETURNING run_id", (worker_id,)).fetchall()
+            else:
+                rows = [row for task_id in task_ids for row in c.execute(
+                    unclaim + "AND id = ? RETURNING run_id", (worker_id, task_id)
+                ).fetchall()]
             # A run whose only progress was the released claim has not started after all.
             c.executemany(
                 "UPDATE runs SET started_at = NULL WHERE id = ? AND NOT EXISTS ("
                 "SELECT 1 FROM step_tasks t WHERE t.run_id = runs.id AND (t.attempts > 0 "
                 "OR t.status IN ('started', 'completed')))",
-                [(run_id,) for run_id in run_ids],
+                [(run_id,) for run_id in {row[0] for row in rows}],
             )
 
     def next_due(self, flow_slugs: Sequence[str]) -> float | None:
@@ -672,17 +710,21 @@ class SqliteBackend:
         failures: Sequence[TaskFailure],
         failed_runs: list[RunFailure] | None = None,
     ) -> list[str]:
-        if not successes and not failures:
-            return []
-        now = self.clock.now()
-        finished: list[str] = []
-        with self._write() as c, self._collecting_failures(failed_runs):
-            rest = self._complete_jobs(c, [s for s in successes if s.job], now, finished)
-            for s in [s for s in successes if not s.job] + rest:
-                self._complete_task(c, s, now, finished)
-            for f in failures:
-                self._fail_task(c, f, now, finished)
-        return finished
+        return self.finish_and_claim(successes, failures, failed_runs, "", (), 0, 0.0)[0]
+
+    def _finish(
+        self,
+        c: sqlite3.Connection,
+        successes: Sequence[TaskSuccess],
+        failures: Sequence[TaskFailure],
+        now: float,
+        finished: list[str],
+    ) -> None:
+        rest = self._complete_jobs(c, [s for s in successes if s.job], now, finished)
+        for s in [s for s in successes if not s.job] + rest:
+            self._complete_task(c, s, now, finished)
+        for f in failures:
+            self._fail_task(c, f, now, finished)
 
     def _complete_jobs(
         self, c: sqlite3.Connection, batch: list[TaskSuccess], now: float, finished: list[str]
