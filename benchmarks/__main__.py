@@ -1,6 +1,6 @@
 """Print throughput figures of pgflow_py on this machine; each is the median of N repetitions.
 
-    python -m benchmarks [--repeat 3] [--jobs 10000] [--json out.json]
+    python -m benchmarks [--repeat 3] [--jobs 20000] [--json out.json] [--only latency ...]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pgflow_py as pf
 
-from . import backlog, huey_compare, latency, memory
+from . import arrivals, backlog, huey_compare, latency, memory
 
 
 @pf.job(queue="bench_async")
@@ -45,6 +45,19 @@ async def left(deps, ctx):
 
 @three.step(depends_on=[root])
 async def right(deps, ctx):
+    return None
+
+
+mapped = pf.flow("bench_map")
+
+
+@mapped.step()
+async def elements(input, ctx):
+    return list(range(input["n"]))
+
+
+@mapped.map(array=elements)
+async def each(item, ctx):
     return None
 
 
@@ -85,6 +98,17 @@ def drain(job: pf.Flow, concurrency: int) -> Callable[[Path, int], float]:
     return measure
 
 
+def map_tasks(directory: Path, n: int) -> float:
+    """Tasks per second of one map step over ``n`` elements (its root step included)."""
+    with _fresh_store(directory, "map") as store:
+        store.start(mapped, {"n": n})
+        began = time.perf_counter()
+        stats = pf.run_flows([mapped], store=store, until_idle=True, concurrency=100)
+        elapsed = time.perf_counter() - began
+        assert stats.completed == n + 1, stats
+        return n / elapsed
+
+
 BENCHMARKS: list[tuple[str, str, Callable[[Path, int], float], float]] = [
     # name, unit, function, share of --jobs used as n
     ("start, one at a time", "runs/s", start_one_at_a_time, 0.5),
@@ -92,58 +116,101 @@ BENCHMARKS: list[tuple[str, str, Callable[[Path, int], float], float]] = [
     ("end-to-end no-op async jobs (concurrency 10)", "jobs/s", drain(bench_async, 10), 1.0),
     ("end-to-end no-op async jobs (concurrency 100)", "jobs/s", drain(bench_async, 100), 1.0),
     ("end-to-end no-op sync jobs (concurrency 10)", "jobs/s", drain(bench_sync, 10), 1.0),
-    ("3-step flow runs (concurrency 10)", "runs/s", drain(three, 10), 0.2),
+    ("end-to-end no-op sync jobs (concurrency 100)", "jobs/s", drain(bench_sync, 100), 1.0),
+    ("end-to-end async jobs, +50% arriving (concurrency 100)", "jobs/s",
+     arrivals.drain_while_starting, 1.0),
+    ("map step over n elements (concurrency 100)", "tasks/s", map_tasks, 0.5),
+    ("3-step flow runs (concurrency 10)", "runs/s", drain(three, 10), 0.1),
 ]
 
 
-def _single_figures(directory: Path, backlog_size: int) -> list[tuple[str, str, float]]:
-    """Latency percentiles (one series each), peak memory and the backlog ratio (one run)."""
-    same_p50, same_p99 = latency.same_process(directory)
-    other_p50, other_p99 = latency.other_process(directory)
-    return [
-        ("pick-up latency, same process, p50", "ms", same_p50),
-        ("pick-up latency, same process, p99", "ms", same_p99),
-        ("pick-up latency, other process, p50", "ms", other_p50),
-        ("pick-up latency, other process, p99", "ms", other_p99),
-        ("peak RSS of a runner draining 100,000 jobs", "MB", memory.peak_rss_mb(directory)),
-        (f"10,000 jobs from {backlog_size:,} queued vs from 10,000", "x",
-         backlog.drain_head(directory, backlog_size) / backlog.drain_head(directory, 10_000)),
-    ]
+Rows = list[tuple[str, str, float]]  # name, unit, value
+
+
+def _latency_same(directory: Path, args: argparse.Namespace) -> Rows:
+    p50, p99 = latency.same_process(directory)
+    return [("pick-up latency, same process, p50", "ms", p50),
+            ("pick-up latency, same process, p99", "ms", p99)]
+
+
+def _latency_other(directory: Path, args: argparse.Namespace) -> Rows:
+    p50, p99 = latency.other_process(directory)
+    return [("pick-up latency, other process, p50", "ms", p50),
+            ("pick-up latency, other process, p99", "ms", p99)]
+
+
+def _rss(directory: Path, args: argparse.Namespace) -> Rows:
+    return [("peak RSS of a runner draining 100,000 jobs", "MB", memory.peak_rss_mb(directory))]
+
+
+def _backlog(directory: Path, args: argparse.Namespace) -> Rows:
+    ratio = (backlog.drain_head(directory, args.backlog)
+             / backlog.drain_head(directory, 10_000))
+    return [(f"10,000 jobs from {args.backlog:,} queued vs from 10,000", "x", ratio)]
+
+
+def _huey(directory: Path, args: argparse.Namespace) -> Rows:
+    theirs, workers = huey_compare.best(directory, args.jobs)  # ImportError without huey
+    ours = drain(bench_async, 100)(directory, args.jobs)
+    return [(f"huey SqliteHuey consumer, {workers} thread(s)", "jobs/s", theirs),
+            ("pgflow_py (async, concurrency 100) / huey, same run", "x", ours / theirs)]
+
+
+# Measured once each (latency percentiles are over a series of starts); --only matches the key.
+SINGLE_FIGURES: list[tuple[str, Callable[[Path, argparse.Namespace], Rows]]] = [
+    ("pick-up latency, same process", _latency_same),
+    ("pick-up latency, other process", _latency_other),
+    ("peak RSS", _rss),
+    ("backlog ratio", _backlog),
+    ("huey side by side", _huey),
+]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--jobs", type=int, default=20_000,
+                        help="n of the end-to-end drains; the other sizes scale from it")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--backlog", type=int, default=1_000_000,
                         help="queued jobs for the backlog ratio (filling 1,000,000 takes ~1 min)")
+    parser.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
+                        help="run only the benchmarks whose name contains it (any case; "
+                        "repeatable), e.g. arriving, map, latency, rss, backlog, huey")
     args = parser.parse_args()
+
+    def wanted(name: str) -> bool:
+        return not args.only or any(part.lower() in name.lower() for part in args.only)
+
+    names = [name for name, *_ in BENCHMARKS] + [key for key, _ in SINGLE_FIGURES]
+    if not any(wanted(name) for name in names):
+        parser.error(f"--only matches none of {names}")
+
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, unit, function, share in BENCHMARKS:
+            if not wanted(name):
+                continue
             n = max(1, int(args.jobs * share))
             figures = [function(Path(tmp), n) for _ in range(args.repeat)]
             median = statistics.median(figures)
             results.append({"benchmark": name, "n": n, "unit": unit, "median": round(median),
                             "all": [round(f) for f in figures]})
-            print(f"{name:<48} {median:>10,.0f} {unit:<7} (n={n:,}, runs: "
+            print(f"{name:<56} {median:>10,.0f} {unit:<7} (n={n:,}, runs: "
                   + ", ".join(f"{f:,.0f}" for f in figures) + ")", flush=True)
-        for name, unit, value in _single_figures(Path(tmp), args.backlog):
-            results.append({"benchmark": name, "unit": unit, "value": round(value, 2)})
-            print(f"{name:<48} {value:>10,.1f} {unit}", flush=True)
-        try:
-            ours = drain(bench_async, 100)(Path(tmp), args.jobs)
-            theirs, workers = huey_compare.best(Path(tmp), args.jobs)
-        except ImportError:
-            print("huey side by side: skipped (pip install -e '.[bench]')")
-        else:
-            for name, unit, value in (
-                (f"huey SqliteHuey consumer, {workers} thread(s)", "jobs/s", theirs),
-                ("pgflow_py (async, concurrency 100) / huey, same run", "x", ours / theirs),
-            ):
+        for key, measure in SINGLE_FIGURES:
+            if not wanted(key):
+                continue
+            try:
+                rows = measure(Path(tmp), args)
+            except ImportError as exc:
+                print(f"{key}: skipped ({exc}; pip install -e '.[bench]')", flush=True)
+                continue
+            for name, unit, value in rows:
                 results.append({"benchmark": name, "unit": unit, "value": round(value, 2)})
-                print(f"{name:<48} {value:>10,.1f} {unit}", flush=True)
+                print(f"{name:<56} {value:>10,.1f} {unit}", flush=True)
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(),
                "platform": platform.platform(), "sqlite": __import__("sqlite3").sqlite_version}
     print(f"machine: {machine}")

@@ -541,6 +541,38 @@ def test_pgflow_tables_exist_and_are_versioned(store: pf.Store, db_path: Path) -
         conn.close()
 
 
+def test_a_version_1_database_is_migrated_with_its_runs(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgflow_py.store import sqlite as sqlite_backend
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite_backend, "SCHEMA_VERSION", 1)
+        with pf.connect(db_path) as old:
+            done = old.start(echo, {"n": 1})
+            waiting = old.start(echo, {"n": 2})
+            flow_run = old.start(pipeline, {"n": 3})
+            # Version 1 kept a state row for a job's step too.
+            old.backend._conn.executemany(
+                "INSERT INTO step_states (run_id, step_slug, status, remaining_deps, "
+                "remaining_tasks, started_at) VALUES (?, 'echo', 'started', 0, 1, 0)",
+                [(done.id,), (waiting.id,)],
+            )
+            old.backend.cancel(waiting.id)
+            serve(old, echo)
+        assert table_counts(db_path)["step_states"] == 2 + 2  # two jobs' rows, two of the flow
+
+    with pf.connect(db_path) as new:
+        assert table_counts(db_path)["step_states"] == 2  # only the flow's
+        assert new.get_run(done.id).steps[0].status == "completed"
+        assert new.get_run(done.id).steps[0].output == {"n": 1}
+        assert new.get_run(waiting.id).steps[0].status == "cancelled"
+        new.retry(waiting.id)
+        serve(new, echo, pipeline)
+        assert new.get_run(waiting.id).output == {"n": 2}
+        assert new.get_run(flow_run.id).output == {"double": 6}
+
+
 def test_two_stores_on_one_file_share_runs_and_keys(db_path: Path) -> None:
     clock = pf.testing.FakeClock()
     with pf.connect(db_path, clock=clock) as a, pf.connect(db_path, clock=clock) as b:
@@ -818,7 +850,7 @@ def test_prune_deletes_only_old_terminal_runs(
     assert {r.id for r in store.runs()} == {recent_done.id, never_served.id}
     counts = table_counts(db_path)
     assert counts["runs"] == 2
-    assert counts["step_states"] == 2
+    assert counts["step_states"] == 0  # a job keeps its one step's state in its task
     assert counts["step_tasks"] == 2
     assert store.prune(older_than=timedelta(days=7)) == 0
     assert store.prune(older_than=3600) == 1  # seconds work too

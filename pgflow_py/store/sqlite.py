@@ -33,9 +33,9 @@ __all__ = ("LOST_WORKER", "SCHEMA_VERSION", "SqliteBackend")
 
 LOST_WORKER = "WorkerLost: the worker running this attempt stopped renewing its lease"
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x70666C77  # "pflw": marks a file as a pgflow_py database
-_MIGRATIONS = {1: "sqlite_0001_initial.sql"}
+_MIGRATIONS = {1: "sqlite_0001_initial.sql", 2: "sqlite_0002_lean_jobs.sql"}
 
 # What to do about the SQLite errors a user can meet, by a word of their message.
 _HINTS = (
@@ -63,8 +63,12 @@ CASE
   ELSE 'running'
 END"""
 
+# runs.started_at is written when the first attempt ends; until then it is the running attempts'.
+_STARTED_SQL = """coalesce(r.started_at, (SELECT min(t.started_at) FROM step_tasks t
+                                     WHERE t.run_id = r.id AND t.status = 'started'))"""
+
 _RUN_COLUMNS = f"""r.id, r.flow_slug, {_STATUS_SQL} AS status, r.input, r.output, r.error, r.key,
-r.priority, r.created_at, r.started_at, r.finished_at"""
+r.priority, r.created_at, {_STARTED_SQL}, r.finished_at"""
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -363,6 +367,7 @@ class SqliteBackend:
             tasks: list[tuple[Any, ...]] = []
             empty_maps: list[tuple[NewRun, str]] = []
             max_attempts_of = {s.slug: d.effective(s.slug).max_attempts for s in d.root_steps}
+            job = d.kind == "job"  # a job's one step keeps its state in its task
             for r in fresh:
                 for step in d.steps:
                     if step.depends_on:
@@ -371,7 +376,8 @@ class SqliteBackend:
                     max_attempts = max_attempts_of[step.slug]
                     due = r.run_at + step.start_delay
                     if step.step_type == "single":
-                        states.append((r.id, step.slug, "started", 0, 1, now))
+                        if not job:
+                            states.append((r.id, step.slug, "started", 0, 1, now))
                         tasks.append((r.id, d.slug, version, step.slug, None, max_attempts,
                                       r.priority, due, None, now))
                         continue
@@ -544,12 +550,9 @@ class SqliteBackend:
         if not rows:
             return [], {}
         run_ids = list({row[1] for row in rows})
-        # Marks the runs started and reads their inputs in one statement (a correlated
-        # subquery in the claim's RETURNING would scan `runs`).
+        # The runs are not written here: a run's start is read from its running tasks.
         run_inputs = dict(c.execute(
-            "UPDATE runs SET started_at = coalesce(started_at, ?) "
-            f"WHERE id IN ({_placeholders(len(run_ids))}) RETURNING id, input",
-            (now, *run_ids),
+            f"SELECT id, input FROM runs WHERE id IN ({_placeholders(len(run_ids))})", run_ids
         ).fetchall())
         return rows, run_inputs
 
@@ -663,23 +666,15 @@ class SqliteBackend:
             return
         unclaim = (
             "UPDATE step_tasks SET status = 'queued', attempts = attempts - 1, "
-            "lease_owner = NULL, lease_expires = NULL "
+            "lease_owner = NULL, lease_expires = NULL, started_at = NULL "
             "WHERE status = 'started' AND lease_owner = ? "
         )
         with self._write() as c:
+            # A released claim leaves no trace: a run's start is read from its running tasks.
             if task_ids is None:
-                rows = c.execute(unclaim + "RETURNING run_id", (worker_id,)).fetchall()
+                c.execute(unclaim, (worker_id,))
             else:
-                rows = [row for task_id in task_ids for row in c.execute(
-                    unclaim + "AND id = ? RETURNING run_id", (worker_id, task_id)
-                ).fetchall()]
-            # A run whose only progress was the released claim has not started after all.
-            c.executemany(
-                "UPDATE runs SET started_at = NULL WHERE id = ? AND NOT EXISTS ("
-                "SELECT 1 FROM step_tasks t WHERE t.run_id = runs.id AND (t.attempts > 0 "
-                "OR t.status IN ('started', 'completed')))",
-                [(run_id,) for run_id in {row[0] for row in rows}],
-            )
+                c.executemany(unclaim + "AND id = ?", [(worker_id, t) for t in task_ids])
 
     def next_due(self, flow_slugs: Sequence[str]) -> float | None:
         if not flow_slugs:
@@ -744,15 +739,12 @@ class SqliteBackend:
             [(s.output_json, now, s.task_id, s.attempt, s.claim) for s in batch],
         ).rowcount
         if done == len(batch):
-            c.executemany(
-                "UPDATE step_states SET status = 'completed', output = ?, remaining_tasks = 0, "
-                "finished_at = ? WHERE run_id = ? AND step_slug = ?",
-                [(s.output_json, now, s.run_id, s.step_slug) for s in batch],
-            )
             done = c.executemany(
                 "UPDATE runs SET status = 'completed', remaining_steps = 0, output = ?, "
-                "finished_at = ? WHERE id = ? AND status = 'started'",
-                [(s.output_json, now, s.run_id) for s in batch],
+                "finished_at = ?, started_at = coalesce(started_at, "
+                "(SELECT t.started_at FROM step_tasks t WHERE t.id = ?)) "
+                "WHERE id = ? AND status = 'started'",
+                [(s.output_json, now, s.task_id, s.run_id) for s in batch],
             ).rowcount
         if done != len(batch):
             c.execute("ROLLBACK TO jobs")
@@ -770,12 +762,12 @@ class SqliteBackend:
             "UPDATE step_tasks SET status = 'completed', output = ?, finished_at = ?, "
             "lease_owner = NULL, lease_expires = NULL "
             "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
-            "RETURNING run_id, flow_slug, step_slug, task_index, priority, flow_version",
+            "RETURNING run_id, flow_slug, step_slug, task_index, priority, flow_version, started_at",
             (s.output_json, now, s.task_id, s.attempt, s.claim),
         ).fetchone()
         if row is None:
             return
-        run_id, flow_slug, step_slug, task_index, priority, version = row
+        run_id, flow_slug, step_slug, task_index, priority, version, started_at = row
         if task_index is None:
             step_output = s.output_json
         else:
@@ -786,6 +778,7 @@ class SqliteBackend:
                 (run_id, step_slug),
             ).fetchone()
             if left is None or left[0] > 0:
+                self._mark_started(c, run_id, started_at)
                 return
             outputs = c.execute(
                 "SELECT output FROM step_tasks WHERE run_id = ? AND step_slug = ? "
@@ -794,7 +787,17 @@ class SqliteBackend:
             ).fetchall()
             step_output = "[" + ",".join(o[0] for o in outputs) + "]"
         d = self._definition(flow_slug, version)
-        self._complete_steps(c, d, run_id, priority, [(step_slug, step_output)], now, finished)
+        self._complete_steps(
+            c, d, run_id, priority, [(step_slug, step_output)], now, finished, started_at=started_at
+        )
+
+    @staticmethod
+    def _mark_started(c: sqlite3.Connection, run_id: str, started_at: float | None) -> None:
+        """Record when a run's first attempt started, once one has ended."""
+        c.execute(
+            "UPDATE runs SET started_at = ? WHERE id = ? AND started_at IS NULL",
+            (started_at, run_id),
+        )
 
     def _complete_steps(
         self,
@@ -806,31 +809,35 @@ class SqliteBackend:
         now: float,
         finished: list[str],
         not_before: float = 0.0,
+        started_at: float | None = None,
     ) -> None:
         """Mark steps completed and start the dependents that became ready, cascading.
 
-        Dependents are due no earlier than ``not_before`` (a delayed run's start time).
+        Dependents are due no earlier than ``not_before`` (a delayed run's start time);
+        ``started_at`` is when the completing attempt started.
         """
         while done:
             step_slug, output = done.pop()
+            if d.kind == "job":
+                # A job's one step is its leaf (and has no state row): finish the run.
+                if c.execute(
+                    "UPDATE runs SET status = 'completed', remaining_steps = 0, output = ?, "
+                    "finished_at = ?, started_at = coalesce(started_at, ?) "
+                    "WHERE id = ? AND status = 'started'",
+                    (output, now, started_at, run_id),
+                ).rowcount:
+                    finished.append(run_id)
+                return
             updated = c.execute(
                 "UPDATE step_states SET status = 'completed', output = ?, remaining_tasks = 0, "
                 "finished_at = ? WHERE run_id = ? AND step_slug = ? AND status != 'completed'",
                 (output, now, run_id, step_slug),
             ).rowcount
-            if d.kind == "job":
-                # A job's one step is its leaf: finish the run in the same statement.
-                if c.execute(
-                    "UPDATE runs SET status = 'completed', remaining_steps = 0, output = ?, "
-                    "finished_at = ? WHERE id = ? AND status = 'started'",
-                    (output, now, run_id),
-                ).rowcount:
-                    finished.append(run_id)
-                return
             left = c.execute(
-                "UPDATE runs SET remaining_steps = remaining_steps - ? "
+                "UPDATE runs SET remaining_steps = remaining_steps - ?, "
+                "started_at = coalesce(started_at, ?) "
                 "WHERE id = ? AND status = 'started' RETURNING remaining_steps",
-                (1 if updated else 0, run_id),
+                (1 if updated else 0, started_at, run_id),
             ).fetchone()
             if left is None:
                 return  # the run failed or was cancelled meanwhile
@@ -924,22 +931,26 @@ class SqliteBackend:
             "json_object('attempt', attempts, 'error', ?, 'at', ?))"
         )
         if f.retry_at is not None:
-            c.execute(
+            row = c.execute(
                 f"UPDATE step_tasks SET status = 'queued', run_at = ?, error = ?, {history_sql}, "
                 "lease_owner = NULL, lease_expires = NULL "
-                "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started'",
+                "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
+                "RETURNING run_id, started_at",
                 (f.retry_at, f.error, f.error, now, f.task_id, f.attempt, f.claim),
-            )
+            ).fetchone()
+            if row is not None:
+                self._mark_started(c, row[0], row[1])
             return
         row = c.execute(
             f"UPDATE step_tasks SET status = 'failed', error = ?, {history_sql}, finished_at = ?, "
             "lease_owner = NULL, lease_expires = NULL "
             "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
-            "RETURNING run_id, step_slug, task_index",
+            "RETURNING run_id, step_slug, task_index, started_at",
             (f.error, f.error, now, now, f.task_id, f.attempt, f.claim),
         ).fetchone()
         if row is None:
             return
+        self._mark_started(c, row[0], row[3])
         if self._fail_run(c, row[0], row[1], f.error, now, (f.task_id, row[2], f.attempt)):
             finished.append(row[0])
 
@@ -1158,6 +1169,18 @@ class SqliteBackend:
                 error=error,
                 tasks=tuple(t for t, _ in step_tasks),
             )
+        for (run_id, step), step_tasks in tasks.items():
+            if step not in steps.get(run_id, {}):
+                # A job's step has no state row: its one task is its state.
+                task = step_tasks[0][0]
+                steps.setdefault(run_id, {})[step] = StepRun(
+                    slug=step,
+                    status="started" if task.status in ("queued", "started") else task.status,
+                    attempts=task.attempts,
+                    output=task.output,
+                    error=task.error if task.status == "failed" else None,
+                    tasks=(task,),
+                )
         result = []
         by_run: dict[str, list[tuple[TaskRun, float | None]]] = {}
         for (rid, _step), step_tasks in tasks.items():

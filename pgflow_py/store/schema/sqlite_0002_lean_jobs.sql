@@ -1,0 +1,12 @@
+-- pgflow_py schema version 2 (SQLite): less to write per job.
+
+-- A job's one step keeps its state in its task: no step_states row.
+DELETE FROM step_states WHERE run_id IN (
+    SELECT r.id FROM runs r JOIN flows f ON f.flow_slug = r.flow_slug WHERE f.kind = 'job'
+);
+
+-- Pruning scans the runs instead of every completion updating an index by finish time.
+DROP INDEX runs_finished;
+
+-- runs.started_at is now written when a run's first attempt ends; until then it is read from
+-- the run's running tasks.
