@@ -559,14 +559,14 @@ def test_a_version_1_database_is_migrated_with_its_runs(
                 [(done.id,), (waiting.id,)],
             )
             old.backend.cancel(waiting.id)
-            serve(old, echo)
         assert table_counts(db_path)["step_states"] == 2 + 2  # two jobs' rows, two of the flow
 
     with pf.connect(db_path) as new:
         assert table_counts(db_path)["step_states"] == 2  # only the flow's
+        assert new.get_run(waiting.id).steps[0].status == "cancelled"
+        serve(new, echo)
         assert new.get_run(done.id).steps[0].status == "completed"
         assert new.get_run(done.id).steps[0].output == {"n": 1}
-        assert new.get_run(waiting.id).steps[0].status == "cancelled"
         new.retry(waiting.id)
         serve(new, echo, pipeline)
         assert new.get_run(waiting.id).output == {"n": 2}
@@ -1000,3 +1000,32 @@ def test_pgflow_store_fixture(pgflow_store: pf.Store, pgflow_clock: pf.testing.F
     assert pgflow_store.get_run(run.id).status == pf.RunStatus.QUEUED
     serve(pgflow_store, echo)
     assert pf.testing.assert_started(pgflow_store, echo, input="fixture").output == "fixture"
+
+
+def test_claims_across_flows_and_priority_levels_take_due_tasks_in_claim_order(
+    store: pf.Store, clock: pf.testing.FakeClock
+) -> None:
+    # Claims look each flow up on its own and each priority level on its own (so not-yet-due
+    # tasks at a high priority are never scanned); the merged order must still be priority
+    # first, then due time.
+    high_later = store.start(echo, {"n": "high, due in 60s"}, priority=9, delay=60)
+    low_first = store.start(echo, {"n": "low"}, priority=-1)
+    clock.advance(1)
+    mid_other = store.start(other_echo, {"n": "mid"}, priority=5)
+    zero_other = store.start(other_echo, {"n": "zero"})
+    clock.advance(1)
+    mid_echo = store.start(echo, {"n": "mid, later"}, priority=5)
+    store.register(echo)
+    store.register(other_echo)
+    backend = store.backend
+
+    claimed = backend.claim("w", ["echo", "other_echo"], 3, 30)
+    assert [t.run_id for t in claimed] == [mid_other.id, mid_echo.id, zero_other.id]
+    assert backend.next_due(["echo"]) == clock.now() - 2  # low_first, due since it started
+    assert [t.run_id for t in backend.claim("w", ["echo"], 5, 30)] == [low_first.id]
+    # Only the high-priority task remains, due in 58 s.
+    assert backend.next_due(["echo", "other_echo"]) == pytest.approx(clock.now() + 58)
+    assert backend.claim("w", ["echo", "other_echo"], 5, 30) == []
+    clock.advance(58)
+    assert [t.run_id for t in backend.claim("w", ["echo"], 5, 30)] == [high_later.id]
+    assert backend.next_due(["echo", "other_echo"]) is None

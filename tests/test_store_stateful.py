@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import attrs
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -69,7 +68,7 @@ SLUGS = [f.slug for f in (*JOBS.values(), *FLOWS.values())]
 
 # Results name the claim they answer when the backend hands out claim tokens (attempt numbers
 # alone repeat after store.retry and backend.release).
-CLAIM_TOKENS = "claim" in attrs.fields_dict(TaskSuccess)
+CLAIM_TOKENS = "claim" in TaskSuccess._fields
 
 json_values = st.integers(-5, 1000)
 NOT_AN_ARRAY = {"not": "an array"}

@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import anyio
@@ -40,9 +39,6 @@ class StepRuntime:
     @is_async.default
     def _is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.handler)
-
-    def deadline(self) -> datetime:
-        return datetime.now(timezone.utc) + timedelta(seconds=self.options.timeout)
 
 
 async def run_attempt(

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import anyio
@@ -68,18 +71,25 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-_uncancel = getattr(asyncio.Task, "uncancel", None)  # Python 3.11+: keep cancel counts balanced
+_uncancel = getattr(asyncio.Task, "uncancel", None)
+_TIMEOUT_GRAIN = 0.005  # seconds: attempts whose timeouts end this close share one loop timer
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc)
+  # Python 3.11+: keep cancel counts balanced
 
 
 class _Attempt:
     """One running attempt of a task, and how to stop it."""
 
-    __slots__ = ("flag", "stopped", "task")
+    __slots__ = ("due", "flag", "stopped", "task")
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task  # the worker running it
         self.flag = CancelFlag()
         self.stopped: str | None = None
+        self.due = 0.0  # its timeout's slot in the runner's timeout buckets
 
     def stop(self, why: str) -> None:
         """``"timeout"`` fails the attempt; ``"cancel"`` (run cancelled or failed, lease lost)
@@ -138,7 +148,12 @@ class _Runner:
         self._must_claim = True
         self._tg: anyio.abc.TaskGroup
         self._loop: asyncio.AbstractEventLoop
-        self._queue: asyncio.Queue[ClaimedTask | None] = asyncio.Queue()
+        # Idle workers wait on these futures; the dispatcher hands each a task directly.
+        self._idle: list[asyncio.Future[ClaimedTask | None]] = []
+        self._closing = False
+        # Attempts by the end of their timeout, rounded up to _TIMEOUT_GRAIN: one loop timer per
+        # bucket rather than one per attempt.
+        self._timeouts: dict[float, set[_Attempt]] = {}
         self._wake = asyncio.Event()
         # Every database call of the runner runs on this one thread, a transaction per call:
         # sqlite3 releases the GIL inside SQLite, so handlers keep running meanwhile.
@@ -178,8 +193,9 @@ class _Runner:
                 try:
                     await self._dispatch()
                 finally:
-                    for _ in range(self.concurrency):
-                        self._queue.put_nowait(None)
+                    self._closing = True
+                    for idle in self._idle:
+                        idle.set_result(None)
                     if self._in_flight:
                         # Shutdown timeout passed or the runner was cancelled: stop the attempts
                         # still running; their tasks are released below, without counting.
@@ -290,7 +306,7 @@ class _Runner:
                 self._pause = 0.005
                 self._in_flight += len(claimed)
                 for task in claimed:
-                    self._queue.put_nowait(task)
+                    self._idle.pop().set_result(task)
                 return False  # the previous batch's results are ready by now: go again
             if self._successes or self._failures:
                 return False
@@ -414,8 +430,10 @@ class _Runner:
     async def _worker(self) -> None:
         me = asyncio.current_task()
         assert me is not None
-        while True:
-            task = await self._queue.get()
+        while not self._closing:
+            idle = self._loop.create_future()
+            self._idle.append(idle)
+            task = await idle
             if task is None:
                 return
             try:
@@ -423,6 +441,20 @@ class _Runner:
             finally:
                 self._in_flight -= 1
                 self._wake.set()
+
+    def _watch(self, attempt: _Attempt, timeout: float) -> None:
+        """Stop ``attempt`` once ``timeout`` has passed (at most _TIMEOUT_GRAIN late)."""
+        due = math.ceil((self._loop.time() + timeout) / _TIMEOUT_GRAIN) * _TIMEOUT_GRAIN
+        attempt.due = due
+        bucket = self._timeouts.get(due)
+        if bucket is None:
+            bucket = self._timeouts[due] = set()
+            self._loop.call_at(due, self._time_out, due)
+        bucket.add(attempt)
+
+    def _time_out(self, due: float) -> None:
+        for attempt in self._timeouts.pop(due):
+            attempt.stop("timeout")
 
     async def _execute(self, task: ClaimedTask, me: asyncio.Task[Any]) -> None:
         if task.flow_version != self.versions[task.flow_slug]:
@@ -439,13 +471,12 @@ class _Runner:
             max_attempts=task.max_attempts,
             flow_input=task.flow_input,
             resources=self.resources,
-            deadline=step.deadline(),
+            deadline=_utc(time.time() + step.options.timeout),
             cancel_flag=attempt.flag,
         )
         error: Exception | None = None
         output: Any = None
-        # A timer rather than a cancel scope per attempt: stopping cancels the worker's task.
-        timer = self._loop.call_later(step.options.timeout, attempt.stop, "timeout")
+        self._watch(attempt, step.options.timeout)
         self._running[task.id] = attempt
         try:
             if step.is_async:
@@ -458,7 +489,9 @@ class _Runner:
         except Exception as exc:
             error = exc
         finally:
-            timer.cancel()
+            bucket = self._timeouts.get(attempt.due)
+            if bucket is not None:  # None once its timer has fired
+                bucket.discard(attempt)
             del self._running[task.id]
             if attempt.stopped is not None and _uncancel is not None:
                 _uncancel(me)

@@ -472,12 +472,22 @@ class SqliteBackend:
         "RETURNING id, run_id, flow_slug, step_slug, task_index, attempts, max_attempts, "
         "priority, input, flow_version, claims"
     )
-    _CLAIM_SELECT = (
-        # Pinned to the claim-order index: with the (flow_slug, run_at) index the planner would
-        # otherwise sort every due task to find the first few.
-        "SELECT {} FROM step_tasks INDEXED BY step_tasks_ready WHERE status = 'queued' "
-        "AND run_at <= ? "
-        "AND flow_slug IN ({}) ORDER BY priority DESC, run_at, id LIMIT ?"
+    # The priority levels a flow has queued tasks at, highest first: one index seek per level.
+    _LEVELS = (
+        "WITH RECURSIVE levels(p) AS ("
+        " SELECT max(priority) FROM step_tasks INDEXED BY step_tasks_queued"
+        " WHERE status = 'queued' AND flow_slug = :flow"
+        " UNION ALL"
+        " SELECT (SELECT max(priority) FROM step_tasks INDEXED BY step_tasks_queued"
+        "  WHERE status = 'queued' AND flow_slug = :flow AND priority < levels.p)"
+        " FROM levels WHERE levels.p IS NOT NULL) "
+    )
+    # Within a flow and level, due tasks are a prefix of the index: a range, never a scan past
+    # tasks that are not due yet.
+    _DUE_AT_LEVEL = (
+        "SELECT id, priority, run_at FROM step_tasks INDEXED BY step_tasks_queued "
+        "WHERE status = 'queued' AND flow_slug = ? AND priority = ? AND run_at <= ? "
+        "ORDER BY run_at, id LIMIT ?"
     )
 
     def claim(
@@ -528,27 +538,37 @@ class SqliteBackend:
         lease_seconds: float,
         now: float,
     ) -> tuple[list[Any], dict[str, str]]:
-        """Claim inside the caller's transaction: the task rows and their runs' input JSON."""
-        # Leases are about liveness, so they run on real time even under a fake clock.
-        lease = (worker_id, time.time() + lease_seconds, now)
-        caps = {
-            slug: cached[1].concurrency
-            for slug in flow_slugs
-            if (cached := self._definitions.get(slug)) is not None
-            and cached[1].concurrency is not None
-        }
-        if caps:
-            rows = self._claim_capped(c, list(flow_slugs), caps, limit, lease, now)
-        else:
-            # The common case: a single statement over the partial index of queued tasks.
-            rows = c.execute(
-                self._CLAIM_SET + "WHERE id IN ("
-                + self._CLAIM_SELECT.format("id", _placeholders(len(flow_slugs))) + ") "
-                + self._CLAIM_RETURNING,
-                (*lease, now, *flow_slugs, limit),
-            ).fetchall()
-        if not rows:
+        """Claim inside the caller's transaction: the task rows and their runs' input JSON.
+
+        Each flow is looked up on its own, so a backlog in one queue never slows the claims of
+        another, and a concurrency cap is just a smaller limit for its flow.
+        """
+        room = self._room(c, flow_slugs)
+        candidates: list[tuple[int, int, float]] = []
+        for slug in flow_slugs:
+            want = min(limit, room.get(slug, limit))
+            if want <= 0:
+                continue
+            levels = [row[0] for row in c.execute(
+                self._LEVELS + "SELECT p FROM levels WHERE p IS NOT NULL", {"flow": slug}
+            ).fetchall()]
+            for level in levels:
+                found = c.execute(self._DUE_AT_LEVEL, (slug, level, now, want)).fetchall()
+                candidates += found
+                want -= len(found)
+                if want <= 0:
+                    break
+        if not candidates:
             return [], {}
+        if len(flow_slugs) > 1:  # claim order across flows: priority, then due time
+            candidates.sort(key=lambda row: (-row[1], row[2], row[0]))
+            del candidates[limit:]
+        # Leases are about liveness, so they run on real time even under a fake clock.
+        rows = c.execute(
+            self._CLAIM_SET + f"WHERE id IN ({_placeholders(len(candidates))}) "
+            + self._CLAIM_RETURNING,
+            (worker_id, time.time() + lease_seconds, now, *(row[0] for row in candidates)),
+        ).fetchall()
         run_ids = list({row[1] for row in rows})
         # The runs are not written here: a run's start is read from its running tasks.
         run_inputs = dict(c.execute(
@@ -556,53 +576,23 @@ class SqliteBackend:
         ).fetchall())
         return rows, run_inputs
 
-    def _claim_capped(
-        self,
-        c: sqlite3.Connection,
-        eligible: list[str],
-        caps: dict[str, int],
-        limit: int,
-        lease: tuple[str, float, float],
-        now: float,
-    ) -> list[Any]:
-        """Claim in priority order while no flow passes its concurrency cap.
-
-        Runs inside the write transaction, so running counts cannot change underneath. Each
-        round that meets a full flow drops it and looks again, so rounds <= capped flows + 1.
-        """
+    def _room(self, c: sqlite3.Connection, flow_slugs: Sequence[str]) -> dict[str, int]:
+        """How many more tasks each capped flow may run now (read in the claim's transaction,
+        so no other runner can change it meanwhile)."""
+        caps = {
+            slug: cached[1].concurrency
+            for slug in flow_slugs
+            if (cached := self._definitions.get(slug)) is not None
+            and cached[1].concurrency is not None
+        }
+        if not caps:
+            return {}
         running = dict(c.execute(
             "SELECT flow_slug, count(*) FROM step_tasks WHERE status = 'started' "
             f"AND flow_slug IN ({_placeholders(len(caps))}) GROUP BY flow_slug",
             list(caps),
         ).fetchall())
-        room = {slug: cap - running.get(slug, 0) for slug, cap in caps.items()}
-        rows: list[Any] = []
-        while len(rows) < limit:
-            eligible = [s for s in eligible if room.get(s, 1) > 0]
-            if not eligible:
-                break
-            candidates = c.execute(
-                self._CLAIM_SELECT.format("id, flow_slug", _placeholders(len(eligible))),
-                (now, *eligible, limit - len(rows)),
-            ).fetchall()
-            take: list[int] = []
-            full = False
-            for task_id, slug in candidates:
-                if slug in room:
-                    if room[slug] <= 0:
-                        full = True
-                        continue
-                    room[slug] -= 1
-                take.append(task_id)
-            if take:
-                rows += c.execute(
-                    self._CLAIM_SET + f"WHERE id IN ({_placeholders(len(take))}) "
-                    + self._CLAIM_RETURNING,
-                    (*lease, *take),
-                ).fetchall()
-            if not full:
-                break
-        return rows
+        return {slug: cap - running.get(slug, 0) for slug, cap in caps.items()}
 
     def heartbeat(
         self, worker_id: str, flow_slugs: Sequence[str], task_ids: Sequence[int],
@@ -677,16 +667,20 @@ class SqliteBackend:
                 c.executemany(unclaim + "AND id = ?", [(worker_id, t) for t in task_ids])
 
     def next_due(self, flow_slugs: Sequence[str]) -> float | None:
-        if not flow_slugs:
-            return None
+        found = []
         with self._read() as conn:
-            # One min() per flow: each is a single probe of the step_tasks_due index.
-            dues = [conn.execute(
-                "SELECT min(run_at) FROM step_tasks WHERE status = 'queued' AND flow_slug = ?",
-                (slug,),
-            ).fetchone()[0] for slug in flow_slugs]
-        found = [float(d) for d in dues if d is not None]
-        return min(found) if found else None
+            for slug in flow_slugs:
+                # The earliest task of each priority level: one seek per level.
+                (due,) = conn.execute(
+                    self._LEVELS + "SELECT min((SELECT run_at FROM step_tasks "
+                    "INDEXED BY step_tasks_queued WHERE status = 'queued' AND flow_slug = :flow "
+                    "AND priority = levels.p ORDER BY run_at LIMIT 1)) "
+                    "FROM levels WHERE levels.p IS NOT NULL",
+                    {"flow": slug},
+                ).fetchone()
+                if due is not None:
+                    found.append(float(due))
+        return min(found, default=None)
 
     # --- results -------------------------------------------------------------------------------
 

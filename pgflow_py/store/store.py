@@ -215,8 +215,8 @@ class Store:
         definition = flow.definition
         plan = self._plan(definition)
         now = self.clock.now()
-        new = attrs.evolve(
-            self._new_run(plan, definition.cron_input, now, now, 0, key), cron_tick=tick
+        new = self._new_run(plan, definition.cron_input, now, now, 0, key)._replace(
+            cron_tick=tick
         )
         (run_id,) = self.backend.start_runs(definition, [new])
         if not run_id:
