@@ -446,38 +446,39 @@ def test_on_dead_runs_once_per_run_when_several_map_tasks_fail_for_good_together
 
 
 def test_a_hook_runs_to_completion_even_when_a_sibling_task_fails_the_run_meanwhile(store):
-    # Task 0 fails for good and fails the run while task 1's on_failure hook is still running
-    # (e.g. posting an alert). The runner then stops the run's other *attempts*; the hook of an
-    # attempt that already failed must still run to its end.
+    # Task 1 fails (and will be retried); while its on_failure hook is still running (e.g.
+    # posting an alert), task 0 fails for good and fails the run. The runner then stops the
+    # run's other *attempts*; the hook of an attempt that already failed must run to its end.
     started: list[int | None] = []
     ended: list[int | None] = []
-    zero_failed: list[asyncio.Event] = []
+    hook_running: list[asyncio.Event] = []
 
     async def on_failure(ctx, error):
         started.append(ctx.task_index)
         if ctx.task_index == 1:
-            for _ in range(500):  # until the run is failed by task 0
+            hook_running[0].set()  # now task 0 fails the run
+            for _ in range(500):
                 if store.get_run(ctx.run_id).status is pf.RunStatus.FAILED:
                     break
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.05)  # the hook is still busy after the run failed
         ended.append(ctx.task_index)
 
-    fan = pf.flow("fan_slow_hook", on_failure=on_failure)
+    fan = pf.flow("fan_slow_hook", on_failure=on_failure, max_attempts=2, base_delay=60)
 
     @fan.map()
     async def each(item, ctx):
-        if not zero_failed:
-            zero_failed.append(asyncio.Event())
-        if item == 0:
-            zero_failed[0].set()
-            raise pf.PermanentFailure("item 0 is bad")
-        await asyncio.wait_for(zero_failed[0].wait(), 5)
-        raise pf.PermanentFailure("item 1 is bad too")
+        if not hook_running:
+            hook_running.append(asyncio.Event())
+        if item == 1:
+            raise RuntimeError("item 1 hiccup")
+        await asyncio.wait_for(hook_running[0].wait(), 5)
+        raise pf.PermanentFailure("item 0 is bad")
 
     run = store.start(fan, [0, 1])
     drain(store, fan, concurrency=10)
     assert store.get_run(run.id).status is pf.RunStatus.FAILED
+    assert store.get_run(run.id).error == "PermanentFailure: item 0 is bad"
     assert sorted(started) == [0, 1]
     assert sorted(ended) == [0, 1], f"on_failure of task 1 was interrupted: started {started}, ended {ended}"
 
