@@ -22,10 +22,27 @@ _encoder = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_default
 )
 
+# The C encoder behind json.dumps, built once: json.dumps builds one per call, which is most of
+# its cost for the small values of inputs and outputs. No circular-reference bookkeeping: a
+# cycle ends in RecursionError, reported as the ValueError json.dumps would raise.
+_make_encoder = getattr(json.encoder, "c_make_encoder", None)  # None on interpreters without it
+_c_encoder = (
+    _make_encoder(
+        None, _default, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+    if _make_encoder is not None
+    else None
+)
+
 
 def dumps(value: Any) -> str:
     """Encode ``value`` as compact JSON; raises ``TypeError``/``ValueError`` when it cannot."""
-    return _encoder.encode(value)
+    if _c_encoder is None:
+        return _encoder.encode(value)
+    try:
+        return "".join(_c_encoder(value, 0))
+    except RecursionError:
+        raise ValueError("circular reference detected") from None
 
 
 loads = json.loads

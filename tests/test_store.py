@@ -324,6 +324,32 @@ def test_start_many_is_all_or_nothing(store: pf.Store, db_path: Path) -> None:
 # --- input validation ---------------------------------------------------------------------------
 
 
+def _cyclic() -> list[Any]:
+    loop: list[Any] = []
+    loop.append(loop)
+    return loop
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param({"a set": {1, 2}}, id="set"),
+        pytest.param(_cyclic(), id="cycle"),
+        pytest.param({"x": float("nan")}, id="nan"),
+        pytest.param({(1, 2): "tuple key"}, id="tuple-key"),
+    ],
+)
+def test_input_that_is_not_json_is_input_error_naming_the_flow(
+    store: pf.Store, db_path: Path, bad: Any
+) -> None:
+    store.register(echo)
+    before = table_counts(db_path)
+    with pytest.raises(pf.InputError, match="input of flow 'echo' must be JSON-serializable"):
+        store.start(echo, bad)
+    assert table_counts(db_path) == before
+
+
+
 class _Opaque:
     pass
 
@@ -1029,3 +1055,18 @@ def test_claims_across_flows_and_priority_levels_take_due_tasks_in_claim_order(
     clock.advance(58)
     assert [t.run_id for t in backend.claim("w", ["echo"], 5, 30)] == [high_later.id]
     assert backend.next_due(["echo", "other_echo"]) is None
+
+
+def test_run_ids_are_uuid7_and_ordered_by_creation_time(store: pf.Store) -> None:
+    import uuid
+
+    first = store.start_many(echo, [{"n": i} for i in range(500)])
+    later = store.start(echo, {"n": "later"})
+    ids = [r.id for r in first] + [later.id]
+    assert len(set(ids)) == len(ids)
+    for run_id in ids:
+        parsed = uuid.UUID(run_id)
+        assert (parsed.version, parsed.variant, str(parsed)) == (7, uuid.RFC_4122, run_id)
+    # The first 48 bits are the creation time in milliseconds: ids sort by when they were made.
+    stamps = [int(run_id.replace("-", "")[:12], 16) for run_id in ids]
+    assert stamps == sorted(stamps)

@@ -390,17 +390,19 @@ class SqliteBackend:
                          now)
                         for i, item in enumerate(items)
                     )
-            c.executemany(
-                "INSERT INTO step_states (run_id, step_slug, status, remaining_deps, "
-                "remaining_tasks, started_at) VALUES (?, ?, ?, ?, ?, ?)",
-                states,
-            )
-            c.executemany(
-                "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, task_index, "
-                "status, max_attempts, priority, run_at, input, created_at) "
-                "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                tasks,
-            )
+            if states:
+                c.executemany(
+                    "INSERT INTO step_states (run_id, step_slug, status, remaining_deps, "
+                    "remaining_tasks, started_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    states,
+                )
+            if tasks:
+                c.executemany(
+                    "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, "
+                    "task_index, status, max_attempts, priority, run_at, input, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                    tasks,
+                )
             for r, slug in empty_maps:  # a root map over an empty array completes at once
                 self._complete_steps(
                     c, d, r.id, r.priority, [(slug, "[]")], now, [], not_before=r.run_at

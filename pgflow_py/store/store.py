@@ -6,7 +6,6 @@ import math
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -44,19 +43,22 @@ def connect(url: str | os.PathLike[str] | None = None, *, clock: Clock | None = 
     return Store(SqliteBackend(path, clock))
 
 
-def new_run_id() -> str:
-    """A UUIDv7: time-ordered, so runs started together sit together in the database's B-trees
+def new_run_ids(n: int) -> list[str]:
+    """UUIDv7s: time-ordered, so runs started together sit together in the database's B-trees
     (far fewer pages written per batch than with random UUIDv4 keys)."""
-    millis = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (
-        (millis & 0xFFFFFFFFFFFF) << 80
-        | 0x7 << 76
-        | ((rand >> 62) & 0xFFF) << 64
-        | 0b10 << 62
-        | (rand & ((1 << 62) - 1))
-    )
-    return str(uuid.UUID(int=value))
+    ms = f"{time.time_ns() // 1_000_000:012x}"
+    prefix = f"{ms[:8]}-{ms[8:12]}-7"
+    rand = os.urandom(10 * n).hex()
+    # 48 bits of milliseconds, version 7, 12 random bits, the RFC 4122 variant, 62 random bits;
+    # formatted by hand (three times faster than uuid.UUID), with one urandom call per batch.
+    return [
+        f"{prefix}{r[:3]}-{'89ab'[int(r[3], 16) & 3]}{r[4:7]}-{r[7:19]}"
+        for r in (rand[i:i + 20] for i in range(0, 20 * n, 20))
+    ]
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc)
 
 
 def _seconds(value: float | timedelta, name: str) -> float:
@@ -158,6 +160,7 @@ class Store:
         now: float,
         priority: int,
         key: str | None,
+        run_id: str | None = None,
     ) -> NewRun:
         try:
             input_json = _json.dumps(input)
@@ -174,7 +177,9 @@ class Store:
                     f"so its input must be an array (list), got {type(input).__name__}"
                 )
             root_items = tuple(_json.dumps(item) for item in input)
-        return NewRun(new_run_id(), input_json, due, now, priority, key, root_items)
+        return NewRun(
+            run_id or new_run_ids(1)[0], input_json, due, now, priority, key, root_items
+        )
 
     @staticmethod
     def _check_priority(priority: int) -> None:
@@ -240,7 +245,10 @@ class Store:
         inputs = list(inputs)
         now = self.clock.now()
         plan = self._plan(definition)
-        news = [self._new_run(plan, item, due, now, priority, None) for item in inputs]
+        news = [
+            self._new_run(plan, item, due, now, priority, None, run_id)
+            for item, run_id in zip(inputs, new_run_ids(len(inputs)), strict=True)
+        ]
         if not news:
             if isinstance(flow, Flow):
                 self.register(flow)
@@ -248,9 +256,12 @@ class Store:
         self.backend.start_runs(definition, news)
         self._notify_started()
         now = self.clock.now()
-        return [self._fresh_run(plan, new, now) for new in news]
+        created = _utc(news[0].created_at)  # one start time for the whole batch
+        return [self._fresh_run(plan, new, now, created) for new in news]
 
-    def _fresh_run(self, plan: _StartPlan, new: NewRun, now: float) -> Run:
+    def _fresh_run(
+        self, plan: _StartPlan, new: NewRun, now: float, created: datetime | None = None
+    ) -> Run:
         # Built from what was just written, sparing a read per started run.
         if plan.root_map is not None and not new.root_items:
             return self.get_run(new.id)  # empty root map: already advanced
@@ -263,7 +274,7 @@ class Store:
             error=None,
             key=new.key,
             priority=new.priority,
-            created_at=datetime.fromtimestamp(new.created_at, tz=timezone.utc),
+            created_at=created or _utc(new.created_at),
             started_at=None,
             finished_at=None,
             attempts=0,
