@@ -1070,3 +1070,13 @@ def test_run_ids_are_uuid7_and_ordered_by_creation_time(store: pf.Store) -> None
     # The first 48 bits are the creation time in milliseconds: ids sort by when they were made.
     stamps = [int(run_id.replace("-", "")[:12], 16) for run_id in ids]
     assert stamps == sorted(stamps)
+
+
+def test_data_version_changes_when_another_connection_commits(db_path: Path) -> None:
+    # An idle runner watches this counter to notice work started by other processes.
+    with pf.connect(db_path) as mine, pf.connect(db_path) as theirs:
+        before = mine.backend.data_version()
+        mine.start(echo, {"n": 1})
+        assert mine.backend.data_version() == before  # its own commits do not count
+        theirs.start(echo, {"n": 2})
+        assert mine.backend.data_version() != before

@@ -73,6 +73,7 @@ def _error_text(exc: BaseException) -> str:
 
 _uncancel = getattr(asyncio.Task, "uncancel", None)
 _TIMEOUT_GRAIN = 0.005  # seconds: attempts whose timeouts end this close share one loop timer
+_PEEK = 0.05  # seconds between looks at whether another process wrote to the store
 
 
 def _utc(timestamp: float) -> datetime:
@@ -321,9 +322,8 @@ class _Runner:
             self._pause = min(self._pause * 2, self.poll_interval)
             return False
         if self._in_flight:
-            # Results will wake us; meanwhile poll for work from other processes.
-            await self._wait(self._pause)
-            self._pause = min(self._pause * 2, self.poll_interval)
+            # Results will wake us; meanwhile watch for work from other processes.
+            await self._poll_wait()
             return False
         if self.until_idle:
             # Waits out backoffs and delays (a fake clock jumps), never future cron ticks.
@@ -335,9 +335,21 @@ class _Runner:
         if target is not None and target - now < self._pause:
             await self._sleep_until(target - now)
             return False
-        await self._wait(self._pause)
-        self._pause = min(self._pause * 2, self.poll_interval)
+        await self._poll_wait()
         return False
+
+    async def _poll_wait(self) -> None:
+        """Wait for a wake-up (local work, results, the heartbeat) or for another process to
+        commit, which is checked every _PEEK seconds at the cost of reading a counter; after
+        ``_pause`` (growing while nothing happens) return anyway, to look for due tasks."""
+        seen = self.backend.data_version()
+        end = self._loop.time() + self._pause
+        self._pause = min(self._pause * 2, self.poll_interval)
+        while (left := end - self._loop.time()) > 0 and self._loop.time() < self._next_beat:
+            await self._wait(min(left, _PEEK))
+            if self._wake.is_set() or self.backend.data_version() != seen:
+                self._pause = 0.005  # something changed: look again soon after
+                return
 
     async def _gather_results(self) -> None:
         """Give other busy workers a moment to finish, so results are written in batches."""

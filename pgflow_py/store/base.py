@@ -178,6 +178,11 @@ class Backend(Protocol):
         task this worker holds)."""
         ...
 
+    def data_version(self) -> int:
+        """A number that changes whenever another connection or process commits: a cheap way
+        for an idle runner to notice work started elsewhere."""
+        ...
+
     def next_due(self, flow_slugs: Sequence[str]) -> float | None:
         """When the earliest queued task of these flows is due, or ``None`` if none is queued."""
         ...

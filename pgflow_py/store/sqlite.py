@@ -668,6 +668,10 @@ class SqliteBackend:
             else:
                 c.executemany(unclaim + "AND id = ?", [(worker_id, t) for t in task_ids])
 
+    def data_version(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
     def next_due(self, flow_slugs: Sequence[str]) -> float | None:
         found = []
         with self._read() as conn:
