@@ -741,3 +741,28 @@ def test_etl_example_extracts_transforms_and_summarises(tmp_path, capsys):
     assert run.step("transform").tasks and len(run.step("transform").tasks) == len(kept)
     out = capsys.readouterr().out
     assert "completed" in out
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_many_random_dag_runs_at_once_match_the_reference(data: st.DataObject) -> None:
+    # Many runs drained together: results reach the store in batches mixing runs and steps,
+    # the path that completes steps and starts their dependents set-wise.
+    specs = data.draw(dag_specs(), label="steps")
+    inputs = data.draw(st.lists(flow_input_for(specs), min_size=2, max_size=8), label="inputs")
+    failing = {"on": data.draw(st.booleans(), label="flaky")}
+    flow = build_flow(specs, failing, [])
+
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        pf.connect(os.path.join(tmp, "dags.db"), clock=FakeClock()) as store,
+    ):
+        runs = store.start_many(flow, inputs)
+        drain(store, flow, concurrency=50)
+        done = [store.get_run(run.id) for run in runs]
+
+    for run, flow_input in zip(done, inputs, strict=True):
+        expected, step_outputs = reference_output(specs, flow_input)
+        assert run.status is pf.RunStatus.COMPLETED, run.error
+        assert run.output == expected
+        assert {s.slug: s.output for s in run.steps} == step_outputs

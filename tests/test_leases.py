@@ -194,3 +194,41 @@ def test_heartbeat_registers_the_worker_and_forgets_it_on_exit(store):
     pf.run_flows([beat], store=store, until_idle=True)
     assert seen == [["beat"]]
     assert store.backend._conn.execute("SELECT count(*) FROM workers").fetchone()[0] == 0
+
+
+def test_a_stale_result_in_a_batch_of_flow_results_is_ignored_and_the_rest_recorded(store):
+    two = pf.flow("two_steps_batch")
+
+    @two.step()
+    def first(input, ctx):
+        return input
+
+    @two.step(depends_on=[first])
+    def second(deps, ctx):
+        return deps
+
+    a, b = store.start_many(two, [{"run": "a"}, {"run": "b"}])
+    store.register(two)
+    backend = store.backend
+    claimed = {t.run_id: t for t in backend.claim("w1", ["two_steps_batch"], 10, 30)}
+    # b's claim is handed back and taken again: the first claim's result is now stale.
+    backend.release("w1", [claimed[b.id].id])
+    (again,) = backend.claim("w2", ["two_steps_batch"], 10, 30)
+    assert (again.id, again.attempt) == (claimed[b.id].id, claimed[b.id].attempt)
+
+    fresh = pf.store.TaskSuccess(claimed[a.id].id, 1, '"from w1"', a.id, "first", False,
+                                 claimed[a.id].claim)
+    stale = pf.store.TaskSuccess(claimed[b.id].id, 1, '"stale"', b.id, "first", False,
+                                 claimed[b.id].claim)
+    backend.finish([fresh, stale], [])
+
+    steps_a = {s.slug: s for s in store.get_run(a.id).steps}
+    assert steps_a["first"].output == "from w1"
+    assert steps_a["second"].status == "started"  # its task is queued
+    steps_b = {s.slug: s for s in store.get_run(b.id).steps}
+    assert steps_b["first"].status == "started" and steps_b["first"].output is None
+    assert steps_b["second"].status == "created"
+    # The current claim's result still counts.
+    backend.finish([pf.store.TaskSuccess(again.id, again.attempt, '"from w2"', b.id, "first",
+                                         False, again.claim)], [])
+    assert {s.slug: s.output for s in store.get_run(b.id).steps}["first"] == "from w2"

@@ -79,6 +79,18 @@ def _placeholders(n: int) -> str:
     return ",".join("?" * n)
 
 
+class _Graph:
+    """What completing steps needs of a definition, looked up once per definition."""
+
+    __slots__ = ("definition", "dependents", "leaves", "max_attempts")
+
+    def __init__(self, d: FlowDefinition) -> None:
+        self.definition = d
+        self.dependents = {s.slug: d.dependents(s.slug) for s in d.steps}
+        self.leaves = tuple(s.slug for s in d.leaf_steps)
+        self.max_attempts = {s.slug: d.effective(s.slug).max_attempts for s in d.steps}
+
+
 class SqliteBackend:
     """:class:`~pgflow_py.store.base.Backend` on SQLite."""
 
@@ -88,6 +100,7 @@ class SqliteBackend:
         self._lock = threading.RLock()
         self._definitions: dict[str, tuple[int, FlowDefinition]] = {}
         self._json_cache: dict[str, tuple[FlowDefinition, str]] = {}
+        self._graphs: dict[str, _Graph] = {}
         self._failed_runs: list[RunFailure] | None = None
         where = "in memory" if path == ":memory:" else f"at {os.path.abspath(path)}"
         self._where = where
@@ -310,6 +323,12 @@ class SqliteBackend:
             rows = conn.execute("SELECT definition FROM flows ORDER BY flow_slug").fetchall()
         return [FlowDefinition.from_json(r[0]) for r in rows]
 
+    def _graph(self, d: FlowDefinition) -> _Graph:
+        graph = self._graphs.get(d.slug)
+        if graph is None or graph.definition is not d:
+            graph = self._graphs[d.slug] = _Graph(d)
+        return graph
+
     def _definition(self, flow_slug: str, version: int | None = None) -> FlowDefinition:
         """The flow's definition, re-read when another process has changed its version."""
         cached = self._definitions.get(flow_slug)
@@ -425,7 +444,7 @@ class SqliteBackend:
 
         Returns ``(step_slug, output_json)`` of a step that completed immediately, for cascading.
         """
-        max_attempts = d.effective(step.slug).max_attempts
+        max_attempts = self._graph(d).max_attempts[step.slug]
         version = self._definitions[d.slug][0]
         if step.step_type == "map":
             assert items is not None
@@ -716,7 +735,8 @@ class SqliteBackend:
         finished: list[str],
     ) -> None:
         rest = self._complete_jobs(c, [s for s in successes if s.job], now, finished)
-        for s in [s for s in successes if not s.job] + rest:
+        rest += self._complete_flow_steps(c, [s for s in successes if not s.job], now, finished)
+        for s in rest:
             self._complete_task(c, s, now, finished)
         for f in failures:
             self._fail_task(c, f, now, finished)
@@ -753,6 +773,153 @@ class SqliteBackend:
         c.execute("RELEASE jobs")
         finished.extend(s.run_id for s in batch)
         return []
+
+    def _complete_flow_steps(
+        self, c: sqlite3.Connection, batch: list[TaskSuccess], now: float, finished: list[str]
+    ) -> list[TaskSuccess]:
+        """Complete the single (not map) steps of flows set-wise, a handful of statements for the
+        whole batch, and start the dependents that only waited for them.
+
+        Returns what is left for the one-by-one path: map tasks, late results, and the whole
+        batch if anything turns out unusual (the batch's writes are undone then).
+        """
+        if len(batch) < 2:
+            return batch
+        by_id = {s.task_id: s for s in batch}
+        rows = c.execute(
+            "SELECT id, run_id, flow_slug, flow_version, step_slug, priority, started_at "
+            f"FROM step_tasks WHERE id IN ({_placeholders(len(by_id))}) AND status = 'started' "
+            "AND task_index IS NULL",
+            list(by_id),
+        ).fetchall()
+        if not rows:
+            return batch
+        c.execute("SAVEPOINT steps")
+        ok = c.executemany(
+            "UPDATE step_tasks SET status = 'completed', output = ?, finished_at = ?, "
+            "lease_owner = NULL, lease_expires = NULL "
+            "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started'",
+            [(s.output_json, now, s.task_id, s.attempt, s.claim)
+             for s in (by_id[row[0]] for row in rows)],
+        ).rowcount == len(rows) and self._advance(c, rows, by_id, now, finished)
+        if not ok:
+            c.execute("ROLLBACK TO steps")
+            c.execute("RELEASE steps")
+            return batch
+        c.execute("RELEASE steps")
+        done = {row[0] for row in rows}
+        return [s for s in batch if s.task_id not in done]
+
+    def _advance(
+        self,
+        c: sqlite3.Connection,
+        rows: list[Any],
+        by_id: dict[int, TaskSuccess],
+        now: float,
+        finished: list[str],
+    ) -> bool:
+        """Mark the steps of ``rows`` (single-step tasks just completed) completed, finish runs
+        with nothing left, and start ready dependents. False: something unusual, undo."""
+        if c.executemany(
+            "UPDATE step_states SET status = 'completed', output = ?, remaining_tasks = 0, "
+            "finished_at = ? WHERE run_id = ? AND step_slug = ? AND status = 'started'",
+            [(by_id[tid].output_json, now, run_id, step)
+             for tid, run_id, _f, _v, step, _p, _s in rows],
+        ).rowcount != len(rows):
+            return False
+        per_run: dict[str, list[Any]] = {}
+        for row in rows:
+            per_run.setdefault(row[1], []).append(row)
+        if c.executemany(
+            "UPDATE runs SET remaining_steps = remaining_steps - ?, "
+            "started_at = coalesce(started_at, ?) WHERE id = ? AND status = 'started'",
+            [(len(steps), min((r[6] for r in steps if r[6] is not None), default=None), run_id)
+             for run_id, steps in per_run.items()],
+        ).rowcount != len(per_run):
+            return False
+        remaining = dict(c.execute(
+            f"SELECT id, remaining_steps FROM runs WHERE id IN ({_placeholders(len(per_run))})",
+            list(per_run),
+        ).fetchall())
+        # Dependents: those with one dependency are ready now; the others count down.
+        ready: list[tuple[FlowDefinition, str, int, StepDefinition, tuple[str, str] | None]] = []
+        counting: dict[tuple[str, str], tuple[FlowDefinition, int, StepDefinition, int]] = {}
+        for run_id, steps in per_run.items():
+            if remaining[run_id] == 0:
+                d = self._definition(steps[0][2], steps[0][3])
+                self._finish_run_completed(c, d, run_id, now)
+                finished.append(run_id)
+                continue
+            for tid, _run, flow, version, step, priority, _started in steps:
+                d = self._definition(flow, version)
+                for dependent in self._graph(d).dependents[step]:
+                    if len(dependent.depends_on) == 1:
+                        ready.append((d, run_id, priority, dependent,
+                                      (step, by_id[tid].output_json)))
+                    else:
+                        key = (run_id, dependent.slug)
+                        seen = counting.get(key)
+                        counting[key] = (d, priority, dependent, 1 + (seen[3] if seen else 0))
+        if counting:
+            if c.executemany(
+                "UPDATE step_states SET remaining_deps = remaining_deps - ? "
+                "WHERE run_id = ? AND step_slug = ? AND status = 'created'",
+                [(n, run_id, slug) for (run_id, slug), (_d, _p, _s, n) in counting.items()],
+            ).rowcount != len(counting):
+                return False
+            keys = list(counting)
+            for run_id, slug in c.execute(
+                "SELECT run_id, step_slug FROM step_states WHERE remaining_deps = 0 "
+                "AND status = 'created' AND (run_id, step_slug) IN (VALUES "
+                + ",".join(["(?, ?)"] * len(keys)) + ")",
+                [v for key in keys for v in key],
+            ).fetchall():
+                d, priority, dependent, _n = counting[(run_id, slug)]
+                ready.append((d, run_id, priority, dependent, None))
+        self._start_ready(c, ready, now, finished)
+        return True
+
+    def _start_ready(
+        self,
+        c: sqlite3.Connection,
+        ready: list[tuple[FlowDefinition, str, int, StepDefinition, tuple[str, str] | None]],
+        now: float,
+        finished: list[str],
+    ) -> None:
+        """Start steps whose dependencies are all complete: single steps fed by one dependency
+        in two statements for all; the others (maps, several dependencies) one by one."""
+        states: list[tuple[Any, ...]] = []
+        tasks: list[tuple[Any, ...]] = []
+        failed: set[str] = set()
+        for d, run_id, priority, step, known in ready:
+            if run_id in failed:
+                continue
+            if step.step_type == "single" and known is not None:
+                slug, output = known
+                states.append((now, run_id, step.slug))
+                tasks.append((run_id, d.slug, self._definitions[d.slug][0], step.slug,
+                               self._graph(d).max_attempts[step.slug], priority,
+                               now + step.start_delay, f"{{{_json.dumps(slug)}:{output}}}", now))
+                continue
+            done = self._begin_step(c, d, run_id, priority, step, now, known)
+            if done is None:  # the run failed (a map fed a non-array)
+                failed.add(run_id)
+                finished.append(run_id)
+            elif done:
+                self._complete_steps(c, d, run_id, priority, done, now, finished)
+        states = [row for row in states if row[1] not in failed]
+        if states:
+            c.executemany(
+                "UPDATE step_states SET status = 'started', remaining_deps = 0, "
+                "remaining_tasks = 1, started_at = ? WHERE run_id = ? AND step_slug = ?",
+                states,
+            )
+            c.executemany(
+                "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, task_index, "
+                "status, max_attempts, priority, run_at, input, created_at) "
+                "VALUES (?, ?, ?, ?, NULL, 'queued', ?, ?, ?, ?, ?)",
+                [t for t in tasks if t[0] not in failed],
+            )
 
     def _complete_task(
         self, c: sqlite3.Connection, s: TaskSuccess, now: float, finished: list[str]
@@ -845,7 +1012,7 @@ class SqliteBackend:
                 self._finish_run_completed(c, d, run_id, now)
                 finished.append(run_id)
                 return
-            for dependent in d.dependents(step_slug):
+            for dependent in self._graph(d).dependents[step_slug]:
                 known: tuple[str, str] | None = None
                 if not updated:
                     break  # the step had completed before: its dependents were handled then
@@ -911,7 +1078,7 @@ class SqliteBackend:
     def _finish_run_completed(
         self, c: sqlite3.Connection, d: FlowDefinition, run_id: str, now: float
     ) -> None:
-        leaves = [s.slug for s in d.leaf_steps]
+        leaves = self._graph(d).leaves
         rows = dict(c.execute(
             "SELECT step_slug, output FROM step_states WHERE run_id = ? "
             f"AND step_slug IN ({_placeholders(len(leaves))})",
