@@ -1000,6 +1000,21 @@ def test_shape_change_without_unfinished_runs_replaces_the_shape(
     assert store.get_run(old.id).output == {"first": "old"}
 
 
+def test_an_old_definition_object_in_the_same_process_is_checked_again(store: pf.Store) -> None:
+    # Registrations are remembered to skip re-reading the stored definition, but a newer shape
+    # written through this very connection must still be noticed.
+    v1 = _two_step_flow("reshaped", extra_step=False)
+    v2 = _two_step_flow("reshaped", extra_step=True)
+    store.start(v1, "old")
+    serve(store, v1)
+    store.start(v1, "again")  # v1 is stored and unchanged: remembered
+    serve(store, v1)
+    unfinished = store.start(v2, "new")  # replaces the shape
+    with pytest.raises(pf.ShapeMismatch):
+        store.start(v1, "stale")
+    assert [s.slug for s in store.get_run(unfinished.id).steps] == ["first", "audit"]
+
+
 # --- testing helpers ----------------------------------------------------------------------------
 
 

@@ -101,6 +101,8 @@ class SqliteBackend:
         self._definitions: dict[str, tuple[int, FlowDefinition]] = {}
         self._json_cache: dict[str, tuple[FlowDefinition, str]] = {}
         self._graphs: dict[str, _Graph] = {}
+        # flow slug -> (definition, version, data_version when found stored as is)
+        self._verified: dict[str, tuple[FlowDefinition, int, int]] = {}
         self._failed_runs: list[RunFailure] | None = None
         where = "in memory" if path == ":memory:" else f"at {os.path.abspath(path)}"
         self._where = where
@@ -230,6 +232,12 @@ class SqliteBackend:
 
     def _register(self, c: sqlite3.Connection, definition: FlowDefinition) -> int:
         """Write or update ``definition`` inside the caller's transaction; return its version."""
+        # Unchanged since this connection found it stored, if no other connection has committed
+        # anything since (PRAGMA data_version): then the read can be skipped.
+        seen = c.execute("PRAGMA data_version").fetchone()[0]
+        verified = self._verified.get(definition.slug)
+        if verified is not None and verified[0] is definition and verified[2] == seen:
+            return verified[1]
         now = self.clock.now()
         text = self._json_of(definition)
         row = c.execute(
@@ -237,7 +245,9 @@ class SqliteBackend:
         ).fetchone()
         if row is not None and row[0] == text:
             version = int(row[1])
+            self._verified[definition.slug] = (definition, version, seen)
         elif row is None:
+            self._verified.pop(definition.slug, None)
             version = 1
             c.execute(
                 "INSERT INTO flows (flow_slug, kind, definition, version, created_at, updated_at) "
@@ -246,6 +256,7 @@ class SqliteBackend:
             )
             self._insert_steps(c, definition)
         else:
+            self._verified.pop(definition.slug, None)  # this connection's own write
             stored = FlowDefinition.from_json(row[0])
             version = int(row[1])
             if stored.shape() != definition.shape():
@@ -385,7 +396,7 @@ class SqliteBackend:
             states: list[tuple[Any, ...]] = []
             tasks: list[tuple[Any, ...]] = []
             empty_maps: list[tuple[NewRun, str]] = []
-            max_attempts_of = {s.slug: d.effective(s.slug).max_attempts for s in d.root_steps}
+            max_attempts_of = self._graph(d).max_attempts
             job = d.kind == "job"  # a job's one step keeps its state in its task
             for r in fresh:
                 for step in d.steps:
