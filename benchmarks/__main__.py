@@ -121,6 +121,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[Path, int], float], float]] = [
      arrivals.drain_while_starting, 1.0),
     ("map step over n elements (concurrency 100)", "tasks/s", map_tasks, 0.5),
     ("3-step flow runs (concurrency 10)", "runs/s", drain(three, 10), 0.1),
+    ("3-step flow runs (concurrency 100)", "runs/s", drain(three, 100), 0.1),
 ]
 
 

@@ -162,6 +162,28 @@ def test_timeouts_are_enforced_and_retried(store, kind):
     assert elapsed < 1.4
 
 
+def test_a_sync_handler_sees_ctx_cancelled_at_its_deadline(store):
+    # Its thread cannot be killed, but a long loop can notice the timeout and return.
+    noticed = threading.Event()
+
+    @pf.job(queue="polite_sync", timeout=0.2)
+    def polite(input, ctx):
+        give_up = time.monotonic() + 5
+        while time.monotonic() < give_up:
+            if ctx.cancelled:
+                noticed.set()
+                return "stopped early"
+            time.sleep(0.01)
+        return "ran to the end"
+
+    run = store.start(polite)
+    drain(store, polite)
+    assert noticed.wait(5)
+    failed = store.get_run(run.id)
+    assert failed.status is pf.RunStatus.FAILED
+    assert (failed.error or "").startswith("StepTimeout:")
+
+
 def test_timeout_on_last_attempt_fails_run_with_step_timeout(store):
     @pf.job(queue="too_slow", timeout=0.1)
     async def too_slow(input, ctx):
