@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import json.scanner
 from typing import Any
 
 import attrs
@@ -45,4 +46,15 @@ def dumps(value: Any) -> str:
         raise ValueError("circular reference detected") from None
 
 
-loads = json.loads
+# Likewise the C scanner behind json.loads, without its whitespace handling: the store only
+# decodes compact JSON it wrote itself. Anything else takes the full path (and its errors).
+_scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+
+
+def loads(text: str) -> Any:
+    """Decode JSON text."""
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)

@@ -117,7 +117,10 @@ def test_kill_9_with_50_running_tasks_loses_nothing(project, tmp_path, monkeypat
     try:
         _wait_for(
             lambda: _count(db, "SELECT count(*) FROM step_tasks WHERE status = 'started'") == 50
-            and _count(db, "SELECT count(*) FROM step_tasks WHERE status = 'completed'") == 100,
+            and _count(db, "SELECT count(*) FROM step_tasks WHERE status = 'completed'") == 100
+            # and every claimed task has entered its handler (a task claimed but not yet
+            # started when the worker dies would rightly have no first-attempt effect)
+            and (project / "effects.log").exists() and len(_effects(project)) == 150,
             30, "the first worker to hold 50 running tasks",
         )
         first.send_signal(signal.SIGKILL)

@@ -529,7 +529,7 @@ class _Runner:
         self.counts["completed"] += 1
         self._successes.append(TaskSuccess(
             task.id, task.attempt, output_json, task.run_id, task.step_slug, step.is_job,
-            task.claim,
+            task.claim, task.started_at,
         ))
 
     def _outdated(self, task: ClaimedTask) -> None:

@@ -51,6 +51,8 @@ class ClaimedTask(NamedTuple):
     """The flow definition's version the task was created under (bumped by shape changes)."""
     claim: int | None = None
     """Which claim of the task this is (never reset, unlike ``attempt`` after a retry)."""
+    started_at: float | None = None
+    """When it was claimed (the store's clock)."""
 
 
 class TaskSuccess(NamedTuple):
@@ -66,6 +68,8 @@ class TaskSuccess(NamedTuple):
     claim: int | None = None
     """The :attr:`ClaimedTask.claim` this result belongs to; a result of an earlier claim (after
     a cancel and retry) is ignored. ``None`` checks the attempt only."""
+    started_at: float | None = None
+    """The :attr:`ClaimedTask.started_at` of the attempt, sparing the backend a lookup."""
 
 
 class TaskFailure(NamedTuple):

@@ -557,7 +557,7 @@ class SqliteBackend:
             flow_input = loads(run_inputs[run_id])
             tasks.append(ClaimedTask(
                 tid, run_id, flow, step, index, attempt, max_att, prio,
-                flow_input if inp is None else loads(inp), flow_input, version, claim,
+                flow_input if inp is None else loads(inp), flow_input, version, claim, now,
             ))
         return finished, tasks
 
@@ -772,10 +772,10 @@ class SqliteBackend:
         if done == len(batch):
             done = c.executemany(
                 "UPDATE runs SET status = 'completed', remaining_steps = 0, output = ?, "
-                "finished_at = ?, started_at = coalesce(started_at, "
+                "finished_at = ?, started_at = coalesce(started_at, ?, "
                 "(SELECT t.started_at FROM step_tasks t WHERE t.id = ?)) "
                 "WHERE id = ? AND status = 'started'",
-                [(s.output_json, now, s.task_id, s.run_id) for s in batch],
+                [(s.output_json, now, s.started_at, s.task_id, s.run_id) for s in batch],
             ).rowcount
         if done != len(batch):
             c.execute("ROLLBACK TO jobs")
