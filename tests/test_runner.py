@@ -540,3 +540,47 @@ def test_sigterm_finishes_running_tasks_and_exits_zero(tmp_path):
         (run,) = store.runs()
         assert run.status is pf.RunStatus.COMPLETED
         assert run.output == "finished"
+
+
+def test_a_sync_handler_abandoned_at_its_timeout_does_not_hold_a_worker_slot(store):
+    # concurrency=1: the stuck first attempt's thread runs on, yet the other runs are served
+    # at once by a new thread instead of waiting for it.
+    release = threading.Event()
+    done_while_stuck: list[int] = []
+
+    @pf.job(queue="stuck_sync", timeout=0.2)
+    def stuck(input, ctx):
+        if input == 0:
+            release.wait(10)
+            return "late"
+        if not release.is_set():
+            done_while_stuck.append(input)
+        return input
+
+    runs = [store.start(stuck, i) for i in range(4)]
+    try:
+        drain(store, stuck, concurrency=1)
+    finally:
+        release.set()
+    assert store.get_run(runs[0].id).status is pf.RunStatus.FAILED
+    assert [store.get_run(r.id).output for r in runs[1:]] == [1, 2, 3]
+    assert done_while_stuck == [1, 2, 3]
+
+
+def test_sync_handlers_see_the_callers_context_variables(store):
+    import contextvars
+
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+    seen: list[str] = []
+
+    @pf.job(queue="ctxvars_sync")
+    def reads(input, ctx):
+        seen.append(request_id.get())
+
+    async def main() -> None:
+        request_id.set("req-42")
+        await pf.arun_flows([reads], store=store, until_idle=True, handle_signals=False)
+
+    store.start(reads)
+    asyncio.run(main())
+    assert seen == ["req-42"]

@@ -17,6 +17,7 @@ from ..context import Context
 from ..definition import EffectiveOptions
 from ..dsl import Hook, import_path
 from ..errors import IsolatedError, PermanentFailure, Retry, StepTimeout
+from .threads import HandlerThreads
 
 __all__ = ("StepRuntime", "call_hook", "run_attempt", "timeout_error")
 
@@ -41,9 +42,7 @@ class StepRuntime:
         return inspect.iscoroutinefunction(self.handler)
 
 
-async def run_attempt(
-    step: StepRuntime, value: Any, ctx: Context, limiter: anyio.CapacityLimiter
-) -> Any:
+async def run_attempt(step: StepRuntime, value: Any, ctx: Context, threads: HandlerThreads) -> Any:
     """Run the handler once, inside the caller's cancel scope (whose deadline is the timeout).
 
     Async handlers are cancelled at the deadline. Sync handlers run in a worker thread that is
@@ -54,9 +53,7 @@ async def run_attempt(
         return await step.handler(value, ctx)
     if step.options.isolation == "process":
         return await _run_in_child(step, value, ctx)
-    result = await anyio.to_thread.run_sync(
-        step.handler, value, ctx, abandon_on_cancel=True, limiter=limiter
-    )
+    result = await threads.run(step.handler, value, ctx)
     if inspect.isawaitable(result):
         result = await result
     return result

@@ -43,6 +43,7 @@ from ..store import ClaimedTask, RunFailure, Store, TaskFailure, TaskSuccess, co
 from .executor import StepRuntime, call_hook, run_attempt, timeout_error
 from .loader import load_stored_flows, step_runtimes
 from .scheduler import CronScheduler
+from .threads import HandlerThreads
 
 __all__ = ("RunnerStats", "arun_flows", "run_flows")
 
@@ -159,8 +160,8 @@ class _Runner:
         # bucket rather than one per attempt.
         self._timeouts: dict[float, set[_Attempt]] = {}
         self._wake = asyncio.Event()
-        # Threads abandoned at a timeout release their slot, so the limit is the pool size.
-        self._limiter = anyio.CapacityLimiter(concurrency)
+        # Sync handlers' threads; one abandoned at a timeout no longer counts toward the pool.
+        self._threads = HandlerThreads(concurrency)
 
     # --- control -------------------------------------------------------------------------------
 
@@ -208,6 +209,7 @@ class _Runner:
             await self._run_dead_hooks()
         finally:
             self.store.remove_listener(wake_from_anywhere)
+            self._threads.close()
             try:
                 self._exchange(0)
                 # Whatever is still leased to this runner goes back to the queue.
@@ -493,7 +495,7 @@ class _Runner:
             if step.is_async:
                 output = await step.handler(task.input, ctx)
             else:
-                output = await run_attempt(step, task.input, ctx, self._limiter)
+                output = await run_attempt(step, task.input, ctx, self._threads)
         except asyncio.CancelledError:
             if attempt.stopped is None:
                 raise  # the runner itself is being cancelled
