@@ -99,11 +99,14 @@ def worker(
             shutdown_timeout=shutdown_timeout,
         )
         log.info("stopped: %s", stats)
-    lingering = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    lingering = [
+        t for t in threading.enumerate()
+        if t is not threading.main_thread() and t.is_alive() and not t.daemon
+    ]
     if lingering:
-        # Sync handlers abandoned at a timeout or a second signal cannot be stopped, and
-        # Python would wait for them at exit; their tasks are released or reclaimed already.
-        log.warning("exiting with %d handler thread(s) still running", len(lingering))
+        # Threads a handler started itself (the runner's own are daemons) would keep Python
+        # waiting at exit; the tasks are released or reclaimed already.
+        log.warning("exiting with %d non-daemon thread(s) still running", len(lingering))
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -584,3 +584,27 @@ def test_sync_handlers_see_the_callers_context_variables(store):
     store.start(reads)
     asyncio.run(main())
     assert seen == ["req-42"]
+
+
+def test_a_program_exits_after_run_flows_even_with_an_abandoned_sync_handler(tmp_path):
+    # The runner's handler threads are daemons: the one stuck in a timed-out handler does not
+    # keep Python waiting at exit.
+    script = tmp_path / "stuck.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        import pgflow_py as pf
+
+        @pf.job(queue="stuck_forever", timeout=0.2)
+        def stuck_forever(input, ctx):
+            time.sleep(120)
+
+        store = pf.connect({str(tmp_path / "stuck.db")!r})
+        run = store.start(stuck_forever)
+        pf.run_flows([stuck_forever], store=store, until_idle=True)
+        print("STATUS", store.get_run(run.id).status.value)
+    """))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "STATUS failed" in done.stdout
