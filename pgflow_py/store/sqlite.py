@@ -855,10 +855,10 @@ class SqliteBackend:
         # Dependents: those with one dependency are ready now; the others count down.
         ready: list[tuple[FlowDefinition, str, int, StepDefinition, tuple[str, str] | None]] = []
         counting: dict[tuple[str, str], tuple[FlowDefinition, int, StepDefinition, int]] = {}
+        complete: list[tuple[FlowDefinition, str]] = []
         for run_id, steps in per_run.items():
             if remaining[run_id] == 0:
-                d = self._definition(steps[0][2], steps[0][3])
-                self._finish_run_completed(c, d, run_id, now)
+                complete.append((self._definition(steps[0][2], steps[0][3]), run_id))
                 finished.append(run_id)
                 continue
             for tid, _run, flow, version, step, priority, _started in steps:
@@ -871,6 +871,8 @@ class SqliteBackend:
                         key = (run_id, dependent.slug)
                         seen = counting.get(key)
                         counting[key] = (d, priority, dependent, 1 + (seen[3] if seen else 0))
+        if complete:
+            self._finish_runs_completed(c, complete, now)
         if counting:
             if c.executemany(
                 "UPDATE step_states SET remaining_deps = remaining_deps - ? "
@@ -1089,16 +1091,28 @@ class SqliteBackend:
     def _finish_run_completed(
         self, c: sqlite3.Connection, d: FlowDefinition, run_id: str, now: float
     ) -> None:
-        leaves = self._graph(d).leaves
-        rows = dict(c.execute(
-            "SELECT step_slug, output FROM step_states WHERE run_id = ? "
-            f"AND step_slug IN ({_placeholders(len(leaves))})",
-            (run_id, *leaves),
-        ).fetchall())
-        output = "{" + ",".join(f"{_json.dumps(slug)}:{rows[slug]}" for slug in leaves) + "}"
-        c.execute(
+        self._finish_runs_completed(c, [(d, run_id)], now)
+
+    def _finish_runs_completed(
+        self, c: sqlite3.Connection, runs: list[tuple[FlowDefinition, str]], now: float
+    ) -> None:
+        """Complete runs whose steps are all done: output ``{leaf: output}``, two statements."""
+        outputs: dict[str, dict[str, str]] = {}
+        for start in range(0, len(runs), 500):
+            chunk = [run_id for _d, run_id in runs[start:start + 500]]
+            for run_id, slug, output in c.execute(
+                "SELECT run_id, step_slug, output FROM step_states "
+                f"WHERE run_id IN ({_placeholders(len(chunk))})",
+                chunk,
+            ).fetchall():
+                outputs.setdefault(run_id, {})[slug] = output
+        c.executemany(
             "UPDATE runs SET status = 'completed', output = ?, finished_at = ? WHERE id = ?",
-            (output, now, run_id),
+            [
+                ("{" + ",".join(f"{_json.dumps(slug)}:{outputs[run_id][slug]}"
+                                for slug in self._graph(d).leaves) + "}", now, run_id)
+                for d, run_id in runs
+            ],
         )
 
     def _fail_task(
