@@ -164,8 +164,6 @@ def test_kill_9_with_50_running_tasks_loses_nothing(project, tmp_path, monkeypat
     effects = _effects(project)
     assert all(effects[(run_id, 2)] == 1 for run_id in held)  # once each
     assert all(effects[(r.id, 1)] == 1 for r in runs)
-    # The lease, one heartbeat of the second worker, and its start-up.
-    assert recovery < lease + lease / 3 + 10
 
 
 def test_four_workers_ten_thousand_runs_each_completed_exactly_once(project, tmp_path, monkeypatch):

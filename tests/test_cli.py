@@ -169,14 +169,12 @@ def test_second_signal_exits_even_with_a_sync_handler_still_running(project):
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
-    stopped_at = time.monotonic()
     try:
-        _, err = proc.communicate(timeout=15)
+        _, err = proc.communicate(timeout=15)  # well before the handler's 30 s
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    assert time.monotonic() - stopped_at < 15  # not the handler's 30 s
     assert "second SIGTERM: stopping now" in err
     with pf.connect(db) as store:
         # The attempt was handed back without counting: the run is queued for another worker.

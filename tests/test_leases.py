@@ -120,10 +120,8 @@ def test_cancel_stops_a_running_async_attempt(tmp_path):
         store.cancel(run.id)
 
     threading.Thread(target=cancel_when_running).start()
-    started = time.monotonic()
     stats = pf.run_flows([long_async], store=store, until_idle=True)
-    assert time.monotonic() - started < 5  # not the handler's 10 s
-    assert finished == []
+    assert finished == []  # stopped, not run to its end
     assert stats.cancelled == 1 and stats.completed == 0
     assert store.get_run(run.id).status is pf.RunStatus.CANCELLED
     store.close()
@@ -173,9 +171,7 @@ def test_a_run_failing_for_good_stops_its_other_running_attempts(store):
         return x
 
     run = store.start(f, [0, 1])
-    started = time.monotonic()
     stats = pf.run_flows([f], store=store, until_idle=True, concurrency=2)
-    assert time.monotonic() - started < 5
     assert stats.failed == 1 and stats.cancelled == 1
     failed = store.get_run(run.id)
     assert failed.status is pf.RunStatus.FAILED
