@@ -113,6 +113,10 @@ class SqliteBackend:
         except sqlite3.Error as exc:
             raise SchemaError(f"cannot open the pgflow database {where}: {exc}") from exc
         self._checkpointer: Checkpointer | None = None
+        # Bound parameters per statement (999 before SQLite 3.32; Python < 3.11 cannot ask).
+        getlimit = getattr(self._conn, "getlimit", None)
+        limit = getattr(sqlite3, "SQLITE_LIMIT_VARIABLE_NUMBER", None)
+        self._max_variables = 999 if getlimit is None or limit is None else int(getlimit(limit))
         try:
             self._configure(busy_timeout)
             self._migrate()
@@ -384,14 +388,16 @@ class SqliteBackend:
                         continue
                 fresh.append(r)
                 ids.append(r.id)
-            c.executemany(
+            self._insert(
+                c,
                 "INSERT INTO runs (id, flow_slug, status, input, key, priority, remaining_steps, "
-                "run_at, created_at) VALUES (?, ?, 'started', ?, ?, ?, ?, ?, ?)",
+                "run_at, created_at) VALUES ",
+                "(?, ?, 'started', ?, ?, ?, ?, ?, ?)",
                 [(r.id, d.slug, r.input_json, r.key, r.priority, len(d.steps), r.run_at,
                   r.created_at) for r in fresh],
             )
-            # Root steps start with their runs; the rows of a whole batch go in one
-            # executemany per table.
+            # Root steps start with their runs; the rows of a whole batch go in a few
+            # statements per table.
             version = self._definitions[d.slug][0]
             states: list[tuple[Any, ...]] = []
             tasks: list[tuple[Any, ...]] = []
@@ -420,24 +426,37 @@ class SqliteBackend:
                          now)
                         for i, item in enumerate(items)
                     )
-            if states:
-                c.executemany(
-                    "INSERT INTO step_states (run_id, step_slug, status, remaining_deps, "
-                    "remaining_tasks, started_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    states,
-                )
-            if tasks:
-                c.executemany(
-                    "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, "
-                    "task_index, status, max_attempts, priority, run_at, input, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                    tasks,
-                )
+            self._insert(
+                c,
+                "INSERT INTO step_states (run_id, step_slug, status, remaining_deps, "
+                "remaining_tasks, started_at) VALUES ",
+                "(?, ?, ?, ?, ?, ?)",
+                states,
+            )
+            self._insert(c, self._INSERT_TASKS, self._TASK_VALUES, tasks)
             for r, slug in empty_maps:  # a root map over an empty array completes at once
                 self._complete_steps(
                     c, d, r.id, r.priority, [(slug, "[]")], now, [], not_before=r.run_at
                 )
         return ids
+
+    _INSERT_TASKS = (
+        "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, task_index, "
+        "status, max_attempts, priority, run_at, input, created_at) VALUES "
+    )
+    _TASK_VALUES = "(?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)"
+
+    def _insert(
+        self, c: sqlite3.Connection, head: str, values: str, rows: Sequence[tuple[Any, ...]]
+    ) -> None:
+        """Insert rows with multi-row ``VALUES`` lists: about a quarter cheaper than
+        ``executemany``, which runs the statement once per row."""
+        if not rows:
+            return
+        per = max(1, min(500, self._max_variables // values.count("?")))
+        for start in range(0, len(rows), per):
+            chunk = rows[start:start + per]
+            c.execute(head + ",".join([values] * len(chunk)), [v for row in chunk for v in row])
 
     def _start_step(
         self,
@@ -472,10 +491,8 @@ class SqliteBackend:
                 "WHERE run_id = ? AND step_slug = ?",
                 (len(items), now, run_id, step.slug),
             )
-            c.executemany(
-                "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, task_index, "
-                "status, max_attempts, priority, run_at, input, created_at) "
-                "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+            self._insert(
+                c, self._INSERT_TASKS, self._TASK_VALUES,
                 [(run_id, d.slug, version, step.slug, i, max_attempts, priority, run_at, item, now)
                  for i, item in enumerate(items)],
             )
