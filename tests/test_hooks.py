@@ -235,6 +235,31 @@ def test_mixed_sync_and_async_hooks(store):
     assert events == ["sync failure 1", "sync failure 2", "async dead 2"]
 
 
+def test_on_dead_waits_for_the_last_attempts_on_failure_when_attempts_overlap(store):
+    # Attempt 2 fails while attempt 1's on_failure hook is still running. The end of attempt 1's
+    # hook must not release on_dead, which belongs after attempt 2's on_failure.
+    events: list[str] = []
+
+    def on_failure(ctx, error):
+        events.append(f"failure {ctx.attempt} start")
+        time.sleep(0.2 if ctx.attempt == 1 else 0.5)
+        events.append(f"failure {ctx.attempt} end")
+
+    def on_dead(ctx, error):
+        events.append(f"dead {ctx.attempt}")
+
+    @pf.job(queue="overlapping_hooks", max_attempts=2, base_delay=0,
+            on_failure=on_failure, on_dead=on_dead)
+    def overlapping(input, ctx):
+        raise RuntimeError("x")
+
+    store.start(overlapping)
+    drain(store, overlapping)
+    assert events.index("failure 2 start") < events.index("failure 1 end")  # they overlapped
+    assert events[-2:] == ["failure 2 end", "dead 2"]
+    assert events.count("dead 2") == 1
+
+
 # --- raising hooks ------------------------------------------------------------------------------
 
 

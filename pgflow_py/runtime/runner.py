@@ -139,10 +139,12 @@ class _Runner:
         self._in_flight = 0
         self._running: dict[int, _Attempt] = {}
         # on_dead hooks: candidates by task id, then those due once their failure is recorded.
-        self._dying: dict[int, tuple[Hook, Context, Exception]] = {}
+        # All three by (task id, attempt): one task's attempts can overlap here, when a retry
+        # fails while the previous attempt's on_failure hook still runs.
+        self._dying: dict[tuple[int, int], tuple[Hook, Context, Exception]] = {}
         self._dead_hooks: list[tuple[Hook, Context, Exception]] = []
-        self._hooking: set[int] = set()  # tasks whose on_failure hook is running
-        self._dead_after_hook: dict[int, tuple[Hook, Context, Exception]] = {}
+        self._hooking: set[tuple[int, int]] = set()  # attempts whose on_failure hook runs
+        self._dead_after_hook: dict[tuple[int, int], tuple[Hook, Context, Exception]] = {}
         self._beat_interval = lease / 3
         self._next_beat = 0.0
         self._stopping = False
@@ -403,20 +405,24 @@ class _Runner:
             raise
         if finished:
             self.store._notify_finished()
-        dying = {f.task_id: self._dying.pop(f.task_id) for f in failures if f.task_id in self._dying}
+        dying = {
+            key: self._dying.pop(key)
+            for key in ((f.task_id, f.attempt) for f in failures) if key in self._dying
+        }
         self._runs_failed(failed_runs, dying)
         return claimed
 
     def _runs_failed(
         self,
         failed_runs: list[RunFailure],
-        dying: dict[int, tuple[Hook, Context, Exception]] | None = None,
+        dying: dict[tuple[int, int], tuple[Hook, Context, Exception]] | None = None,
     ) -> None:
         """Stop the failed runs' other attempts and call ``on_dead`` once for each."""
         if failed_runs:
             self._next_beat = 0.0  # their other running attempts must stop now
         for failure in failed_runs:
-            dead = (dying or {}).get(failure.task_id) if failure.task_id is not None else None
+            key = None if failure.task_id is None else (failure.task_id, failure.attempt)
+            dead = (dying or {}).get(key) if key is not None else None
             if dead is None:
                 # Failed by the store (a map fed a non-array, a lost worker's last attempt):
                 # no handler exception to hand over, so the hook gets the recorded error.
@@ -430,8 +436,8 @@ class _Runner:
                     flow_input=failure.flow_input, resources=self.resources,
                 )
                 dead = (step.on_dead, ctx, PgflowError(failure.error))
-            if failure.task_id is not None and failure.task_id in self._hooking:
-                self._dead_after_hook[failure.task_id] = dead  # after its on_failure
+            if key is not None and key in self._hooking:
+                self._dead_after_hook[key] = dead  # after its on_failure
             else:
                 self._dead_hooks.append(dead)
 
@@ -576,9 +582,9 @@ class _Runner:
         hook_ctx = attrs.evolve(ctx, will_retry=will_retry)
         if step.on_dead is not None and not will_retry:
             # Called once the store says this failure is the one that failed the run.
-            self._dying[task.id] = (step.on_dead, hook_ctx, exc)
+            self._dying[(task.id, task.attempt)] = (step.on_dead, hook_ctx, exc)
         if step.on_failure is not None:
-            self._hooking.add(task.id)
+            self._hooking.add((task.id, task.attempt))
         # Recorded before the hook runs: a slow hook must not hold the task (or its lease).
         self._failures.append(TaskFailure(task.id, task.attempt, error, retry_at, task.claim))
         self._wake.set()
@@ -586,8 +592,8 @@ class _Runner:
             try:
                 await call_hook("on_failure", step.on_failure, hook_ctx, exc)
             finally:
-                self._hooking.discard(task.id)
-            dead = self._dead_after_hook.pop(task.id, None)
+                self._hooking.discard((task.id, task.attempt))
+            dead = self._dead_after_hook.pop((task.id, task.attempt), None)
             if dead is not None:  # on_dead was waiting for this on_failure to finish
                 self._dead_hooks.append(dead)
                 self._wake.set()
