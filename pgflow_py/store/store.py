@@ -350,7 +350,11 @@ class Store:
         return self.get_run(run_id)
 
     def prune(self, older_than: timedelta | float = timedelta(days=7)) -> int:
-        """Delete completed, failed and cancelled runs finished more than ``older_than`` ago."""
+        """Delete completed, failed and cancelled runs finished more than ``older_than`` ago.
+
+        It reads every run (no index by finish time keeps completions cheap): call it from a
+        periodic maintenance job, not per request.
+        """
         return self.backend.prune(self.clock.now() - _seconds(older_than, "older_than"))
 
     def close(self) -> None:
