@@ -1331,7 +1331,9 @@ class SqliteBackend:
         sql = f"SELECT {_RUN_COLUMNS} FROM runs r"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY r.created_at DESC, r.rowid DESC LIMIT :limit"
+        # Newest first: rows are appended in creation order, so the rowid is that order too,
+        # and walking it backwards stops after `limit` rows instead of sorting them all.
+        sql += " ORDER BY r.rowid DESC LIMIT :limit"
         return self._read_runs(sql, params)
 
     def _read_runs(self, sql: str, params: dict[str, Any]) -> list[Run]:
