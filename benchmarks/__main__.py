@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pgflow_py as pf
 
-from . import arrivals, backlog, huey_compare, latency, memory
+from . import arrivals, backlog, fresh_db, huey_compare, latency, memory
 
 
 @pf.job(queue="bench_async")
@@ -62,10 +62,7 @@ async def each(item, ctx):
 
 
 def _fresh_store(directory: Path, name: str) -> pf.Store:
-    path = directory / f"{name}.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
-    return pf.connect(path)
+    return pf.connect(fresh_db(directory, name))
 
 
 def start_one_at_a_time(directory: Path, n: int) -> float:

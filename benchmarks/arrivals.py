@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pgflow_py as pf
 
+from . import fresh_db
+
 
 def drain_while_starting(directory: Path, n: int, concurrency: int = 100) -> float:
     """Jobs per second: ``n + n // 2`` over the time until all are recorded completed.
@@ -17,9 +19,7 @@ def drain_while_starting(directory: Path, n: int, concurrency: int = 100) -> flo
     ``until_idle`` could stop the runner between two batches of starts, so the runner serves
     until its handler has counted every job and the store shows every run completed.
     """
-    db = directory / "arrivals.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    db = fresh_db(directory, "arrivals")
     arriving = n // 2
     total = n + arriving
     done = 0

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pgflow_py as pf
 
+from . import fresh_db
+
 
 @pf.job(queue="bench_backlog")
 async def bench_backlog(input, ctx):
@@ -17,9 +19,7 @@ async def bench_backlog(input, ctx):
 
 def drain_head(directory: Path, queued: int, drained: int = 10_000) -> float:
     """Jobs per second while taking the first ``drained`` of ``queued`` queued jobs."""
-    db = directory / f"backlog_{queued}.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    db = fresh_db(directory, f"backlog_{queued}")
     with pf.connect(db) as store:
         for chunk in range(0, queued, 5000):
             store.start_many(bench_backlog, [None] * min(5000, queued - chunk))

@@ -9,14 +9,14 @@ import threading
 import time
 from pathlib import Path
 
+from . import fresh_db
+
 
 def drain(directory: Path, n: int, workers: int) -> float:
     """Jobs per second for huey's consumer draining ``n`` queued no-op tasks."""
     from huey import SqliteHuey
 
-    db = directory / f"huey_{workers}.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    db = fresh_db(directory, f"huey_{workers}")
     huey = SqliteHuey(filename=str(db), results=False)
     done = 0
     lock = threading.Lock()

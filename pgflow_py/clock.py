@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Protocol
 
 import anyio
 
-__all__ = ("Clock", "SystemClock")
+__all__ = ("Clock", "SystemClock", "utc_datetime")
+
+
+def utc_datetime(timestamp: float) -> datetime:
+    """The aware UTC datetime of ``timestamp`` (seconds since the epoch)."""
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc)
 
 
 class Clock(Protocol):

@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 
+from .clock import utc_datetime
 from .dsl import Flow
 from .models import Run
 from .store import Store
@@ -39,9 +40,7 @@ class FakeClock:
         return self._now
 
     def datetime(self) -> datetime:
-        from datetime import timezone
-
-        return datetime.fromtimestamp(self._now, tz=timezone.utc)
+        return utc_datetime(self._now)
 
     def advance(self, seconds: float | timedelta) -> None:
         """Move time forward."""

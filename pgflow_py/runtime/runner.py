@@ -20,7 +20,6 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import anyio
@@ -29,6 +28,7 @@ import attrs
 
 from .. import _json
 from ..backoff import retry_delay
+from ..clock import utc_datetime
 from ..context import CancelFlag, Context
 from ..dsl import Flow, Hook
 from ..errors import (
@@ -77,8 +77,6 @@ _TIMEOUT_GRAIN = 0.005  # seconds: attempts whose timeouts end this close share 
 _PEEK = 0.05  # seconds between looks at whether another process wrote to the store
 
 
-def _utc(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc)
   # Python 3.11+: keep cancel counts balanced
 
 
@@ -282,8 +280,7 @@ class _Runner:
                 return True
             await self._wait(self._stop_deadline - now)
             return False
-        idle_workers = self.concurrency - self._in_flight
-        want = idle_workers
+        want = self.concurrency - self._in_flight  # idle workers
         due: float | None = None
         if want and not (self._must_claim or self._successes or self._failures):
             # Nothing new from this process: a cheap read tells whether anything (perhaps
@@ -305,14 +302,10 @@ class _Runner:
                         self._idle.pop().set_result(task)
                     else:
                         self._ready.append(task)
-                if len(claimed) == idle_workers:
-                    # Every worker is busy: wait for a result (or the next heartbeat).
-                    await self._wait(self._next_beat - self._loop.time())
-                    await self._gather_results()
-                else:
+                if self._in_flight < self.concurrency:
                     await anyio.sleep(0)  # let workers start, then look again
-                return False
-        if idle_workers <= 0:
+                    return False
+        if self._in_flight >= self.concurrency:
             # Every worker is busy: results (or the next heartbeat) wake us.
             await self._wait(self._next_beat - self._loop.time())
             await self._gather_results()
@@ -490,7 +483,7 @@ class _Runner:
             max_attempts=task.max_attempts,
             flow_input=task.flow_input,
             resources=self.resources,
-            deadline=_utc(time.time() + step.options.timeout),
+            deadline=utc_datetime(time.time() + step.options.timeout),
             cancel_flag=attempt.flag,
         )
         error: Exception | None = None

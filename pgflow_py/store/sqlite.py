@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -22,7 +22,7 @@ import sqlite_utils
 
 from .. import _json
 from ..backoff import retry_delay
-from ..clock import Clock
+from ..clock import Clock, utc_datetime
 from ..definition import FlowDefinition, StepDefinition
 from ..errors import InputError, SchemaError, ShapeMismatch, StoreError
 from ..models import AttemptRecord, Run, RunStatus, StepRun, TaskRun
@@ -72,7 +72,7 @@ r.priority, r.created_at, {_STARTED_SQL}, r.finished_at"""
 
 
 def _dt(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+    return None if ts is None else utc_datetime(ts)
 
 
 def _placeholders(n: int) -> str:
@@ -440,6 +440,18 @@ class SqliteBackend:
                 )
         return ids
 
+    # Completes a task's current attempt; the guard makes a late result (after reclaim, cancel,
+    # run failure, or a retry's new claim) change nothing.
+    _COMPLETE_TASK = (
+        "UPDATE step_tasks SET status = 'completed', output = ?, finished_at = ?, "
+        "lease_owner = NULL, lease_expires = NULL "
+        "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
+    )
+    # Starts a single step whose dependencies are complete (its task is inserted beside it).
+    _START_SINGLE = (
+        "UPDATE step_states SET status = 'started', remaining_deps = 0, remaining_tasks = 1, "
+        "started_at = ? WHERE run_id = ? AND step_slug = ?"
+    )
     _INSERT_TASKS = (
         "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, task_index, "
         "status, max_attempts, priority, run_at, input, created_at) VALUES "
@@ -497,17 +509,11 @@ class SqliteBackend:
                  for i, item in enumerate(items)],
             )
             return []
-        c.execute(
-            "UPDATE step_states SET status = 'started', remaining_deps = 0, "
-            "remaining_tasks = 1, started_at = ? "
-            "WHERE run_id = ? AND step_slug = ?",
-            (now, run_id, step.slug),
-        )
-        c.execute(
-            "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, task_index, "
-            "status, max_attempts, priority, run_at, input, created_at) "
-            "VALUES (?, ?, ?, ?, NULL, 'queued', ?, ?, ?, ?, ?)",
-            (run_id, d.slug, version, step.slug, max_attempts, priority, run_at, input_json, now),
+        c.execute(self._START_SINGLE, (now, run_id, step.slug))
+        self._insert(
+            c, self._INSERT_TASKS, self._TASK_VALUES,
+            [(run_id, d.slug, version, step.slug, None, max_attempts, priority, run_at,
+              input_json, now)],
         )
         return []
 
@@ -772,7 +778,7 @@ class SqliteBackend:
     def _complete_jobs(
         self, c: sqlite3.Connection, batch: list[TaskSuccess], now: float, finished: list[str]
     ) -> list[TaskSuccess]:
-        """Complete the tasks of single-step jobs set-wise: three executemany for the batch.
+        """Complete the tasks of single-step jobs set-wise: two executemany for the batch.
 
         Optimistic: if any result turns out late (its task is no longer started at that
         attempt), the batch is undone and returned for the one-by-one path.
@@ -781,9 +787,7 @@ class SqliteBackend:
             return []
         c.execute("SAVEPOINT jobs")
         done = c.executemany(
-            "UPDATE step_tasks SET status = 'completed', output = ?, finished_at = ?, "
-            "lease_owner = NULL, lease_expires = NULL "
-            "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started'",
+            self._COMPLETE_TASK,
             [(s.output_json, now, s.task_id, s.attempt, s.claim) for s in batch],
         ).rowcount
         if done == len(batch):
@@ -824,9 +828,7 @@ class SqliteBackend:
             return batch
         c.execute("SAVEPOINT steps")
         ok = c.executemany(
-            "UPDATE step_tasks SET status = 'completed', output = ?, finished_at = ?, "
-            "lease_owner = NULL, lease_expires = NULL "
-            "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started'",
+            self._COMPLETE_TASK,
             [(s.output_json, now, s.task_id, s.attempt, s.claim)
              for s in (by_id[row[0]] for row in rows)],
         ).rowcount == len(rows) and self._advance(c, rows, by_id, now, finished)
@@ -927,7 +929,7 @@ class SqliteBackend:
             if step.step_type == "single" and known is not None:
                 slug, output = known
                 states.append((now, run_id, step.slug))
-                tasks.append((run_id, d.slug, self._definitions[d.slug][0], step.slug,
+                tasks.append((run_id, d.slug, self._definitions[d.slug][0], step.slug, None,
                                self._graph(d).max_attempts[step.slug], priority,
                                now + step.start_delay, f"{{{_json.dumps(slug)}:{output}}}", now))
                 continue
@@ -937,29 +939,17 @@ class SqliteBackend:
                 finished.append(run_id)
             elif done:
                 self._complete_steps(c, d, run_id, priority, done, now, finished)
-        states = [row for row in states if row[1] not in failed]
-        if states:
-            c.executemany(
-                "UPDATE step_states SET status = 'started', remaining_deps = 0, "
-                "remaining_tasks = 1, started_at = ? WHERE run_id = ? AND step_slug = ?",
-                states,
-            )
-            c.executemany(
-                "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, task_index, "
-                "status, max_attempts, priority, run_at, input, created_at) "
-                "VALUES (?, ?, ?, ?, NULL, 'queued', ?, ?, ?, ?, ?)",
-                [t for t in tasks if t[0] not in failed],
-            )
+        c.executemany(self._START_SINGLE, [row for row in states if row[1] not in failed])
+        self._insert(
+            c, self._INSERT_TASKS, self._TASK_VALUES, [t for t in tasks if t[0] not in failed]
+        )
 
     def _complete_task(
         self, c: sqlite3.Connection, s: TaskSuccess, now: float, finished: list[str]
     ) -> None:
-        # The attempt guard makes a late result (after reclaim, cancel or run failure) a no-op.
         row = c.execute(
-            "UPDATE step_tasks SET status = 'completed', output = ?, finished_at = ?, "
-            "lease_owner = NULL, lease_expires = NULL "
-            "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
-            "RETURNING run_id, flow_slug, step_slug, task_index, priority, flow_version, started_at",
+            self._COMPLETE_TASK
+            + "RETURNING run_id, flow_slug, step_slug, task_index, priority, flow_version, started_at",
             (s.output_json, now, s.task_id, s.attempt, s.claim),
         ).fetchone()
         if row is None:

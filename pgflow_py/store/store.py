@@ -7,13 +7,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 import attrs
 
 from .. import _json
-from ..clock import Clock, SystemClock
+from ..clock import Clock, SystemClock, utc_datetime
 from ..definition import FlowDefinition, StepDefinition
 from ..dsl import Flow
 from ..errors import FlowNotFound, InputError, PgflowError, RunNotFound, WaitTimeout
@@ -55,10 +55,6 @@ def new_run_ids(n: int) -> list[str]:
         f"{prefix}{r[:3]}-{'89ab'[int(r[3], 16) & 3]}{r[4:7]}-{r[7:19]}"
         for r in (rand[i:i + 20] for i in range(0, 20 * n, 20))
     ]
-
-
-def _utc(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc)
 
 
 def _seconds(value: float | timedelta, name: str) -> float:
@@ -256,7 +252,7 @@ class Store:
         self.backend.start_runs(definition, news)
         self._notify_started()
         now = self.clock.now()
-        created = _utc(news[0].created_at)  # one start time for the whole batch
+        created = utc_datetime(news[0].created_at)  # one start time for the whole batch
         return [self._fresh_run(plan, new, now, created) for new in news]
 
     def _fresh_run(
@@ -274,7 +270,7 @@ class Store:
             error=None,
             key=new.key,
             priority=new.priority,
-            created_at=created or _utc(new.created_at),
+            created_at=created or utc_datetime(new.created_at),
             started_at=None,
             finished_at=None,
             attempts=0,
