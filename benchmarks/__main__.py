@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pgflow_py as pf
 
-from . import arrivals, backlog, fresh_db, huey_compare, latency, memory
+from . import arrivals, backlog, floor, fresh_db, huey_compare, latency, memory
 
 
 @pf.job(queue="bench_async")
@@ -119,6 +119,11 @@ BENCHMARKS: list[tuple[str, str, Callable[[Path, int], float], float]] = [
     ("map step over n elements (concurrency 100)", "tasks/s", map_tasks, 0.5),
     ("3-step flow runs (concurrency 10)", "runs/s", drain(three, 10), 0.1),
     ("3-step flow runs (concurrency 100)", "runs/s", drain(three, 100), 0.1),
+    # Ceilings: the store's statements alone, and a queue that keeps one row per job.
+    ("SQL alone: start's statements, one at a time", "runs/s", floor.start, 0.5),
+    ("SQL alone: start_many's statements", "runs/s", floor.start_many, 2.0),
+    ("SQL alone: a drain's statements, jobs", "jobs/s", floor.drain, 1.0),
+    ("bare one-table queue, SQL alone", "jobs/s", floor.bare_queue, 1.0),
 ]
 
 

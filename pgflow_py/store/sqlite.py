@@ -389,10 +389,7 @@ class SqliteBackend:
                 fresh.append(r)
                 ids.append(r.id)
             self._insert(
-                c,
-                "INSERT INTO runs (id, flow_slug, status, input, key, priority, remaining_steps, "
-                "run_at, created_at) VALUES ",
-                "(?, ?, 'started', ?, ?, ?, ?, ?, ?)",
+                c, self._INSERT_RUNS, self._RUN_VALUES,
                 [(r.id, d.slug, r.input_json, r.key, r.priority, len(d.steps), r.run_at,
                   r.created_at) for r in fresh],
             )
@@ -440,6 +437,18 @@ class SqliteBackend:
                 )
         return ids
 
+    _INSERT_RUNS = (
+        "INSERT INTO runs (id, flow_slug, status, input, key, priority, remaining_steps, "
+        "run_at, created_at) VALUES "
+    )
+    _RUN_VALUES = "(?, ?, 'started', ?, ?, ?, ?, ?, ?)"
+    # Completes a job's run with its one task's output. Its start is the completing attempt's
+    # (if known), else that of the task with the given id.
+    _COMPLETE_JOB_RUN = (
+        "UPDATE runs SET status = 'completed', remaining_steps = 0, output = ?, finished_at = ?, "
+        "started_at = coalesce(started_at, ?, (SELECT t.started_at FROM step_tasks t "
+        "WHERE t.id = ?)) WHERE id = ? AND status = 'started'"
+    )
     # Completes a task's current attempt; the guard makes a late result (after reclaim, cancel,
     # run failure, or a retry's new claim) change nothing.
     _COMPLETE_TASK = (
@@ -792,10 +801,7 @@ class SqliteBackend:
         ).rowcount
         if done == len(batch):
             done = c.executemany(
-                "UPDATE runs SET status = 'completed', remaining_steps = 0, output = ?, "
-                "finished_at = ?, started_at = coalesce(started_at, ?, "
-                "(SELECT t.started_at FROM step_tasks t WHERE t.id = ?)) "
-                "WHERE id = ? AND status = 'started'",
+                self._COMPLETE_JOB_RUN,
                 [(s.output_json, now, s.started_at, s.task_id, s.run_id) for s in batch],
             ).rowcount
         if done != len(batch):
@@ -1008,10 +1014,7 @@ class SqliteBackend:
             if d.kind == "job":
                 # A job's one step is its leaf (and has no state row): finish the run.
                 if c.execute(
-                    "UPDATE runs SET status = 'completed', remaining_steps = 0, output = ?, "
-                    "finished_at = ?, started_at = coalesce(started_at, ?) "
-                    "WHERE id = ? AND status = 'started'",
-                    (output, now, started_at, run_id),
+                    self._COMPLETE_JOB_RUN, (output, now, started_at, None, run_id)
                 ).rowcount:
                     finished.append(run_id)
                 return
