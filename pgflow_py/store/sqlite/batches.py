@@ -1,0 +1,199 @@
+"""Results applied set-wise: a batch of finished jobs or single flow steps in a few statements."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from ... import _json
+from ...definition import FlowDefinition, StepDefinition
+from ..base import TaskFailure, TaskSuccess
+from .connection import placeholders
+from .steps import _Steps
+
+
+class _Batches(_Steps):
+    """A batch of results in a few statements; anything unusual goes the one-by-one way."""
+
+    def _finish(
+        self,
+        c: sqlite3.Connection,
+        successes: Sequence[TaskSuccess],
+        failures: Sequence[TaskFailure],
+        now: float,
+        finished: list[str],
+    ) -> None:
+        rest = self._complete_jobs(c, [s for s in successes if s.job], now, finished)
+        rest += self._complete_flow_steps(c, [s for s in successes if not s.job], now, finished)
+        for s in rest:
+            self._complete_task(c, s, now, finished)
+        for f in failures:
+            self._fail_task(c, f, now, finished)
+
+    def _complete_jobs(
+        self, c: sqlite3.Connection, batch: list[TaskSuccess], now: float, finished: list[str]
+    ) -> list[TaskSuccess]:
+        """Complete the tasks of single-step jobs set-wise: two executemany for the batch.
+
+        Optimistic: if any result turns out late (its task is no longer started at that
+        attempt), the batch is undone and returned for the one-by-one path.
+        """
+        if not batch:
+            return []
+        c.execute("SAVEPOINT jobs")
+        done = c.executemany(
+            self._COMPLETE_TASK,
+            [(s.output_json, now, s.task_id, s.attempt, s.claim) for s in batch],
+        ).rowcount
+        if done == len(batch):
+            done = c.executemany(
+                self._COMPLETE_JOB_RUN,
+                [(s.output_json, now, s.started_at, s.task_id, s.run_id) for s in batch],
+            ).rowcount
+        if done != len(batch):
+            c.execute("ROLLBACK TO jobs")
+            c.execute("RELEASE jobs")
+            return batch
+        c.execute("RELEASE jobs")
+        finished.extend(s.run_id for s in batch)
+        return []
+
+    def _complete_flow_steps(
+        self, c: sqlite3.Connection, batch: list[TaskSuccess], now: float, finished: list[str]
+    ) -> list[TaskSuccess]:
+        """Complete the single (not map) steps of flows set-wise, a handful of statements for the
+        whole batch, and start the dependents that only waited for them.
+
+        Returns what is left for the one-by-one path: map tasks, late results, and the whole
+        batch if anything turns out unusual (the batch's writes are undone then).
+        """
+        if len(batch) < 2:
+            return batch
+        by_id = {s.task_id: s for s in batch}
+        rows = c.execute(
+            "SELECT id, run_id, flow_slug, flow_version, step_slug, priority, started_at "
+            f"FROM step_tasks WHERE id IN ({placeholders(len(by_id))}) AND status = 'started' "
+            "AND task_index IS NULL",
+            list(by_id),
+        ).fetchall()
+        if not rows:
+            return batch
+        c.execute("SAVEPOINT steps")
+        ok = c.executemany(
+            self._COMPLETE_TASK,
+            [(s.output_json, now, s.task_id, s.attempt, s.claim)
+             for s in (by_id[row[0]] for row in rows)],
+        ).rowcount == len(rows) and self._advance(c, rows, by_id, now, finished)
+        if not ok:
+            c.execute("ROLLBACK TO steps")
+            c.execute("RELEASE steps")
+            return batch
+        c.execute("RELEASE steps")
+        done = {row[0] for row in rows}
+        return [s for s in batch if s.task_id not in done]
+
+    def _advance(
+        self,
+        c: sqlite3.Connection,
+        rows: list[Any],
+        by_id: dict[int, TaskSuccess],
+        now: float,
+        finished: list[str],
+    ) -> bool:
+        """Mark the steps of ``rows`` (single-step tasks just completed) completed, finish runs
+        with nothing left, and start ready dependents. False: something unusual, undo."""
+        if c.executemany(
+            "UPDATE step_states SET status = 'completed', output = ?, remaining_tasks = 0, "
+            "finished_at = ? WHERE run_id = ? AND step_slug = ? AND status = 'started'",
+            [(by_id[tid].output_json, now, run_id, step)
+             for tid, run_id, _f, _v, step, _p, _s in rows],
+        ).rowcount != len(rows):
+            return False
+        per_run: dict[str, list[Any]] = {}
+        for row in rows:
+            per_run.setdefault(row[1], []).append(row)
+        if c.executemany(
+            "UPDATE runs SET remaining_steps = remaining_steps - ?, "
+            "started_at = coalesce(started_at, ?) WHERE id = ? AND status = 'started'",
+            [(len(steps), min((r[6] for r in steps if r[6] is not None), default=None), run_id)
+             for run_id, steps in per_run.items()],
+        ).rowcount != len(per_run):
+            return False
+        remaining = dict(c.execute(
+            f"SELECT id, remaining_steps FROM runs WHERE id IN ({placeholders(len(per_run))})",
+            list(per_run),
+        ).fetchall())
+        # Dependents: those with one dependency are ready now; the others count down.
+        ready: list[tuple[FlowDefinition, str, int, StepDefinition, tuple[str, str] | None]] = []
+        counting: dict[tuple[str, str], tuple[FlowDefinition, int, StepDefinition, int]] = {}
+        complete: list[tuple[FlowDefinition, str]] = []
+        for run_id, steps in per_run.items():
+            if remaining[run_id] == 0:
+                complete.append((self._definition(steps[0][2], steps[0][3]), run_id))
+                finished.append(run_id)
+                continue
+            for tid, _run, flow, version, step, priority, _started in steps:
+                d = self._definition(flow, version)
+                for dependent in self._graph(d).dependents[step]:
+                    if len(dependent.depends_on) == 1:
+                        ready.append((d, run_id, priority, dependent,
+                                      (step, by_id[tid].output_json)))
+                    else:
+                        key = (run_id, dependent.slug)
+                        seen = counting.get(key)
+                        counting[key] = (d, priority, dependent, 1 + (seen[3] if seen else 0))
+        if complete:
+            self._finish_runs_completed(c, complete, now)
+        if counting:
+            if c.executemany(
+                "UPDATE step_states SET remaining_deps = remaining_deps - ? "
+                "WHERE run_id = ? AND step_slug = ? AND status = 'created'",
+                [(n, run_id, slug) for (run_id, slug), (_d, _p, _s, n) in counting.items()],
+            ).rowcount != len(counting):
+                return False
+            keys = list(counting)
+            for run_id, slug in c.execute(
+                "SELECT run_id, step_slug FROM step_states WHERE remaining_deps = 0 "
+                "AND status = 'created' AND (run_id, step_slug) IN (VALUES "
+                + ",".join(["(?, ?)"] * len(keys)) + ")",
+                [v for key in keys for v in key],
+            ).fetchall():
+                d, priority, dependent, _n = counting[(run_id, slug)]
+                ready.append((d, run_id, priority, dependent, None))
+        self._start_ready(c, ready, now, finished)
+        return True
+
+    def _start_ready(
+        self,
+        c: sqlite3.Connection,
+        ready: list[tuple[FlowDefinition, str, int, StepDefinition, tuple[str, str] | None]],
+        now: float,
+        finished: list[str],
+    ) -> None:
+        """Start steps whose dependencies are all complete: single steps fed by one dependency
+        in two statements for all; the others (maps, several dependencies) one by one."""
+        states: list[tuple[Any, ...]] = []
+        tasks: list[tuple[Any, ...]] = []
+        failed: set[str] = set()
+        for d, run_id, priority, step, known in ready:
+            if run_id in failed:
+                continue
+            if step.step_type == "single" and known is not None:
+                slug, output = known
+                states.append((now, run_id, step.slug))
+                tasks.append((run_id, d.slug, self._definitions[d.slug][0], step.slug, None,
+                               self._graph(d).max_attempts[step.slug], priority,
+                               now + step.start_delay, f"{{{_json.dumps(slug)}:{output}}}", now))
+                continue
+            done = self._begin_step(c, d, run_id, priority, step, now, known)
+            if done is None:  # the run failed (a map fed a non-array)
+                failed.add(run_id)
+                finished.append(run_id)
+            elif done:
+                self._complete_steps(c, d, run_id, priority, done, now, finished)
+        c.executemany(self._START_SINGLE, [row for row in states if row[1] not in failed])
+        self._insert(
+            c, self._INSERT_TASKS, self._TASK_VALUES, [t for t in tasks if t[0] not in failed]
+        )
+

@@ -1,0 +1,252 @@
+"""Workers' side: claiming due tasks, recording results, leases and waiting for work."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ... import _json
+from ...backoff import retry_delay
+from ..base import ClaimedTask, RunFailure, TaskFailure, TaskSuccess
+from .connection import placeholders
+from .starting import _Starting
+
+LOST_WORKER = "WorkerLost: the worker running this attempt stopped renewing its lease"
+
+
+class _Claims(_Starting):
+    """What runners call: claims, results, leases, and whether work is due."""
+
+    _CLAIM_SET = (
+        "UPDATE step_tasks SET status = 'started', attempts = attempts + 1, claims = claims + 1, "
+        "lease_owner = ?, lease_expires = ?, started_at = ? "
+    )
+    _CLAIM_RETURNING = (
+        "RETURNING id, run_id, flow_slug, step_slug, task_index, attempts, max_attempts, "
+        "priority, input, flow_version, claims"
+    )
+    # The priority levels a flow has queued tasks at, highest first: one index seek per level.
+    _LEVELS = (
+        "WITH RECURSIVE levels(p) AS ("
+        " SELECT max(priority) FROM step_tasks INDEXED BY step_tasks_queued"
+        " WHERE status = 'queued' AND flow_slug = :flow"
+        " UNION ALL"
+        " SELECT (SELECT max(priority) FROM step_tasks INDEXED BY step_tasks_queued"
+        "  WHERE status = 'queued' AND flow_slug = :flow AND priority < levels.p)"
+        " FROM levels WHERE levels.p IS NOT NULL) "
+    )
+    # Within a flow and level, due tasks are a prefix of the index: a range, never a scan past
+    # tasks that are not due yet.
+    _DUE_AT_LEVEL = (
+        "SELECT id, priority, run_at FROM step_tasks INDEXED BY step_tasks_queued "
+        "WHERE status = 'queued' AND flow_slug = ? AND priority = ? AND run_at <= ? "
+        "ORDER BY run_at, id LIMIT ?"
+    )
+
+    def claim(
+        self, worker_id: str, flow_slugs: Sequence[str], limit: int, lease_seconds: float
+    ) -> list[ClaimedTask]:
+        return self.finish_and_claim((), (), None, worker_id, flow_slugs, limit, lease_seconds)[1]
+
+    def finish_and_claim(
+        self,
+        successes: Sequence[TaskSuccess],
+        failures: Sequence[TaskFailure],
+        failed_runs: list[RunFailure] | None,
+        worker_id: str,
+        flow_slugs: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+    ) -> tuple[list[str], list[ClaimedTask]]:
+        claiming = limit > 0 and bool(flow_slugs)
+        if not successes and not failures and not claiming:
+            return [], []
+        now = self.clock.now()
+        finished: list[str] = []
+        rows: list[Any] = []
+        with self._write() as c, self._collecting_failures(failed_runs):
+            if successes or failures:
+                self._finish(c, successes, failures, now, finished)
+            if claiming:
+                rows, run_inputs = self._claim(c, worker_id, flow_slugs, limit, lease_seconds, now)
+        if not rows:
+            return finished, []
+        rows.sort(key=lambda row: (-row[7], row[0]))
+        loads = _json.loads
+        tasks = []
+        for (tid, run_id, flow, step, index, attempt, max_att, prio, inp, version, claim) in rows:
+            flow_input = loads(run_inputs[run_id])
+            tasks.append(ClaimedTask(
+                tid, run_id, flow, step, index, attempt, max_att, prio,
+                flow_input if inp is None else loads(inp), flow_input, version, claim, now,
+            ))
+        return finished, tasks
+
+    def _claim(
+        self,
+        c: sqlite3.Connection,
+        worker_id: str,
+        flow_slugs: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+        now: float,
+    ) -> tuple[list[Any], dict[str, str]]:
+        """Claim inside the caller's transaction: the task rows and their runs' input JSON.
+
+        Each flow is looked up on its own, so a backlog in one queue never slows the claims of
+        another, and a concurrency cap is just a smaller limit for its flow.
+        """
+        room = self._room(c, flow_slugs)
+        candidates: list[tuple[int, int, float]] = []
+        for slug in flow_slugs:
+            want = min(limit, room.get(slug, limit))
+            if want <= 0:
+                continue
+            levels = [row[0] for row in c.execute(
+                self._LEVELS + "SELECT p FROM levels WHERE p IS NOT NULL", {"flow": slug}
+            ).fetchall()]
+            for level in levels:
+                found = c.execute(self._DUE_AT_LEVEL, (slug, level, now, want)).fetchall()
+                candidates += found
+                want -= len(found)
+                if want <= 0:
+                    break
+        if not candidates:
+            return [], {}
+        if len(flow_slugs) > 1:  # claim order across flows: priority, then due time
+            candidates.sort(key=lambda row: (-row[1], row[2], row[0]))
+            del candidates[limit:]
+        # Leases are about liveness, so they run on real time even under a fake clock.
+        rows = c.execute(
+            self._CLAIM_SET + f"WHERE id IN ({placeholders(len(candidates))}) "
+            + self._CLAIM_RETURNING,
+            (worker_id, time.time() + lease_seconds, now, *(row[0] for row in candidates)),
+        ).fetchall()
+        run_ids = list({row[1] for row in rows})
+        # The runs are not written here: a run's start is read from its running tasks.
+        run_inputs = dict(c.execute(
+            f"SELECT id, input FROM runs WHERE id IN ({placeholders(len(run_ids))})", run_ids
+        ).fetchall())
+        return rows, run_inputs
+
+    def _room(self, c: sqlite3.Connection, flow_slugs: Sequence[str]) -> dict[str, int]:
+        """How many more tasks each capped flow may run now (read in the claim's transaction,
+        so no other runner can change it meanwhile)."""
+        caps = {
+            slug: cached[1].concurrency
+            for slug in flow_slugs
+            if (cached := self._definitions.get(slug)) is not None
+            and cached[1].concurrency is not None
+        }
+        if not caps:
+            return {}
+        running = dict(c.execute(
+            "SELECT flow_slug, count(*) FROM step_tasks WHERE status = 'started' "
+            f"AND flow_slug IN ({placeholders(len(caps))}) GROUP BY flow_slug",
+            list(caps),
+        ).fetchall())
+        return {slug: cap - running.get(slug, 0) for slug, cap in caps.items()}
+
+    def heartbeat(
+        self, worker_id: str, flow_slugs: Sequence[str], task_ids: Sequence[int],
+        lease_seconds: float,
+    ) -> list[int]:
+        real_now = time.time()
+        held: set[int] = set()
+        with self._write() as c:
+            for start in range(0, len(task_ids), 500):
+                chunk = list(task_ids[start:start + 500])
+                held.update(r[0] for r in c.execute(
+                    "UPDATE step_tasks SET lease_expires = ? WHERE lease_owner = ? "
+                    f"AND status = 'started' AND id IN ({placeholders(len(chunk))}) RETURNING id",
+                    (real_now + lease_seconds, worker_id, *chunk),
+                ).fetchall())
+            c.execute(
+                "INSERT INTO workers (id, hostname, pid, flows, started_at, last_heartbeat) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "last_heartbeat = excluded.last_heartbeat, flows = excluded.flows",
+                (worker_id, socket.gethostname(), os.getpid(), ",".join(flow_slugs),
+                 real_now, real_now),
+            )
+        return [task_id for task_id in task_ids if task_id not in held]
+
+    def forget_worker(self, worker_id: str) -> None:
+        with self._write() as c:
+            c.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def reclaim_expired(
+        self, flow_slugs: Sequence[str], failed_runs: list[RunFailure] | None = None
+    ) -> int:
+        if not flow_slugs:
+            return 0
+        real_now = time.time()
+        now = self.clock.now()
+        finished: list[str] = []
+        with self._write() as c, self._collecting_failures(failed_runs):
+            expired = c.execute(
+                "SELECT id, flow_slug, flow_version, step_slug, attempts, max_attempts "
+                "FROM step_tasks "
+                f"WHERE status = 'started' AND flow_slug IN ({placeholders(len(flow_slugs))}) "
+                "AND lease_expires < ?",
+                (*flow_slugs, real_now),
+            ).fetchall()
+            for task_id, flow_slug, version, step_slug, attempts, max_attempts in expired:
+                # The lost worker's attempt counts, so a task that kills its worker cannot
+                # be retried forever.
+                retry_at = None
+                if attempts < max_attempts:
+                    o = self._definition(flow_slug, version).effective(step_slug)
+                    retry_at = now + retry_delay(
+                        attempts, base_delay=o.base_delay, backoff=o.backoff,
+                        max_delay=o.max_delay, jitter=o.jitter,
+                    )
+                self._fail_task(c, TaskFailure(task_id, attempts, LOST_WORKER, retry_at), now,
+                                finished)
+        return len(expired)
+
+    def release(self, worker_id: str, task_ids: Sequence[int] | None) -> None:
+        if task_ids is not None and not task_ids:
+            return
+        unclaim = (
+            "UPDATE step_tasks SET status = 'queued', attempts = attempts - 1, "
+            "lease_owner = NULL, lease_expires = NULL, started_at = NULL "
+            "WHERE status = 'started' AND lease_owner = ? "
+        )
+        with self._write() as c:
+            # A released claim leaves no trace: a run's start is read from its running tasks.
+            if task_ids is None:
+                c.execute(unclaim, (worker_id,))
+            else:
+                c.executemany(unclaim + "AND id = ?", [(worker_id, t) for t in task_ids])
+
+    def data_version(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def next_due(self, flow_slugs: Sequence[str]) -> float | None:
+        found = []
+        with self._read() as conn:
+            for slug in flow_slugs:
+                # The earliest task of each priority level: one seek per level.
+                (due,) = conn.execute(
+                    self._LEVELS + "SELECT min((SELECT run_at FROM step_tasks "
+                    "INDEXED BY step_tasks_queued WHERE status = 'queued' AND flow_slug = :flow "
+                    "AND priority = levels.p ORDER BY run_at LIMIT 1)) "
+                    "FROM levels WHERE levels.p IS NOT NULL",
+                    {"flow": slug},
+                ).fetchone()
+                if due is not None:
+                    found.append(float(due))
+        return min(found, default=None)
+
+    def finish(
+        self,
+        successes: Sequence[TaskSuccess],
+        failures: Sequence[TaskFailure],
+        failed_runs: list[RunFailure] | None = None,
+    ) -> list[str]:
+        return self.finish_and_claim(successes, failures, failed_runs, "", (), 0, 0.0)[0]

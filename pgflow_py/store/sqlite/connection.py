@@ -1,0 +1,172 @@
+"""The connection: opening the file, its pragmas, migrations, transactions and errors."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any
+
+import sqlite_utils
+
+from ...clock import Clock
+from ...errors import SchemaError, StoreError
+from .._checkpoint import Checkpointer
+
+SCHEMA_VERSION = 2
+APPLICATION_ID = 0x70666C77  # "pflw": marks a file as a pgflow_py database
+_MIGRATIONS = {1: "sqlite_0001_initial.sql", 2: "sqlite_0002_lean_jobs.sql"}
+
+# What to do about the SQLite errors a user can meet, by a word of their message.
+_HINTS = (
+    ("readonly", "; the file or its directory (which holds the -wal and -shm files) is read-only: "
+                 "give this process write access"),
+    ("disk is full", "; the disk (or the database's size limit) is full: free some space"),
+    ("locked", "; another process held the write lock longer than the busy timeout"),
+    ("malformed", "; the file is corrupt: restore it from a backup"),
+    ("not a database", "; the file is not a SQLite database: point pgflow at another path"),
+    ("unable to open", "; check that the directory exists and is writable"),
+)
+
+
+def placeholders(n: int) -> str:
+    """``?,?,…``: ``n`` bound parameters, for an ``IN (…)`` list."""
+    return ",".join("?" * n)
+
+
+class _Connection:
+    """One connection to the database, and the transactions every other layer writes in."""
+
+    def __init__(self, path: str, clock: Clock, *, busy_timeout: float = 10.0) -> None:
+        self.url = path
+        self.clock = clock
+        self._lock = threading.RLock()
+        where = "in memory" if path == ":memory:" else f"at {os.path.abspath(path)}"
+        self._where = where
+        try:
+            self._conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+            )
+        except sqlite3.Error as exc:
+            raise SchemaError(f"cannot open the pgflow database {where}: {exc}") from exc
+        self._checkpointer: Checkpointer | None = None
+        # Bound parameters per statement (999 before SQLite 3.32; Python < 3.11 cannot ask).
+        getlimit = getattr(self._conn, "getlimit", None)
+        limit = getattr(sqlite3, "SQLITE_LIMIT_VARIABLE_NUMBER", None)
+        self._max_variables = 999 if getlimit is None or limit is None else int(getlimit(limit))
+        try:
+            self._configure(busy_timeout)
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise SchemaError(
+                f"the file {where} is not a usable pgflow database ({exc}); "
+                "point pgflow at another path or restore the file"
+            ) from exc
+        except BaseException:
+            self._conn.close()
+            raise
+        if path != ":memory:":
+            self._checkpointer = Checkpointer(path, busy_timeout)
+
+    def _configure(self, busy_timeout: float) -> None:
+        c = self._conn
+        c.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        if self.url != ":memory:":
+            c.execute("PRAGMA journal_mode = WAL")
+            # Checkpoints run in the background (see _checkpoint); this is the fallback should
+            # that thread fall behind. Past that, the WAL file is cut back to 64 MB.
+            c.execute("PRAGMA wal_autocheckpoint = 16384")
+            c.execute("PRAGMA journal_size_limit = 67108864")
+        c.execute("PRAGMA synchronous = NORMAL")
+        # Runs and tasks are touched at random (uuids): keep the hot pages in memory.
+        c.execute("PRAGMA cache_size = -65536")
+        c.execute("PRAGMA mmap_size = 268435456")
+        c.execute("PRAGMA temp_store = MEMORY")
+        c.execute("PRAGMA foreign_keys = OFF")
+
+    def _migrate(self) -> None:
+        c = self._conn
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        app_id = c.execute("PRAGMA application_id").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the database {self._where} was written by a newer pgflow_py "
+                f"(schema version {version}; this version knows up to {SCHEMA_VERSION}); "
+                "upgrade pgflow_py to use it"
+            )
+        if version == SCHEMA_VERSION and app_id == APPLICATION_ID:
+            return
+        with self._write():
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            app_id = c.execute("PRAGMA application_id").fetchone()[0]
+            if app_id != APPLICATION_ID:
+                tables = sqlite_utils.Database(c).table_names()
+                if tables:
+                    raise SchemaError(
+                        f"the database {self._where} is not a pgflow database "
+                        f"(it has tables {tables[:5]}); use a separate file for pgflow"
+                    )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                sql = resources.files(__package__) / "schema" / _MIGRATIONS[target]
+                for statement in sql.read_text(encoding="utf-8").split(";\n"):
+                    if statement.strip():
+                        c.execute(statement)
+                c.execute(f"PRAGMA user_version = {target}")
+            c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; SQLite errors become a :class:`StoreError` naming the file."""
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise self._store_error(exc) from exc
+            if self._checkpointer is not None:
+                self._checkpointer.wrote()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                raise self._store_error(exc) from exc
+
+    def _store_error(self, exc: sqlite3.Error) -> StoreError:
+        text = str(exc)
+        hint = next((h for key, h in _HINTS if key in text.lower()), "")
+        return StoreError(f"the pgflow database {self._where} failed: {text}{hint}")
+
+    def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+        with self._lock:
+            self._conn.close()
+
+    def _insert(
+        self, c: sqlite3.Connection, head: str, values: str, rows: Sequence[tuple[Any, ...]]
+    ) -> None:
+        """Insert rows with multi-row ``VALUES`` lists: about a quarter cheaper than
+        ``executemany``, which runs the statement once per row."""
+        if not rows:
+            return
+        per = max(1, min(500, self._max_variables // values.count("?")))
+        for start in range(0, len(rows), per):
+            chunk = rows[start:start + per]
+            c.execute(head + ",".join([values] * len(chunk)), [v for row in chunk for v in row])
+

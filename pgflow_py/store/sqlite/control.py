@@ -1,0 +1,108 @@
+"""Operators' side: cancelling, retrying and pruning runs."""
+
+from __future__ import annotations
+
+from ...errors import InputError, ShapeMismatch
+from .claims import _Claims
+from .connection import placeholders
+
+
+class _Control(_Claims):
+    """Cancel, retry and prune runs."""
+
+    def cancel(self, run_id: str) -> bool:
+        now = self.clock.now()
+        with self._write() as c:
+            if not c.execute(
+                "UPDATE runs SET status = 'cancelled', finished_at = ? "
+                "WHERE id = ? AND status = 'started'",
+                (now, run_id),
+            ).rowcount:
+                return False
+            self._cancel_rest(c, run_id, now)
+        return True
+
+    def retry(self, run_id: str) -> bool:
+        now = self.clock.now()
+        with self._write() as c:
+            clash = c.execute(
+                "SELECT other.id FROM runs AS this JOIN runs AS other ON other.flow_slug = "
+                "this.flow_slug AND other.key = this.key AND other.id != this.id "
+                "AND other.status != 'cancelled' WHERE this.id = ?",
+                (run_id,),
+            ).fetchone()
+            if clash is not None:
+                raise InputError(
+                    f"run {run_id} cannot be retried: its key now belongs to run {clash[0]}"
+                )
+            row = c.execute(
+                "UPDATE runs SET status = 'started', error = NULL, output = NULL, "
+                "started_at = NULL, finished_at = NULL "
+                "WHERE id = ? AND status IN ('failed', 'cancelled') "
+                "RETURNING flow_slug, priority",
+                (run_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            d = self._definition(row[0])
+            old = c.execute(
+                "SELECT max(flow_version) FROM step_tasks WHERE run_id = ?", (run_id,)
+            ).fetchone()[0]
+            if old is not None and old != self._definitions[d.slug][0]:
+                raise ShapeMismatch(
+                    f"run {run_id} was started before flow {d.slug!r} changed shape, so it "
+                    "cannot be retried; start a new run with the same input instead"
+                )
+            # Tasks that did not complete run again with fresh attempts; history is kept.
+            c.execute(
+                "UPDATE step_tasks SET status = 'queued', attempts = 0, run_at = ?, "
+                "finished_at = NULL WHERE run_id = ? AND status IN ('failed', 'cancelled')",
+                (now, run_id),
+            )
+            # Steps that had tasks go back to work; the others wait for their dependencies.
+            c.execute(
+                "UPDATE step_states SET status = 'started', error = NULL, finished_at = NULL, "
+                "remaining_tasks = (SELECT count(*) FROM step_tasks t WHERE t.run_id = "
+                "step_states.run_id AND t.step_slug = step_states.step_slug "
+                "AND t.status != 'completed') "
+                "WHERE run_id = ? AND status IN ('failed', 'cancelled') "
+                "AND remaining_tasks IS NOT NULL",
+                (run_id,),
+            )
+            c.execute(
+                "UPDATE step_states SET status = 'created', error = NULL, finished_at = NULL "
+                "WHERE run_id = ? AND status IN ('failed', 'cancelled') AND remaining_tasks IS NULL",
+                (run_id,),
+            )
+            # Waiting steps count again the dependencies that have not completed (a step
+            # started on its sole dependency never had its count decremented).
+            statuses = dict(c.execute(
+                "SELECT step_slug, status FROM step_states WHERE run_id = ?", (run_id,)
+            ).fetchall())
+            waiting = {
+                slug: sum(statuses.get(dep) != "completed" for dep in d.step(slug).depends_on)
+                for slug, status in statuses.items() if status == "created"
+            }
+            c.executemany(
+                "UPDATE step_states SET remaining_deps = ? WHERE run_id = ? AND step_slug = ?",
+                [(left, run_id, slug) for slug, left in waiting.items()],
+            )
+            ready = [slug for slug, left in waiting.items() if left == 0]
+            for slug in ready:
+                done = self._begin_step(c, d, run_id, row[1], d.step(slug), now)
+                if done:
+                    self._complete_steps(c, d, run_id, row[1], done, now, [])
+        return True
+
+    def prune(self, before: float) -> int:
+        with self._write() as c:
+            ids = [r[0] for r in c.execute(
+                "SELECT id FROM runs WHERE status != 'started' AND finished_at < ?", (before,)
+            ).fetchall()]
+            for chunk_start in range(0, len(ids), 500):
+                chunk = ids[chunk_start:chunk_start + 500]
+                marks = placeholders(len(chunk))
+                c.execute(f"DELETE FROM step_tasks WHERE run_id IN ({marks})", chunk)
+                c.execute(f"DELETE FROM step_states WHERE run_id IN ({marks})", chunk)
+                c.execute(f"DELETE FROM runs WHERE id IN ({marks})", chunk)
+        return len(ids)

@@ -1,0 +1,162 @@
+"""Reading runs back as models, with the finer status of unfinished runs derived from their tasks."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from ... import _json
+from ...clock import utc_datetime
+from ...errors import SchemaError
+from ...models import AttemptRecord, Run, RunStatus, StepRun, TaskRun
+from .connection import placeholders
+from .control import _Control
+
+# A non-terminal run's finer status is derived from its tasks when read.
+_STATUS_SQL = """
+CASE
+  WHEN r.status != 'started' THEN r.status
+  WHEN EXISTS (SELECT 1 FROM step_tasks t
+               WHERE t.run_id = r.id AND t.status = 'started') THEN 'running'
+  WHEN EXISTS (SELECT 1 FROM step_tasks t
+               WHERE t.run_id = r.id AND t.status = 'queued' AND t.attempts > 0) THEN 'retrying'
+  WHEN r.started_at IS NULL THEN
+    CASE WHEN (SELECT min(t.run_at) FROM step_tasks t
+               WHERE t.run_id = r.id AND t.status = 'queued') > :now
+         THEN 'scheduled' ELSE 'queued' END
+  ELSE 'running'
+END"""
+
+# runs.started_at is written when the first attempt ends; until then it is the running attempts'.
+_STARTED_SQL = """coalesce(r.started_at, (SELECT min(t.started_at) FROM step_tasks t
+                                     WHERE t.run_id = r.id AND t.status = 'started'))"""
+
+_RUN_COLUMNS = f"""r.id, r.flow_slug, {_STATUS_SQL} AS status, r.input, r.output, r.error, r.key,
+r.priority, r.created_at, {_STARTED_SQL}, r.finished_at"""
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return None if ts is None else utc_datetime(ts)
+
+
+
+class _Reading(_Control):
+    """Runs read back as :class:`~pgflow_py.models.Run` models."""
+
+    def get_run(self, run_id: str) -> Run | None:
+        runs = self._read_runs(f"SELECT {_RUN_COLUMNS} FROM runs r WHERE r.id = :id", {"id": run_id})
+        return runs[0] if runs else None
+
+    def runs(
+        self, flow_slug: str | None, status: str | None, key: str | None, limit: int
+    ) -> list[Run]:
+        where: list[str] = []
+        params: dict[str, Any] = {"limit": limit}
+        if flow_slug is not None:
+            where.append("r.flow_slug = :flow")
+            params["flow"] = flow_slug
+        if key is not None:
+            where.append("r.key = :key")
+            params["key"] = key
+        if status is not None:
+            if RunStatus(status).is_terminal:
+                where.append("r.status = :status")
+            else:
+                where.append(f"r.status = 'started' AND ({_STATUS_SQL}) = :status")
+            params["status"] = str(RunStatus(status).value)
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs r"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        # Newest first: rows are appended in creation order, so the rowid is that order too,
+        # and walking it backwards stops after `limit` rows instead of sorting them all.
+        sql += " ORDER BY r.rowid DESC LIMIT :limit"
+        return self._read_runs(sql, params)
+
+    def _read_runs(self, sql: str, params: dict[str, Any]) -> list[Run]:
+        params = {**params, "now": self.clock.now()}
+        with self._read() as conn:
+            rows = conn.execute(sql, params).fetchall()
+            if not rows:
+                return []
+            ids = [r[0] for r in rows]
+            marks = placeholders(len(ids))
+            step_rows = conn.execute(
+                "SELECT run_id, step_slug, status, output, error FROM step_states "
+                f"WHERE run_id IN ({marks})",
+                ids,
+            ).fetchall()
+            task_rows = conn.execute(
+                "SELECT run_id, step_slug, task_index, status, attempts, output, error, history, "
+                f"started_at FROM step_tasks WHERE run_id IN ({marks}) ORDER BY id",
+                ids,
+            ).fetchall()
+        loads = _json.loads
+        tasks: dict[tuple[str, str], list[tuple[TaskRun, float | None]]] = {}
+        for run_id, step, index, status, attempts, output, error, history, started in task_rows:
+            record = TaskRun(
+                index=index,
+                status=status,
+                attempts=attempts,
+                output=None if output is None else loads(output),
+                error=error,
+                history=tuple(
+                    AttemptRecord(h["attempt"], h["error"], _dt(h["at"]), step, index)  # type: ignore[arg-type]
+                    for h in (loads(history) if history else ())
+                ),
+            )
+            tasks.setdefault((run_id, step), []).append((record, started))
+        steps: dict[str, dict[str, StepRun]] = {}
+        for run_id, step, status, output, error in step_rows:
+            step_tasks = sorted(tasks.get((run_id, step), []), key=lambda t: t[0].index or 0)
+            steps.setdefault(run_id, {})[step] = StepRun(
+                slug=step,
+                status=status,
+                attempts=max((t.attempts for t, _ in step_tasks), default=0),
+                output=None if output is None else loads(output),
+                error=error,
+                tasks=tuple(t for t, _ in step_tasks),
+            )
+        for (run_id, step), step_tasks in tasks.items():
+            if step not in steps.get(run_id, {}):
+                # A job's step has no state row: its one task is its state.
+                task = step_tasks[0][0]
+                steps.setdefault(run_id, {})[step] = StepRun(
+                    slug=step,
+                    status="started" if task.status in ("queued", "started") else task.status,
+                    attempts=task.attempts,
+                    output=task.output,
+                    error=task.error if task.status == "failed" else None,
+                    tasks=(task,),
+                )
+        result = []
+        by_run: dict[str, list[tuple[TaskRun, float | None]]] = {}
+        for (rid, _step), step_tasks in tasks.items():
+            by_run.setdefault(rid, []).extend(step_tasks)
+        for (run_id, flow_slug, status, inp, output, error, key, priority, created, started,
+             finished) in rows:
+            order = self._step_order(flow_slug)
+            run_steps = steps.get(run_id, {})
+            last = max(by_run.get(run_id, ()), key=lambda t: t[1] or 0.0, default=None)
+            result.append(Run(
+                id=run_id,
+                flow_slug=flow_slug,
+                status=RunStatus(status),
+                input=loads(inp),
+                output=None if output is None else loads(output),
+                error=error,
+                key=key,
+                priority=priority,
+                created_at=_dt(created),  # type: ignore[arg-type]
+                started_at=_dt(started),
+                finished_at=_dt(finished),
+                attempts=last[0].attempts if last is not None else 0,
+                steps=tuple(sorted(run_steps.values(), key=lambda s: order.get(s.slug, 0))),
+            ))
+        return result
+
+    def _step_order(self, flow_slug: str) -> dict[str, int]:
+        try:
+            d = self._definition(flow_slug)
+        except SchemaError:
+            return {}
+        return {s.slug: i for i, s in enumerate(d.steps)}

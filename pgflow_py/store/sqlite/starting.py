@@ -1,0 +1,92 @@
+"""Starting runs: their rows and their root steps' tasks, a batch in a few statements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ...definition import FlowDefinition
+from ..base import NewRun
+from .batches import _Batches
+
+
+class _Starting(_Batches):
+    """New runs and their root steps' tasks."""
+
+    def start_runs(self, definition: FlowDefinition, runs: Sequence[NewRun]) -> list[str]:
+        now = self.clock.now()
+        d = definition
+        ids: list[str] = []
+        with self._write() as c:
+            # Checked in the same transaction, so a definition and its runs land together, and
+            # a process holding an outdated definition cannot start runs of it.
+            self._register(c, d)
+            fresh: list[NewRun] = []
+            for r in runs:
+                if r.cron_tick is not None and not c.execute(
+                    "UPDATE flows SET cron_last_tick = ? WHERE flow_slug = ? "
+                    "AND (cron_last_tick IS NULL OR cron_last_tick < ?)",
+                    (r.cron_tick, d.slug, r.cron_tick),
+                ).rowcount:
+                    ids.append("")  # this tick (or a later one) already has its run
+                    continue
+                if r.key is not None:
+                    existing = c.execute(
+                        "SELECT id FROM runs WHERE flow_slug = ? AND key = ? "
+                        "AND status != 'cancelled'",
+                        (d.slug, r.key),
+                    ).fetchone()
+                    if existing is not None:
+                        ids.append(existing[0])
+                        continue
+                fresh.append(r)
+                ids.append(r.id)
+            self._insert(
+                c, self._INSERT_RUNS, self._RUN_VALUES,
+                [(r.id, d.slug, r.input_json, r.key, r.priority, len(d.steps), r.run_at,
+                  r.created_at) for r in fresh],
+            )
+            # Root steps start with their runs; the rows of a whole batch go in a few
+            # statements per table.
+            version = self._definitions[d.slug][0]
+            states: list[tuple[Any, ...]] = []
+            tasks: list[tuple[Any, ...]] = []
+            empty_maps: list[tuple[NewRun, str]] = []
+            max_attempts_of = self._graph(d).max_attempts
+            job = d.kind == "job"  # a job's one step keeps its state in its task
+            for r in fresh:
+                for step in d.steps:
+                    if step.depends_on:
+                        states.append((r.id, step.slug, "created", len(step.depends_on), None, None))
+                        continue
+                    max_attempts = max_attempts_of[step.slug]
+                    due = r.run_at + step.start_delay
+                    if step.step_type == "single":
+                        if not job:
+                            states.append((r.id, step.slug, "started", 0, 1, now))
+                        tasks.append((r.id, d.slug, version, step.slug, None, max_attempts,
+                                      r.priority, due, None, now))
+                        continue
+                    items = r.root_items or ()
+                    states.append((r.id, step.slug, "started", 0, len(items), now))
+                    if not items:
+                        empty_maps.append((r, step.slug))
+                    tasks.extend(
+                        (r.id, d.slug, version, step.slug, i, max_attempts, r.priority, due, item,
+                         now)
+                        for i, item in enumerate(items)
+                    )
+            self._insert(
+                c,
+                "INSERT INTO step_states (run_id, step_slug, status, remaining_deps, "
+                "remaining_tasks, started_at) VALUES ",
+                "(?, ?, ?, ?, ?, ?)",
+                states,
+            )
+            self._insert(c, self._INSERT_TASKS, self._TASK_VALUES, tasks)
+            for r, slug in empty_maps:  # a root map over an empty array completes at once
+                self._complete_steps(
+                    c, d, r.id, r.priority, [(slug, "[]")], now, [], not_before=r.run_at
+                )
+        return ids
+

@@ -1,0 +1,359 @@
+"""How a run advances one step at a time: steps start, complete and fail, runs finish."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from ... import _json
+from ...clock import Clock
+from ...definition import FlowDefinition, StepDefinition
+from ..base import RunFailure, TaskFailure, TaskSuccess
+from .connection import placeholders
+from .definitions import _Definitions
+
+
+class _Steps(_Definitions):
+    """Steps start, complete and fail one at a time; runs finish when their steps are done."""
+
+    def __init__(self, path: str, clock: Clock, *, busy_timeout: float = 10.0) -> None:
+        super().__init__(path, clock, busy_timeout=busy_timeout)
+        # Runs failed by the current write transaction, for the caller (see _collecting_failures).
+        self._failed_runs: list[RunFailure] | None = None
+
+    _INSERT_RUNS = (
+        "INSERT INTO runs (id, flow_slug, status, input, key, priority, remaining_steps, "
+        "run_at, created_at) VALUES "
+    )
+    _RUN_VALUES = "(?, ?, 'started', ?, ?, ?, ?, ?, ?)"
+    # Completes a job's run with its one task's output. Its start is the completing attempt's
+    # (if known), else that of the task with the given id.
+    _COMPLETE_JOB_RUN = (
+        "UPDATE runs SET status = 'completed', remaining_steps = 0, output = ?, finished_at = ?, "
+        "started_at = coalesce(started_at, ?, (SELECT t.started_at FROM step_tasks t "
+        "WHERE t.id = ?)) WHERE id = ? AND status = 'started'"
+    )
+    # Completes a task's current attempt; the guard makes a late result (after reclaim, cancel,
+    # run failure, or a retry's new claim) change nothing.
+    _COMPLETE_TASK = (
+        "UPDATE step_tasks SET status = 'completed', output = ?, finished_at = ?, "
+        "lease_owner = NULL, lease_expires = NULL "
+        "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
+    )
+    # Starts a single step whose dependencies are complete (its task is inserted beside it).
+    _START_SINGLE = (
+        "UPDATE step_states SET status = 'started', remaining_deps = 0, remaining_tasks = 1, "
+        "started_at = ? WHERE run_id = ? AND step_slug = ?"
+    )
+    _INSERT_TASKS = (
+        "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, task_index, "
+        "status, max_attempts, priority, run_at, input, created_at) VALUES "
+    )
+    _TASK_VALUES = "(?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)"
+
+
+    def _start_step(
+        self,
+        c: sqlite3.Connection,
+        d: FlowDefinition,
+        step: StepDefinition,
+        run_id: str,
+        priority: int,
+        run_at: float,
+        now: float,
+        items: Sequence[str] | None,
+        input_json: str | None = None,
+    ) -> list[tuple[str, str]]:
+        """Queue a step's tasks; a map over no items completes at once.
+
+        Returns ``(step_slug, output_json)`` of a step that completed immediately, for cascading.
+        """
+        max_attempts = self._graph(d).max_attempts[step.slug]
+        version = self._definitions[d.slug][0]
+        if step.step_type == "map":
+            assert items is not None
+            if not items:
+                c.execute(
+                    "UPDATE step_states SET status = 'started', remaining_deps = 0, remaining_tasks = 0, "
+                    "started_at = ? WHERE run_id = ? AND step_slug = ?",
+                    (now, run_id, step.slug),
+                )
+                return [(step.slug, "[]")]  # the caller completes it
+            c.execute(
+                "UPDATE step_states SET status = 'started', remaining_deps = 0, "
+                "remaining_tasks = ?, started_at = ? "
+                "WHERE run_id = ? AND step_slug = ?",
+                (len(items), now, run_id, step.slug),
+            )
+            self._insert(
+                c, self._INSERT_TASKS, self._TASK_VALUES,
+                [(run_id, d.slug, version, step.slug, i, max_attempts, priority, run_at, item, now)
+                 for i, item in enumerate(items)],
+            )
+            return []
+        c.execute(self._START_SINGLE, (now, run_id, step.slug))
+        self._insert(
+            c, self._INSERT_TASKS, self._TASK_VALUES,
+            [(run_id, d.slug, version, step.slug, None, max_attempts, priority, run_at,
+              input_json, now)],
+        )
+        return []
+
+    @contextmanager
+    def _collecting_failures(self, into: list[RunFailure] | None) -> Iterator[None]:
+        # Called with the write lock held, so only this transaction appends to the list.
+        self._failed_runs = into
+        try:
+            yield
+        finally:
+            self._failed_runs = None
+
+    def _complete_task(
+        self, c: sqlite3.Connection, s: TaskSuccess, now: float, finished: list[str]
+    ) -> None:
+        row = c.execute(
+            self._COMPLETE_TASK
+            + "RETURNING run_id, flow_slug, step_slug, task_index, priority, flow_version, started_at",
+            (s.output_json, now, s.task_id, s.attempt, s.claim),
+        ).fetchone()
+        if row is None:
+            return
+        run_id, flow_slug, step_slug, task_index, priority, version, started_at = row
+        if task_index is None:
+            step_output = s.output_json
+        else:
+            left = c.execute(
+                "UPDATE step_states SET remaining_tasks = remaining_tasks - 1 "
+                "WHERE run_id = ? AND step_slug = ? AND status = 'started' "
+                "RETURNING remaining_tasks",
+                (run_id, step_slug),
+            ).fetchone()
+            if left is None or left[0] > 0:
+                self._mark_started(c, run_id, started_at)
+                return
+            outputs = c.execute(
+                "SELECT output FROM step_tasks WHERE run_id = ? AND step_slug = ? "
+                "AND status = 'completed' ORDER BY task_index",
+                (run_id, step_slug),
+            ).fetchall()
+            step_output = "[" + ",".join(o[0] for o in outputs) + "]"
+        d = self._definition(flow_slug, version)
+        self._complete_steps(
+            c, d, run_id, priority, [(step_slug, step_output)], now, finished, started_at=started_at
+        )
+
+    @staticmethod
+    def _mark_started(c: sqlite3.Connection, run_id: str, started_at: float | None) -> None:
+        """Record when a run's first attempt started, once one has ended."""
+        c.execute(
+            "UPDATE runs SET started_at = ? WHERE id = ? AND started_at IS NULL",
+            (started_at, run_id),
+        )
+
+    def _complete_steps(
+        self,
+        c: sqlite3.Connection,
+        d: FlowDefinition,
+        run_id: str,
+        priority: int,
+        done: list[tuple[str, str]],
+        now: float,
+        finished: list[str],
+        not_before: float = 0.0,
+        started_at: float | None = None,
+    ) -> None:
+        """Mark steps completed and start the dependents that became ready, cascading.
+
+        Dependents are due no earlier than ``not_before`` (a delayed run's start time);
+        ``started_at`` is when the completing attempt started.
+        """
+        while done:
+            step_slug, output = done.pop()
+            if d.kind == "job":
+                # A job's one step is its leaf (and has no state row): finish the run.
+                if c.execute(
+                    self._COMPLETE_JOB_RUN, (output, now, started_at, None, run_id)
+                ).rowcount:
+                    finished.append(run_id)
+                return
+            updated = c.execute(
+                "UPDATE step_states SET status = 'completed', output = ?, remaining_tasks = 0, "
+                "finished_at = ? WHERE run_id = ? AND step_slug = ? AND status != 'completed'",
+                (output, now, run_id, step_slug),
+            ).rowcount
+            left = c.execute(
+                "UPDATE runs SET remaining_steps = remaining_steps - ?, "
+                "started_at = coalesce(started_at, ?) "
+                "WHERE id = ? AND status = 'started' RETURNING remaining_steps",
+                (1 if updated else 0, started_at, run_id),
+            ).fetchone()
+            if left is None:
+                return  # the run failed or was cancelled meanwhile
+            if left[0] == 0:
+                self._finish_run_completed(c, d, run_id, now)
+                finished.append(run_id)
+                return
+            for dependent in self._graph(d).dependents[step_slug]:
+                known: tuple[str, str] | None = None
+                if not updated:
+                    break  # the step had completed before: its dependents were handled then
+                if len(dependent.depends_on) == 1:
+                    # Its only dependency just completed: it is ready, and we hold the output.
+                    known = (step_slug, output)
+                else:
+                    ready = c.execute(
+                        "UPDATE step_states SET remaining_deps = remaining_deps - 1 "
+                        "WHERE run_id = ? AND step_slug = ? AND status = 'created' "
+                        "RETURNING remaining_deps",
+                        (run_id, dependent.slug),
+                    ).fetchone()
+                    if ready is None or ready[0] > 0:
+                        continue
+                started = self._begin_step(
+                    c, d, run_id, priority, dependent, now, known, max(now, not_before)
+                )
+                if started is None:
+                    finished.append(run_id)
+                    return
+                done.extend(started)
+
+    def _begin_step(
+        self,
+        c: sqlite3.Connection,
+        d: FlowDefinition,
+        run_id: str,
+        priority: int,
+        step: StepDefinition,
+        now: float,
+        known: tuple[str, str] | None = None,
+        due_from: float | None = None,
+    ) -> list[tuple[str, str]] | None:
+        """Start a step whose dependencies are all complete, handing it their outputs.
+
+        ``known`` is the ``(slug, output)`` of a sole dependency the caller already holds.
+        Returns steps completed at once (an empty map), or ``None`` if the run failed because
+        a map step received something other than an array.
+        """
+        run_at = (now if due_from is None else due_from) + step.start_delay
+        deps = [known] if known is not None else c.execute(
+            "SELECT step_slug, output FROM step_states WHERE run_id = ? "
+            f"AND step_slug IN ({placeholders(len(step.depends_on))})",
+            (run_id, *step.depends_on),
+        ).fetchall()
+        if step.step_type == "map":
+            source, array_json = deps[0]
+            array = _json.loads(array_json)
+            if not isinstance(array, list):
+                self._fail_run(
+                    c, run_id, step.slug,
+                    f"map step {step.slug!r} expected an array from step {source!r}, "
+                    f"got {type(array).__name__}: {array_json[:200]}",
+                    now,
+                )
+                return None
+            items = [_json.dumps(item) for item in array]
+            return self._start_step(c, d, step, run_id, priority, run_at, now, items)
+        deps_json = "{" + ",".join(f"{_json.dumps(slug)}:{out}" for slug, out in deps) + "}"
+        return self._start_step(c, d, step, run_id, priority, run_at, now, None, deps_json)
+
+    def _finish_run_completed(
+        self, c: sqlite3.Connection, d: FlowDefinition, run_id: str, now: float
+    ) -> None:
+        self._finish_runs_completed(c, [(d, run_id)], now)
+
+    def _finish_runs_completed(
+        self, c: sqlite3.Connection, runs: list[tuple[FlowDefinition, str]], now: float
+    ) -> None:
+        """Complete runs whose steps are all done: output ``{leaf: output}``, two statements."""
+        outputs: dict[str, dict[str, str]] = {}
+        for start in range(0, len(runs), 500):
+            chunk = [run_id for _d, run_id in runs[start:start + 500]]
+            for run_id, slug, output in c.execute(
+                "SELECT run_id, step_slug, output FROM step_states "
+                f"WHERE run_id IN ({placeholders(len(chunk))})",
+                chunk,
+            ).fetchall():
+                outputs.setdefault(run_id, {})[slug] = output
+        c.executemany(
+            "UPDATE runs SET status = 'completed', output = ?, finished_at = ? WHERE id = ?",
+            [
+                ("{" + ",".join(f"{_json.dumps(slug)}:{outputs[run_id][slug]}"
+                                for slug in self._graph(d).leaves) + "}", now, run_id)
+                for d, run_id in runs
+            ],
+        )
+
+    def _fail_task(
+        self, c: sqlite3.Connection, f: TaskFailure, now: float, finished: list[str]
+    ) -> None:
+        history_sql = (
+            "history = json_insert(coalesce(history, '[]'), '$[#]', "
+            "json_object('attempt', attempts, 'error', ?, 'at', ?))"
+        )
+        if f.retry_at is not None:
+            row = c.execute(
+                f"UPDATE step_tasks SET status = 'queued', run_at = ?, error = ?, {history_sql}, "
+                "lease_owner = NULL, lease_expires = NULL "
+                "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
+                "RETURNING run_id, started_at",
+                (f.retry_at, f.error, f.error, now, f.task_id, f.attempt, f.claim),
+            ).fetchone()
+            if row is not None:
+                self._mark_started(c, row[0], row[1])
+            return
+        row = c.execute(
+            f"UPDATE step_tasks SET status = 'failed', error = ?, {history_sql}, finished_at = ?, "
+            "lease_owner = NULL, lease_expires = NULL "
+            "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
+            "RETURNING run_id, step_slug, task_index, started_at",
+            (f.error, f.error, now, now, f.task_id, f.attempt, f.claim),
+        ).fetchone()
+        if row is None:
+            return
+        self._mark_started(c, row[0], row[3])
+        if self._fail_run(c, row[0], row[1], f.error, now, (f.task_id, row[2], f.attempt)):
+            finished.append(row[0])
+
+    def _fail_run(
+        self,
+        c: sqlite3.Connection,
+        run_id: str,
+        step_slug: str,
+        error: str,
+        now: float,
+        task: tuple[int, int | None, int] | None = None,
+    ) -> bool:
+        """Fail a run for good (``task``: the id, index and attempt of the task that did it)."""
+        row = c.execute(
+            "UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
+            "WHERE id = ? AND status = 'started' RETURNING flow_slug, input",
+            (error, now, run_id),
+        ).fetchone()
+        if row is None:
+            return False
+        if self._failed_runs is not None:
+            task_id, index, attempt = task if task is not None else (None, None, 0)
+            self._failed_runs.append(RunFailure(
+                run_id, row[0], step_slug, error, _json.loads(row[1]), task_id, index, attempt
+            ))
+        c.execute(
+            "UPDATE step_states SET status = 'failed', error = ?, finished_at = ? "
+            "WHERE run_id = ? AND step_slug = ?",
+            (error, now, run_id, step_slug),
+        )
+        self._cancel_rest(c, run_id, now)
+        return True
+
+    @staticmethod
+    def _cancel_rest(c: sqlite3.Connection, run_id: str, now: float) -> None:
+        c.execute(
+            "UPDATE step_tasks SET status = 'cancelled', finished_at = ?, lease_owner = NULL, "
+            "lease_expires = NULL WHERE run_id = ? AND status IN ('queued', 'started')",
+            (now, run_id),
+        )
+        c.execute(
+            "UPDATE step_states SET status = 'cancelled', finished_at = ? "
+            "WHERE run_id = ? AND status IN ('created', 'started')",
+            (now, run_id),
+        )
