@@ -49,7 +49,9 @@ def _rows(n: int) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
     step = d.steps[0]
     now = time.time()
     runs, tasks = [], []
-    for i, run_id in enumerate(new_run_ids(n)):
+    # Sorted, as ids made over time are: these share one millisecond, so they would otherwise
+    # land all over the index instead of at its end.
+    for i, run_id in enumerate(sorted(new_run_ids(n))):
         runs.append((run_id, d.slug, f'{{"i":{i}}}', None, 0, 1, now, now))
         tasks.append((run_id, d.slug, 1, step.slug, None, 1, 0, now, None, now))
     return runs, tasks
