@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from _helpers import drain
 
 import pgflow_py as pf
 from pgflow_py.store import TaskFailure
@@ -18,9 +19,6 @@ T0 = 1_800_000_000
 
 
 
-
-def drain(store: pf.Store, *flows: pf.Flow, **options: Any) -> pf.RunnerStats:
-    return pf.run_flows(list(flows), store=store, until_idle=True, **options)
 
 
 def at(seconds_after_t0: float) -> datetime:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import drain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,9 +30,6 @@ def store(tmp_path: Path, clock: FakeClock):
     with pf.connect(tmp_path / "flows.db", clock=clock) as s:
         yield s
 
-
-def drain(store: pf.Store, *flows: pf.Flow, **options: Any) -> pf.RunnerStats:
-    return pf.run_flows(list(flows), store=store, until_idle=True, **options)
 
 
 # --- random DAGs against a reference evaluation ------------------------------------------------

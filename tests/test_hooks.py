@@ -10,12 +10,9 @@ import time
 from typing import Any
 
 import pytest
+from _helpers import drain
 
 import pgflow_py as pf
-
-
-def drain(store: pf.Store, *flows: pf.Flow, **options: Any) -> pf.RunnerStats:
-    return pf.run_flows(list(flows), store=store, until_idle=True, **options)
 
 
 class Recorder:

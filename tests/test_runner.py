@@ -14,12 +14,9 @@ import time
 from datetime import timedelta
 
 import pytest
+from _helpers import drain
 
 import pgflow_py as pf
-
-
-def drain(store: pf.Store, *flows: pf.Flow, **options) -> pf.RunnerStats:
-    return pf.run_flows(list(flows), store=store, until_idle=True, **options)
 
 
 def test_fails_twice_then_succeeds_with_exponential_waits(store, clock):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import drain
 
 import pgflow_py as pf
 from pgflow_py.testing import FakeClock
@@ -32,9 +33,6 @@ def store(db_path: Path, clock: FakeClock) -> Iterator[pf.Store]:
     with pf.connect(db_path, clock=clock) as s:
         yield s
 
-
-def drain(store: pf.Store, *flows: pf.Flow, **options: Any) -> pf.RunnerStats:
-    return pf.run_flows(list(flows), store=store, until_idle=True, **options)
 
 
 def keys(store: pf.Store, flow: pf.Flow) -> list[str | None]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 import pytest
+from _helpers import drain
 
 import pgflow_py as pf
 from pgflow_py.store.sqlite import SCHEMA_VERSION
@@ -72,9 +73,6 @@ def assert_identical(actual: Any, expected: Any) -> None:
         assert actual == expected
 
 
-def serve(store: pf.Store, *flows: pf.Flow) -> pf.RunnerStats:
-    return pf.run_flows(list(flows), store=store, until_idle=True)
-
 
 # --- Run fields ---------------------------------------------------------------------------------
 
@@ -111,7 +109,7 @@ def test_run_fields_after_processing(store: pf.Store, clock: pf.testing.FakeCloc
     run = store.start(echo, {"x": 1})
     assert store.get_run(run.id).started_at is None
     clock.advance(5)
-    serve(store, echo)
+    drain(store, echo)
     done = store.get_run(run.id)
     assert done.status is pf.RunStatus.COMPLETED
     assert done.output == {"x": 1}
@@ -133,7 +131,7 @@ def test_flow_steps_in_order_with_status_and_output(store: pf.Store) -> None:
         ("fetch", "started", 0),
         ("double", "created", 0),
     ]
-    serve(store, pipeline)
+    drain(store, pipeline)
     done = store.get_run(run.id)
     assert done.status == "completed"
     assert done.output == {"double": 42}
@@ -167,7 +165,7 @@ def test_delayed_run_does_not_start_before_it_is_due(
     store: pf.Store, clock: pf.testing.FakeClock
 ) -> None:
     run = store.start(echo, "later", delay=timedelta(hours=2))
-    serve(store, echo)  # until_idle waits out the delay on the fake clock
+    drain(store, echo)  # until_idle waits out the delay on the fake clock
     done = store.get_run(run.id)
     assert done.status == "completed"
     assert done.started_at is not None
@@ -252,7 +250,7 @@ def test_key_is_idempotent(store: pf.Store, db_path: Path) -> None:
 
 def test_key_stays_idempotent_after_the_run_finished(store: pf.Store) -> None:
     first = store.start(echo, "x", key="once")
-    serve(store, echo)
+    drain(store, echo)
     again = store.start(echo, "y", key="once")
     assert again.id == first.id
     assert again.status == pf.RunStatus.COMPLETED
@@ -274,7 +272,7 @@ def test_start_by_slug_after_register(store: pf.Store) -> None:
     run = store.start("echo", {"by": "slug"})
     assert run.flow_slug == "echo"
     assert run.status == pf.RunStatus.QUEUED
-    serve(store, echo)
+    drain(store, echo)
     assert store.get_run(run.id).output == {"by": "slug"}
 
 
@@ -301,7 +299,7 @@ def test_start_many(store: pf.Store) -> None:
     assert len({r.id for r in runs}) == 3
     assert all(r.status == pf.RunStatus.QUEUED for r in runs)
     assert len(store.runs(flow=echo)) == 3
-    serve(store, echo)
+    drain(store, echo)
     assert [store.get_run(r.id).output for r in runs] == [{"i": 0}, {"i": 1}, {"i": 2}]
 
 
@@ -422,7 +420,7 @@ def test_attrs_and_dataclass_inputs_are_unstructured(store: pf.Store) -> None:
     expected_points = [{"x": 1.5, "label": None}, {"x": 2.0, "label": "b"}]
     assert store.get_run(point_run.id).input == expected_points
 
-    serve(store, echo)
+    drain(store, echo)
     assert store.get_run(run.id).output == expected_user
     assert store.get_run(point_run.id).output == expected_points
 
@@ -457,7 +455,7 @@ def test_job_output_round_trips_exactly(store: pf.Store, value: Any) -> None:
         return value
 
     run = store.start(constant, {"ignored": True})
-    serve(store, constant)
+    drain(store, constant)
     done = store.get_run(run.id)
     assert done.status == pf.RunStatus.COMPLETED
     assert_identical(done.output, value)
@@ -488,7 +486,7 @@ def test_flow_leaf_output_round_trips_exactly(store: pf.Store) -> None:
         return None
 
     run = store.start(f, None)
-    serve(store, f)
+    drain(store, f)
     done = store.get_run(run.id)
     assert_identical(done.output, {"no": False, "nothing": None})
     assert_identical(done.step("root").output, 0)
@@ -543,7 +541,7 @@ def test_reopening_keeps_runs_and_definitions(tmp_path: Path) -> None:
     clock = pf.testing.FakeClock()
     with pf.connect(path, clock=clock) as s:
         done = s.start(echo, {"n": 1}, key="k1")
-        serve(s, echo)
+        drain(s, echo)
         queued = s.start(pipeline, {"n": 2})
     with pf.connect(path, clock=clock) as s:
         assert s.get_run(done.id).status == pf.RunStatus.COMPLETED
@@ -552,7 +550,7 @@ def test_reopening_keeps_runs_and_definitions(tmp_path: Path) -> None:
         assert {r.id for r in s.runs()} == {done.id, queued.id}
         assert s.start(echo, {"n": 9}, key="k1").id == done.id
         by_slug = s.start("pipeline", {"n": 5})  # the definition survived the reopen
-        serve(s, pipeline)
+        drain(s, pipeline)
         assert s.get_run(queued.id).output == {"double": 4}
         assert s.get_run(by_slug.id).output == {"double": 10}
 
@@ -590,11 +588,11 @@ def test_a_version_1_database_is_migrated_with_its_runs(
     with pf.connect(db_path) as new:
         assert table_counts(db_path)["step_states"] == 2  # only the flow's
         assert new.get_run(waiting.id).steps[0].status == "cancelled"
-        serve(new, echo)
+        drain(new, echo)
         assert new.get_run(done.id).steps[0].status == "completed"
         assert new.get_run(done.id).steps[0].output == {"n": 1}
         new.retry(waiting.id)
-        serve(new, echo, pipeline)
+        drain(new, echo, pipeline)
         assert new.get_run(waiting.id).output == {"n": 2}
         assert new.get_run(flow_run.id).output == {"double": 6}
 
@@ -605,14 +603,14 @@ def test_two_stores_on_one_file_share_runs_and_keys(db_path: Path) -> None:
         first = a.start(echo, "from a", key="shared-key")
         assert b.start(echo, "from b", key="shared-key").id == first.id
         assert b.get_run(first.id).input == "from a"
-        serve(b, echo)
+        drain(b, echo)
         assert a.wait(first.id, timeout=1).output == "from a"
 
 
 def test_memory_store() -> None:
     with pf.connect(":memory:", clock=pf.testing.FakeClock()) as s:
         run = s.start(pipeline, {"n": 4})
-        serve(s, pipeline)
+        drain(s, pipeline)
         assert s.get_run(run.id).output == {"double": 8}
     with pf.connect(":memory:", clock=pf.testing.FakeClock()) as s:
         assert s.runs() == []  # each :memory: store is its own database
@@ -645,7 +643,7 @@ def test_runs_newest_first(store: pf.Store, clock: pf.testing.FakeClock) -> None
 
 def test_runs_filter_by_status(store: pf.Store) -> None:
     done = store.start(echo, 1)
-    serve(store, echo)
+    drain(store, echo)
     queued = store.start(echo, 2)
     scheduled = store.start(echo, 3, delay=60)
     cancelled = store.start(echo, 4)
@@ -664,7 +662,7 @@ def test_runs_filter_by_status(store: pf.Store) -> None:
 
 def test_wait_returns_terminal_run(store: pf.Store) -> None:
     run = store.start(echo, {"w": 1})
-    serve(store, echo)
+    drain(store, echo)
     waited = store.wait(run.id, timeout=1)
     assert waited.status == pf.RunStatus.COMPLETED
     assert waited.output == {"w": 1}
@@ -683,7 +681,7 @@ def test_wait_is_woken_by_a_runner_in_another_thread(store: pf.Store) -> None:
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    serve(store, echo)
+    drain(store, echo)
     thread.join(timeout=15)
     assert not thread.is_alive()
     assert errors == []
@@ -733,7 +731,7 @@ def test_cancelled_run_never_runs(store: pf.Store, delay: float | None) -> None:
 
 def test_cancel_does_not_change_a_finished_run(store: pf.Store) -> None:
     run = store.start(echo, 1)
-    serve(store, echo)
+    drain(store, echo)
     with contextlib.suppress(pf.PgflowError):  # refusing is fine; rewriting history is not
         store.cancel(run.id)
     done = store.get_run(run.id)
@@ -757,7 +755,7 @@ def test_retry_failed_run_completes_and_keeps_history(store: pf.Store) -> None:
         return "ok"
 
     run = store.start(flaky_once, {"x": 1})
-    serve(store, flaky_once)
+    drain(store, flaky_once)
     failed = store.get_run(run.id)
     assert failed.status == pf.RunStatus.FAILED
     assert failed.output is None
@@ -767,7 +765,7 @@ def test_retry_failed_run_completes_and_keeps_history(store: pf.Store) -> None:
     retried = store.retry(run.id)
     assert not retried.status.is_terminal
     assert retried.error is None and retried.finished_at is None
-    serve(store, flaky_once)
+    drain(store, flaky_once)
     done = store.get_run(run.id)
     assert done.status == pf.RunStatus.COMPLETED
     assert done.output == "ok"
@@ -790,7 +788,7 @@ def test_retried_run_reads_queued_until_a_worker_takes_it(store: pf.Store) -> No
         raise RuntimeError("no")
 
     run = store.start(fails_once, None)
-    serve(store, fails_once)
+    drain(store, fails_once)
     assert store.get_run(run.id).status == pf.RunStatus.FAILED
     # Nothing is running now: the run waits for a worker, like a fresh start (and like a retried
     # run that was cancelled before it ever started, see test_retry_cancelled_run).
@@ -811,11 +809,11 @@ def test_retry_gives_fresh_attempts(store: pf.Store) -> None:
         return len(calls)
 
     run = store.start(flaky_thrice, None)
-    serve(store, flaky_thrice)
+    drain(store, flaky_thrice)
     assert store.get_run(run.id).status == pf.RunStatus.FAILED
     assert store.get_run(run.id).attempts == 2
     store.retry(run.id)
-    serve(store, flaky_thrice)
+    drain(store, flaky_thrice)
     done = store.get_run(run.id)
     assert done.status == pf.RunStatus.COMPLETED
     assert done.output == 4
@@ -831,7 +829,7 @@ def test_retry_cancelled_run(store: pf.Store) -> None:
     store.cancel(run.id)
     assert store.retry(run.id).status == pf.RunStatus.QUEUED
     assert store.get_run(run.id).error is None
-    serve(store, pipeline)
+    drain(store, pipeline)
     assert store.get_run(run.id).output == {"double": 6}
 
 
@@ -839,7 +837,7 @@ def test_retry_of_unfinished_or_completed_run_is_refused(store: pf.Store) -> Non
     run = store.start(echo, 1)
     with pytest.raises(pf.InputError):
         store.retry(run.id)
-    serve(store, echo)
+    drain(store, echo)
     with pytest.raises(pf.InputError):
         store.retry(run.id)
     assert store.get_run(run.id).status == pf.RunStatus.COMPLETED
@@ -859,12 +857,12 @@ def test_prune_deletes_only_old_terminal_runs(
     old_cancelled = store.start(echo, "old-cancelled", delay=3600)
     store.cancel(old_cancelled.id)
     never_served = store.start(other_echo, "queued forever")
-    serve(store, echo, always_fails)
+    drain(store, echo, always_fails)
     assert store.get_run(old_failed.id).status == pf.RunStatus.FAILED
 
     clock.advance(timedelta(days=5))
     recent_done = store.start(echo, "recent")
-    serve(store, echo)
+    drain(store, echo)
     clock.advance(timedelta(days=3))  # old ones finished 8 days ago, the recent one 3 days ago
 
     assert store.prune(older_than=timedelta(days=7)) == 3
@@ -933,7 +931,7 @@ def test_register_updates_options(store: pf.Store, db_path: Path) -> None:
     # A start by slug uses the stored (updated) definition.
     run = store.start("tunable", "v2 run")
     store.cancel(unfinished.id)
-    serve(store, v2)
+    drain(store, v2)
     done = store.get_run(run.id)
     assert done.status == pf.RunStatus.COMPLETED
     assert done.output == 3
@@ -977,7 +975,7 @@ def test_shape_change_with_unfinished_runs_is_refused(store: pf.Store, db_path: 
     # Once the old run is out of the way the new shape is accepted.
     store.cancel(pending.id)
     run = store.start(v2, 3)
-    serve(store, v2)
+    drain(store, v2)
     assert store.get_run(run.id).output == {"audit": {"audited": 3}}
 
 
@@ -987,7 +985,7 @@ def test_shape_change_without_unfinished_runs_replaces_the_shape(
     v1 = _two_step_flow("replaced", extra_step=False)
     v2 = _two_step_flow("replaced", extra_step=True)
     old = store.start(v1, "old")
-    serve(store, v1)
+    drain(store, v1)
     store.register(v2)
     assert [s["slug"] for s in _stored_definition(db_path, "replaced")["steps"]] == [
         "first",
@@ -995,7 +993,7 @@ def test_shape_change_without_unfinished_runs_replaces_the_shape(
     ]
     run = store.start("replaced", "new")
     assert [s.slug for s in store.get_run(run.id).steps] == ["first", "audit"]
-    serve(store, v2)
+    drain(store, v2)
     assert store.get_run(run.id).output == {"audit": {"audited": "new"}}
     assert store.get_run(old.id).output == {"first": "old"}
 
@@ -1006,9 +1004,9 @@ def test_an_old_definition_object_in_the_same_process_is_checked_again(store: pf
     v1 = _two_step_flow("reshaped", extra_step=False)
     v2 = _two_step_flow("reshaped", extra_step=True)
     store.start(v1, "old")
-    serve(store, v1)
+    drain(store, v1)
     store.start(v1, "again")  # v1 is stored and unchanged: remembered
-    serve(store, v1)
+    drain(store, v1)
     unfinished = store.start(v2, "new")  # replaces the shape
     with pytest.raises(pf.ShapeMismatch):
         store.start(v1, "stale")
@@ -1039,7 +1037,7 @@ def test_pgflow_store_fixture(pgflow_store: pf.Store, pgflow_clock: pf.testing.F
     assert run.status == pf.RunStatus.SCHEDULED
     pgflow_clock.advance(60)  # the fixture store runs on the fixture clock
     assert pgflow_store.get_run(run.id).status == pf.RunStatus.QUEUED
-    serve(pgflow_store, echo)
+    drain(pgflow_store, echo)
     assert pf.testing.assert_started(pgflow_store, echo, input="fixture").output == "fixture"
 
 
