@@ -473,7 +473,7 @@ def test_a_cron_tick_runs_once_even_after_its_run_is_pruned_or_cancelled(tmp_pat
         assert len(ran) == 1 and store.runs() == []
         # A cancelled tick run does not come back either.
         clock.advance(3600)
-        (run,) = [r for r in [store._start_tick(hourly_once, clock.now() - 1, "cron:x")] if r]
+        (run,) = [r for r in [store.start_cron_tick(hourly_once, clock.now() - 1, "cron:x")] if r]
         store.cancel(run.id)
         pf.run_flows([hourly_once], store=store, until_idle=True)
         assert len(ran) == 1

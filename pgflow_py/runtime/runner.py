@@ -397,7 +397,7 @@ class _Runner:
             self._failures[:0] = failures
             raise
         if finished:
-            self.store._notify_finished()
+            self.store.notify_finished()
         dying = {
             key: self._dying.pop(key)
             for key in ((f.task_id, f.attempt) for f in failures) if key in self._dying

@@ -76,7 +76,7 @@ class CronScheduler:
                 continue
             tick = latest_tick(entry.expression, now)
             if tick >= entry.since:
-                run = self.store._start_tick(entry.flow, tick, cron_key(tick))
+                run = self.store.start_cron_tick(entry.flow, tick, cron_key(tick))
                 if run is not None:
                     log.info("cron %r: started run %s for %s", entry.flow.slug, run.id,
                              cron_key(tick))

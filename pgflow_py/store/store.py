@@ -210,9 +210,10 @@ class Store:
             return self.get_run(run_id)
         return self._fresh_run(plan, new, self.clock.now())
 
-    def _start_tick(self, flow: Flow, tick: float, key: str) -> Run | None:
-        """Start the cron run of ``tick`` unless a run of it (or of a later tick) was started:
-        exactly once per tick, even after that run was pruned or cancelled."""
+    def start_cron_tick(self, flow: Flow, tick: float, key: str) -> Run | None:
+        """Start the run of cron ``tick`` (with ``key``) unless a run of it or of a later tick
+        was started: exactly once per tick, even after that run was pruned or cancelled.
+        ``None`` if it was. Runners call this; it is not needed in application code."""
         definition = flow.definition
         plan = self._plan(definition)
         now = self.clock.now()
@@ -332,7 +333,7 @@ class Store:
         """Cancel an unfinished run: its queued tasks never start, late results are ignored."""
         self.backend.cancel(run_id)
         self._notify("cancelled")
-        self._notify_finished()
+        self.notify_finished()
         return self.get_run(run_id)
 
     def retry(self, run_id: str) -> Run:
@@ -379,6 +380,8 @@ class Store:
     def _notify_started(self) -> None:
         self._notify("started")
 
-    def _notify_finished(self) -> None:
+    def notify_finished(self) -> None:
+        """Wake the :meth:`wait` calls of this process to look again (a runner calls it when
+        runs finish)."""
         with self._finished:
             self._finished.notify_all()
