@@ -52,6 +52,14 @@ class _Claims(_Starting):
     ) -> list[ClaimedTask]:
         return self.finish_and_claim((), (), None, worker_id, flow_slugs, limit, lease_seconds)[1]
 
+    def finish(
+        self,
+        successes: Sequence[TaskSuccess],
+        failures: Sequence[TaskFailure],
+        failed_runs: list[RunFailure] | None = None,
+    ) -> list[str]:
+        return self.finish_and_claim(successes, failures, failed_runs, "", (), 0, 0.0)[0]
+
     def finish_and_claim(
         self,
         successes: Sequence[TaskSuccess],
@@ -242,11 +250,3 @@ class _Claims(_Starting):
                 if due is not None:
                     found.append(float(due))
         return min(found, default=None)
-
-    def finish(
-        self,
-        successes: Sequence[TaskSuccess],
-        failures: Sequence[TaskFailure],
-        failed_runs: list[RunFailure] | None = None,
-    ) -> list[str]:
-        return self.finish_and_claim(successes, failures, failed_runs, "", (), 0, 0.0)[0]

@@ -17,11 +17,6 @@ from .definitions import _Definitions
 class _Steps(_Definitions):
     """Steps start, complete and fail one at a time; runs finish when their steps are done."""
 
-    def __init__(self, path: str, clock: Clock, *, busy_timeout: float = 10.0) -> None:
-        super().__init__(path, clock, busy_timeout=busy_timeout)
-        # Runs failed by the current write transaction, for the caller (see _collecting_failures).
-        self._failed_runs: list[RunFailure] | None = None
-
     _INSERT_RUNS = (
         "INSERT INTO runs (id, flow_slug, status, input, key, priority, remaining_steps, "
         "run_at, created_at) VALUES "
@@ -52,6 +47,11 @@ class _Steps(_Definitions):
     )
     _TASK_VALUES = "(?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)"
 
+
+    def __init__(self, path: str, clock: Clock, *, busy_timeout: float = 10.0) -> None:
+        super().__init__(path, clock, busy_timeout=busy_timeout)
+        # Runs failed by the current write transaction, for the caller (see _collecting_failures).
+        self._failed_runs: list[RunFailure] | None = None
 
     def _start_step(
         self,
