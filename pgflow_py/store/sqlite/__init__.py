@@ -1,29 +1,142 @@
 """The SQLite backend: one file (or ``:memory:``), WAL, one connection per process.
 
 Writes run in ``BEGIN IMMEDIATE`` transactions so concurrent processes queue on the busy timeout
-instead of failing on lock upgrades. A claim is a single ``UPDATE ... RETURNING`` over the partial
-index of queued tasks; results are applied in batches, one transaction per batch.
-
-:class:`SqliteBackend` is built in layers, a module each, every layer extending the one below:
-
-- ``connection``: the file, its pragmas and migrations, transactions, errors;
-- ``definitions``: flow definitions stored, checked against the code, cached;
-- ``steps``: a run advancing one step at a time (steps start, complete, fail; runs finish);
-- ``batches``: results applied set-wise, falling back to ``steps`` for anything unusual;
-- ``starting``: new runs and their root tasks;
-- ``claims``: the workers' side (claims, results, leases, waiting for work);
-- ``control``: cancel, retry, prune;
-- ``reading``: runs read back as models.
+instead of failing on lock upgrades. WAL checkpoints run in a background thread. Everything
+else is the shared layers of :mod:`pgflow_py.store.sql`, whose SQL is SQLite's own dialect.
 """
 
 from __future__ import annotations
 
-from .claims import LOST_WORKER
-from .connection import SCHEMA_VERSION
-from .reading import _Reading
+import os
+import sqlite3
+from importlib import resources
+
+import sqlite_utils
+
+from ...clock import Clock
+from ...errors import SchemaError
+from .._checkpoint import Checkpointer
+from ..sql import SqlBackend
+from ..sql.claims import LOST_WORKER
+from ..sql.connection import Conn
 
 __all__ = ("LOST_WORKER", "SCHEMA_VERSION", "SqliteBackend")
 
+SCHEMA_VERSION = 2
+APPLICATION_ID = 0x70666C77  # "pflw": marks a file as a pgflow_py database
+_MIGRATIONS = {1: "sqlite_0001_initial.sql", 2: "sqlite_0002_lean_jobs.sql"}
 
-class SqliteBackend(_Reading):
+
+class SqliteBackend(SqlBackend):
     """:class:`~pgflow_py.store.base.Backend` on SQLite."""
+
+    _DRIVER_ERRORS = (sqlite3.Error,)
+    _HINTS = (
+        ("readonly", "; the file or its directory (which holds the -wal and -shm files) is "
+                     "read-only: give this process write access"),
+        ("disk is full", "; the disk (or the database's size limit) is full: free some space"),
+        ("locked", "; another process held the write lock longer than the busy timeout"),
+        ("malformed", "; the file is corrupt: restore it from a backup"),
+        ("not a database", "; the file is not a SQLite database: point pgflow at another path"),
+        ("unable to open", "; check that the directory exists and is writable"),
+    )
+
+    def __init__(self, path: str, clock: Clock, *, busy_timeout: float = 10.0) -> None:
+        where = "in memory" if path == ":memory:" else f"at {os.path.abspath(path)}"
+        super().__init__(path, clock, where)
+        try:
+            self._db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+            )
+        except sqlite3.Error as exc:
+            raise SchemaError(f"cannot open the pgflow database {where}: {exc}") from exc
+        self._conn: Conn = self._db
+        self._checkpointer: Checkpointer | None = None
+        # Bound parameters per statement (999 before SQLite 3.32; Python < 3.11 cannot ask).
+        getlimit = getattr(self._db, "getlimit", None)
+        limit = getattr(sqlite3, "SQLITE_LIMIT_VARIABLE_NUMBER", None)
+        self._max_variables = 999 if getlimit is None or limit is None else int(getlimit(limit))
+        try:
+            self._configure(busy_timeout)
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise SchemaError(
+                f"the file {where} is not a usable pgflow database ({exc}); "
+                "point pgflow at another path or restore the file"
+            ) from exc
+        except BaseException:
+            self._db.close()
+            raise
+        if path != ":memory:":
+            self._checkpointer = Checkpointer(path, busy_timeout)
+
+    def _configure(self, busy_timeout: float) -> None:
+        c = self._db
+        c.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        if self.url != ":memory:":
+            c.execute("PRAGMA journal_mode = WAL")
+            # Checkpoints run in the background (see _checkpoint); this is the fallback should
+            # that thread fall behind. Past that, the WAL file is cut back to 64 MB.
+            c.execute("PRAGMA wal_autocheckpoint = 16384")
+            c.execute("PRAGMA journal_size_limit = 67108864")
+        c.execute("PRAGMA synchronous = NORMAL")
+        # Runs and tasks are touched at random (uuids): keep the hot pages in memory.
+        c.execute("PRAGMA cache_size = -65536")
+        c.execute("PRAGMA mmap_size = 268435456")
+        c.execute("PRAGMA temp_store = MEMORY")
+        c.execute("PRAGMA foreign_keys = OFF")
+
+    def _migrate(self) -> None:
+        c = self._db
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        app_id = c.execute("PRAGMA application_id").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the database {self._where} was written by a newer pgflow_py "
+                f"(schema version {version}; this version knows up to {SCHEMA_VERSION}); "
+                "upgrade pgflow_py to use it"
+            )
+        if version == SCHEMA_VERSION and app_id == APPLICATION_ID:
+            return
+        with self._write():
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            app_id = c.execute("PRAGMA application_id").fetchone()[0]
+            if app_id != APPLICATION_ID:
+                tables = sqlite_utils.Database(c).table_names()
+                if tables:
+                    raise SchemaError(
+                        f"the database {self._where} is not a pgflow database "
+                        f"(it has tables {tables[:5]}); use a separate file for pgflow"
+                    )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                sql = resources.files(__package__) / "schema" / _MIGRATIONS[target]
+                for statement in sql.read_text(encoding="utf-8").split(";\n"):
+                    if statement.strip():
+                        c.execute(statement)
+                c.execute(f"PRAGMA user_version = {target}")
+            c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+    def _begin(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def _in_transaction(self) -> bool:
+        return self._db.in_transaction
+
+    def _wrote(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.wrote()
+
+    def _unchanged_token(self, c: Conn) -> int | None:
+        return int(c.execute("PRAGMA data_version").fetchone()[0])
+
+    def data_version(self) -> int:
+        with self._read() as c:
+            return int(c.execute("PRAGMA data_version").fetchone()[0])
+
+    def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+        with self._lock:
+            self._db.close()

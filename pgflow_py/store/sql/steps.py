@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from ... import _json
-from ...clock import Clock
 from ...definition import FlowDefinition, StepDefinition
 from ..base import RunFailure, TaskFailure, TaskSuccess
-from .connection import placeholders
+from .connection import Conn, placeholders
 from .definitions import _Definitions
 
 
 class _Steps(_Definitions):
     """Steps start, complete and fail one at a time; runs finish when their steps are done."""
 
+    # Appends the failed attempt (its number, error ?, time ?) to a task's history, a JSON list.
+    _APPEND_HISTORY = (
+        "history = json_insert(coalesce(history, '[]'), '$[#]', "
+        "json_object('attempt', attempts, 'error', ?, 'at', ?))"
+    )
     _INSERT_RUNS = (
         "INSERT INTO runs (id, flow_slug, status, input, key, priority, remaining_steps, "
         "run_at, created_at) VALUES "
@@ -48,14 +52,14 @@ class _Steps(_Definitions):
     _TASK_VALUES = "(?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)"
 
 
-    def __init__(self, path: str, clock: Clock, *, busy_timeout: float = 10.0) -> None:
-        super().__init__(path, clock, busy_timeout=busy_timeout)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         # Runs failed by the current write transaction, for the caller (see _collecting_failures).
         self._failed_runs: list[RunFailure] | None = None
 
     def _start_step(
         self,
-        c: sqlite3.Connection,
+        c: Conn,
         d: FlowDefinition,
         step: StepDefinition,
         run_id: str,
@@ -110,7 +114,7 @@ class _Steps(_Definitions):
             self._failed_runs = None
 
     def _complete_task(
-        self, c: sqlite3.Connection, s: TaskSuccess, now: float, finished: list[str]
+        self, c: Conn, s: TaskSuccess, now: float, finished: list[str]
     ) -> None:
         row = c.execute(
             self._COMPLETE_TASK
@@ -144,7 +148,7 @@ class _Steps(_Definitions):
         )
 
     @staticmethod
-    def _mark_started(c: sqlite3.Connection, run_id: str, started_at: float | None) -> None:
+    def _mark_started(c: Conn, run_id: str, started_at: float | None) -> None:
         """Record when a run's first attempt started, once one has ended."""
         c.execute(
             "UPDATE runs SET started_at = ? WHERE id = ? AND started_at IS NULL",
@@ -153,7 +157,7 @@ class _Steps(_Definitions):
 
     def _complete_steps(
         self,
-        c: sqlite3.Connection,
+        c: Conn,
         d: FlowDefinition,
         run_id: str,
         priority: int,
@@ -220,7 +224,7 @@ class _Steps(_Definitions):
 
     def _begin_step(
         self,
-        c: sqlite3.Connection,
+        c: Conn,
         d: FlowDefinition,
         run_id: str,
         priority: int,
@@ -258,12 +262,12 @@ class _Steps(_Definitions):
         return self._start_step(c, d, step, run_id, priority, run_at, now, None, deps_json)
 
     def _finish_run_completed(
-        self, c: sqlite3.Connection, d: FlowDefinition, run_id: str, now: float
+        self, c: Conn, d: FlowDefinition, run_id: str, now: float
     ) -> None:
         self._finish_runs_completed(c, [(d, run_id)], now)
 
     def _finish_runs_completed(
-        self, c: sqlite3.Connection, runs: list[tuple[FlowDefinition, str]], now: float
+        self, c: Conn, runs: list[tuple[FlowDefinition, str]], now: float
     ) -> None:
         """Complete runs whose steps are all done: output ``{leaf: output}``, two statements."""
         outputs: dict[str, dict[str, str]] = {}
@@ -285,12 +289,9 @@ class _Steps(_Definitions):
         )
 
     def _fail_task(
-        self, c: sqlite3.Connection, f: TaskFailure, now: float, finished: list[str]
+        self, c: Conn, f: TaskFailure, now: float, finished: list[str]
     ) -> None:
-        history_sql = (
-            "history = json_insert(coalesce(history, '[]'), '$[#]', "
-            "json_object('attempt', attempts, 'error', ?, 'at', ?))"
-        )
+        history_sql = self._APPEND_HISTORY
         if f.retry_at is not None:
             row = c.execute(
                 f"UPDATE step_tasks SET status = 'queued', run_at = ?, error = ?, {history_sql}, "
@@ -317,7 +318,7 @@ class _Steps(_Definitions):
 
     def _fail_run(
         self,
-        c: sqlite3.Connection,
+        c: Conn,
         run_id: str,
         step_slug: str,
         error: str,
@@ -346,7 +347,7 @@ class _Steps(_Definitions):
         return True
 
     @staticmethod
-    def _cancel_rest(c: sqlite3.Connection, run_id: str, now: float) -> None:
+    def _cancel_rest(c: Conn, run_id: str, now: float) -> None:
         c.execute(
             "UPDATE step_tasks SET status = 'cancelled', finished_at = ?, lease_owner = NULL, "
             "lease_expires = NULL WHERE run_id = ? AND status IN ('queued', 'started')",

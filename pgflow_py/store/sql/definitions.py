@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sqlite3
+from typing import Any
 
-from ...clock import Clock
 from ...definition import FlowDefinition
 from ...errors import SchemaError, ShapeMismatch
-from .connection import _Connection
+from .connection import Conn, _Connection
 
 
 class _Graph:
@@ -26,13 +25,13 @@ class _Graph:
 class _Definitions(_Connection):
     """Flow definitions: registered in the write that starts their runs, cached per version."""
 
-    def __init__(self, path: str, clock: Clock, *, busy_timeout: float = 10.0) -> None:
-        super().__init__(path, clock, busy_timeout=busy_timeout)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._definitions: dict[str, tuple[int, FlowDefinition]] = {}
         self._json_cache: dict[str, tuple[FlowDefinition, str]] = {}
         self._graphs: dict[str, _Graph] = {}
         # flow slug -> (definition, version, data_version when found stored as is)
-        self._verified: dict[str, tuple[FlowDefinition, int, int]] = {}
+        self._verified: dict[str, tuple[FlowDefinition, int, int | None]] = {}
 
     def register(self, definition: FlowDefinition) -> int:
         with self._write() as c:
@@ -46,13 +45,14 @@ class _Definitions(_Connection):
             self._json_cache[definition.slug] = cached
         return cached[1]
 
-    def _register(self, c: sqlite3.Connection, definition: FlowDefinition) -> int:
+    def _register(self, c: Conn, definition: FlowDefinition) -> int:
         """Write or update ``definition`` inside the caller's transaction; return its version."""
         # Unchanged since this connection found it stored, if no other connection has committed
-        # anything since (PRAGMA data_version): then the read can be skipped.
-        seen = c.execute("PRAGMA data_version").fetchone()[0]
+        # anything since: then the read can be skipped.
+        seen = self._unchanged_token(c)
         verified = self._verified.get(definition.slug)
-        if verified is not None and verified[0] is definition and verified[2] == seen:
+        if (verified is not None and seen is not None and verified[0] is definition
+                and verified[2] == seen):
             return verified[1]
         now = self.clock.now()
         text = self._json_of(definition)
@@ -91,7 +91,7 @@ class _Definitions(_Connection):
 
     @staticmethod
     def _check_no_unfinished(
-        c: sqlite3.Connection, definition: FlowDefinition, stored: FlowDefinition
+        c: Conn, definition: FlowDefinition, stored: FlowDefinition
     ) -> None:
         unfinished = c.execute(
             "SELECT count(*) FROM runs WHERE flow_slug = ? AND status = 'started'",
@@ -106,7 +106,7 @@ class _Definitions(_Connection):
             )
 
     @staticmethod
-    def _insert_steps(c: sqlite3.Connection, d: FlowDefinition) -> None:
+    def _insert_steps(c: Conn, d: FlowDefinition) -> None:
         c.executemany(
             "INSERT INTO steps (flow_slug, step_slug, step_index, step_type, deps_count, "
             "max_attempts, base_delay, timeout, start_delay, handler) "

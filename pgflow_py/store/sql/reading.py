@@ -43,6 +43,10 @@ def _dt(ts: float | None) -> datetime | None:
 class _Reading(_Control):
     """Runs read back as :class:`~pgflow_py.models.Run` models."""
 
+    # Newest first: rows are appended in creation order, so the rowid is that order too, and
+    # walking it backwards stops after `limit` rows instead of sorting them all.
+    _NEWEST_FIRST = "r.rowid DESC"
+
     def get_run(self, run_id: str) -> Run | None:
         runs = self._read_runs(f"SELECT {_RUN_COLUMNS} FROM runs r WHERE r.id = :id", {"id": run_id})
         return runs[0] if runs else None
@@ -67,9 +71,7 @@ class _Reading(_Control):
         sql = f"SELECT {_RUN_COLUMNS} FROM runs r"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        # Newest first: rows are appended in creation order, so the rowid is that order too,
-        # and walking it backwards stops after `limit` rows instead of sorting them all.
-        sql += " ORDER BY r.rowid DESC LIMIT :limit"
+        sql += f" ORDER BY {self._NEWEST_FIRST} LIMIT :limit"
         return self._read_runs(sql, params)
 
     def _read_runs(self, sql: str, params: dict[str, Any]) -> list[Run]:

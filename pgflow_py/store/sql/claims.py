@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 from ... import _json
 from ...backoff import retry_delay
 from ..base import ClaimedTask, RunFailure, TaskFailure, TaskSuccess
-from .connection import placeholders
+from .connection import Conn, placeholders
 from .starting import _Starting
 
 LOST_WORKER = "WorkerLost: the worker running this attempt stopped renewing its lease"
@@ -96,7 +95,7 @@ class _Claims(_Starting):
 
     def _claim(
         self,
-        c: sqlite3.Connection,
+        c: Conn,
         worker_id: str,
         flow_slugs: Sequence[str],
         limit: int,
@@ -141,7 +140,7 @@ class _Claims(_Starting):
         ).fetchall())
         return rows, run_inputs
 
-    def _room(self, c: sqlite3.Connection, flow_slugs: Sequence[str]) -> dict[str, int]:
+    def _room(self, c: Conn, flow_slugs: Sequence[str]) -> dict[str, int]:
         """How many more tasks each capped flow may run now (read in the claim's transaction,
         so no other runner can change it meanwhile)."""
         caps = {
@@ -231,9 +230,6 @@ class _Claims(_Starting):
             else:
                 c.executemany(unclaim + "AND id = ?", [(worker_id, t) for t in task_ids])
 
-    def data_version(self) -> int:
-        with self._read() as conn:
-            return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
     def next_due(self, flow_slugs: Sequence[str]) -> float | None:
         found = []

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
 from ... import _json
 from ...definition import FlowDefinition, StepDefinition
 from ..base import TaskFailure, TaskSuccess
-from .connection import placeholders
+from .connection import Conn, placeholders
 from .steps import _Steps
 
 
@@ -18,7 +17,7 @@ class _Batches(_Steps):
 
     def _finish(
         self,
-        c: sqlite3.Connection,
+        c: Conn,
         successes: Sequence[TaskSuccess],
         failures: Sequence[TaskFailure],
         now: float,
@@ -32,7 +31,7 @@ class _Batches(_Steps):
             self._fail_task(c, f, now, finished)
 
     def _complete_jobs(
-        self, c: sqlite3.Connection, batch: list[TaskSuccess], now: float, finished: list[str]
+        self, c: Conn, batch: list[TaskSuccess], now: float, finished: list[str]
     ) -> list[TaskSuccess]:
         """Complete the tasks of single-step jobs set-wise: two executemany for the batch.
 
@@ -60,7 +59,7 @@ class _Batches(_Steps):
         return []
 
     def _complete_flow_steps(
-        self, c: sqlite3.Connection, batch: list[TaskSuccess], now: float, finished: list[str]
+        self, c: Conn, batch: list[TaskSuccess], now: float, finished: list[str]
     ) -> list[TaskSuccess]:
         """Complete the single (not map) steps of flows set-wise, a handful of statements for the
         whole batch, and start the dependents that only waited for them.
@@ -95,7 +94,7 @@ class _Batches(_Steps):
 
     def _advance(
         self,
-        c: sqlite3.Connection,
+        c: Conn,
         rows: list[Any],
         by_id: dict[int, TaskSuccess],
         now: float,
@@ -166,7 +165,7 @@ class _Batches(_Steps):
 
     def _start_ready(
         self,
-        c: sqlite3.Connection,
+        c: Conn,
         ready: list[tuple[FlowDefinition, str, int, StepDefinition, tuple[str, str] | None]],
         now: float,
         finished: list[str],

@@ -1,0 +1,131 @@
+"""The bottom layer: one connection, the transactions every other layer writes in, and errors.
+
+The layers above write their SQL in SQLite's dialect with ``?`` and ``:name`` parameters; a
+backend whose database speaks another dialect hands them a connection that translates. What
+differs beyond syntax is a hook here, or a class attribute of a layer.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar, Protocol
+
+from ...clock import Clock
+from ...errors import StoreError
+
+
+class Cursor(Protocol):
+    """What the layers use of a DB-API cursor."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Conn(Protocol):
+    """What the layers use of a connection: ``execute`` and ``executemany``, returning cursors."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, parameters: Any, /) -> Any: ...
+
+
+def placeholders(n: int) -> str:
+    """``?,?,…``: ``n`` bound parameters, for an ``IN (…)`` list."""
+    return ",".join("?" * n)
+
+
+class _Connection(abc.ABC):
+    """One connection to the database, and the transactions every other layer writes in."""
+
+    # Errors of the database driver, turned into StoreError; and hints for them, by a word of
+    # their message.
+    _DRIVER_ERRORS: ClassVar[tuple[type[Exception], ...]] = ()
+    _HINTS: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    _conn: Conn
+    _max_variables: int  # bound parameters allowed per statement
+
+    def __init__(self, url: str, clock: Clock, where: str) -> None:
+        self.url = url
+        self.clock = clock
+        self._where = where  # "at /path/app.db", for messages
+        self._lock = threading.RLock()
+
+    # --- what a backend provides ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _begin(self) -> None:
+        """Start a write transaction that holds the database's write lock until it ends, so
+        writers never interleave (SQLite's ``BEGIN IMMEDIATE``)."""
+
+    @abc.abstractmethod
+    def _in_transaction(self) -> bool: ...
+
+    @abc.abstractmethod
+    def _wrote(self) -> None:
+        """Called after each committed write transaction."""
+
+    @abc.abstractmethod
+    def _unchanged_token(self, c: Conn) -> int | None:
+        """A number that stays the same while no other connection commits anything (SQLite's
+        ``PRAGMA data_version``); ``None`` where the database cannot tell."""
+
+    @abc.abstractmethod
+    def data_version(self) -> int:
+        """A number that changes when other connections write (see ``Backend.data_version``)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # --- transactions --------------------------------------------------------------------------
+
+    def _rollback(self) -> None:
+        if self._in_transaction():
+            self._conn.execute("ROLLBACK")
+
+    @contextmanager
+    def _write(self) -> Iterator[Conn]:
+        """A write transaction; driver errors become a :class:`StoreError` naming the database."""
+        with self._lock:
+            try:
+                self._begin()
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._rollback()
+                    raise
+                self._conn.execute("COMMIT")
+            except self._DRIVER_ERRORS as exc:
+                self._rollback()
+                raise self._store_error(exc) from exc
+            self._wrote()
+
+    @contextmanager
+    def _read(self) -> Iterator[Conn]:
+        with self._lock:
+            try:
+                yield self._conn
+            except self._DRIVER_ERRORS as exc:
+                raise self._store_error(exc) from exc
+
+    def _store_error(self, exc: Exception) -> StoreError:
+        text = str(exc).strip()
+        hint = next((h for key, h in self._HINTS if key in text.lower()), "")
+        return StoreError(f"the pgflow database {self._where} failed: {text}{hint}")
+
+    def _insert(self, c: Conn, head: str, values: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert rows with multi-row ``VALUES`` lists: about a quarter cheaper than
+        ``executemany``, which runs the statement once per row."""
+        if not rows:
+            return
+        per = max(1, min(500, self._max_variables // values.count("?")))
+        for start in range(0, len(rows), per):
+            chunk = rows[start:start + per]
+            c.execute(head + ",".join([values] * len(chunk)), [v for row in chunk for v in row])
