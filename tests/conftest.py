@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _helpers import POSTGRES_URL, fresh_store
 
 import pgflow_py as pf
 
@@ -28,6 +30,17 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def store(db_path: Path, clock: pf.testing.FakeClock) -> Iterator[pf.Store]:
-    """A store in ``db_path`` on the fake ``clock``."""
-    with pf.connect(db_path, clock=clock) as s:
+    """A store in ``db_path`` on the fake ``clock`` (on PostgreSQL: see ``fresh_store``)."""
+    with fresh_store(db_path, clock) as s:
         yield s
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``$PGFLOW_TEST_POSTGRES`` set, skip the tests that look at the SQLite file itself."""
+    if POSTGRES_URL is None:
+        return
+    skip = pytest.mark.skip(reason="looks at the SQLite file (db_path)")
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and "db_path" in inspect.signature(function).parameters:
+            item.add_marker(skip)

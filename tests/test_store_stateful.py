@@ -1,7 +1,8 @@
 """A stateful test of the storage layer: random starts, claims, results, lease expiries,
 cancellations, retries and releases against a simple model of what the store must do.
 
-The machine drives a real SQLite store (a fresh file per example, on a fake clock) through the
+The machine drives a real store (a fresh SQLite file per example, or a fresh PostgreSQL schema
+with ``$PGFLOW_TEST_POSTGRES``; on a fake clock) through the
 backend boundary the runtime uses (``claim``, ``finish``, ``heartbeat``, ``reclaim_expired``,
 ``release``) and the public ``Store`` (``start``, ``start_many``, ``cancel``, ``retry``). After
 every step it checks the tables against the model: no task lost, none completed twice, attempts
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _helpers import fresh_store
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -129,7 +131,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.broken = False
         self.tmp = tempfile.mkdtemp(prefix="pgflow-stateful-")
         self.clock = FakeClock(1_800_000_000)
-        self.store = pf.connect(Path(self.tmp) / "state.db", clock=self.clock)
+        self._store = fresh_store(Path(self.tmp) / "state.db", self.clock)
+        self.store = self._store.__enter__()
         self.backend: Any = self.store.backend
         self.runs: dict[str, RunModel] = {}
         self.tasks: dict[int, TaskModel] = {}
@@ -531,7 +534,7 @@ class StoreMachine(RuleBasedStateMachine):
     def no_task_completed_twice(self) -> None:
         dupes = self.sql(
             "SELECT run_id, step_slug, task_index, count(*) FROM step_tasks "
-            "GROUP BY run_id, step_slug, coalesce(task_index, -1) HAVING count(*) > 1"
+            "GROUP BY run_id, step_slug, task_index HAVING count(*) > 1"  # NULLs group together
         )
         assert not dupes, f"several rows for one task: {dupes}"
         completed = {r[0] for r in self.sql("SELECT id FROM step_tasks WHERE status = 'completed'")}
@@ -587,7 +590,7 @@ class StoreMachine(RuleBasedStateMachine):
             if not self.broken:
                 self.drain()
         finally:
-            self.store.close()
+            self._store.__exit__(None, None, None)
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -16,7 +16,7 @@ from .. import _json
 from ..clock import Clock, SystemClock, utc_datetime
 from ..definition import FlowDefinition, StepDefinition
 from ..dsl import Flow
-from ..errors import FlowNotFound, InputError, PgflowError, RunNotFound, WaitTimeout
+from ..errors import FlowNotFound, InputError, RunNotFound, WaitTimeout
 from ..models import Run, RunStatus, StepRun
 from .base import Backend, NewRun
 
@@ -33,10 +33,9 @@ def connect(url: str | os.PathLike[str] | None = None, *, clock: Clock | None = 
     url = os.fspath(url)
     clock = clock or SystemClock()
     if url.startswith(("postgresql://", "postgres://")):
-        raise PgflowError(
-            f"cannot open {url.split('@')[-1]!r}: the PostgreSQL backend is not available in "
-            "this version of pgflow_py; use a SQLite path for now"
-        )
+        from .postgres import PostgresBackend
+
+        return Store(PostgresBackend(url, clock))
     from .sqlite import SqliteBackend
 
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url

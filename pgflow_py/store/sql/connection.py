@@ -44,11 +44,10 @@ def placeholders(n: int) -> str:
 class _Connection(abc.ABC):
     """One connection to the database, and the transactions every other layer writes in."""
 
-    # Errors of the database driver, turned into StoreError; and hints for them, by a word of
-    # their message.
-    _DRIVER_ERRORS: ClassVar[tuple[type[Exception], ...]] = ()
+    # Hints for the driver's errors, by a word of their message.
     _HINTS: ClassVar[tuple[tuple[str, str], ...]] = ()
 
+    _driver_errors: tuple[type[Exception], ...]  # the driver's errors, become StoreError
     _conn: Conn
     _max_variables: int  # bound parameters allowed per statement
 
@@ -102,7 +101,7 @@ class _Connection(abc.ABC):
                     self._rollback()
                     raise
                 self._conn.execute("COMMIT")
-            except self._DRIVER_ERRORS as exc:
+            except self._driver_errors as exc:
                 self._rollback()
                 raise self._store_error(exc) from exc
             self._wrote()
@@ -112,7 +111,7 @@ class _Connection(abc.ABC):
         with self._lock:
             try:
                 yield self._conn
-            except self._DRIVER_ERRORS as exc:
+            except self._driver_errors as exc:
                 raise self._store_error(exc) from exc
 
     def _store_error(self, exc: Exception) -> StoreError:

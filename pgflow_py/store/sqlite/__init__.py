@@ -30,7 +30,7 @@ _MIGRATIONS = {1: "sqlite_0001_initial.sql", 2: "sqlite_0002_lean_jobs.sql"}
 class SqliteBackend(SqlBackend):
     """:class:`~pgflow_py.store.base.Backend` on SQLite."""
 
-    _DRIVER_ERRORS = (sqlite3.Error,)
+    _driver_errors = (sqlite3.Error,)
     _HINTS = (
         ("readonly", "; the file or its directory (which holds the -wal and -shm files) is "
                      "read-only: give this process write access"),

@@ -1,0 +1,210 @@
+"""The PostgreSQL backend (psycopg 3, the ``postgres`` extra): the shared SQL layers on a server.
+
+The tables live in their own schema (``pgflow`` unless told otherwise), so they never meet an
+application's tables. Write transactions take one advisory lock per schema: writers queue as
+they do on SQLite, so every layer's reasoning about a transaction holds unchanged, while reads
+never wait. The layers' SQL (SQLite's dialect) is translated once per statement text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any
+
+from ...clock import Clock
+from ...errors import SchemaError
+from ..sql import SqlBackend
+from ..sql.connection import Conn
+
+__all__ = ("SCHEMA_VERSION", "PostgresBackend")
+
+SCHEMA_VERSION = 1
+_MIGRATIONS = {1: "postgres_0001_initial.sql"}
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+_INDEXED_BY = re.compile(r"\s+INDEXED BY \w+")
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+def _import_psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise SchemaError(
+            "the PostgreSQL backend needs psycopg 3: pip install 'pgflow_py[postgres]'"
+        ) from None
+    return psycopg
+
+
+def _describe(psycopg: Any, url: str) -> str:
+    """Where a connection string points, for messages (never its password)."""
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        return "on the PostgreSQL server"
+    host = parts.get("host") or "localhost"
+    return f"at {host}:{parts.get('port') or 5432}/{parts.get('dbname') or parts.get('user') or ''}"
+
+
+class _Translating:
+    """A psycopg connection that speaks the layers' SQL: ``?`` and ``:name`` parameters,
+    SQLite's ``INDEXED BY`` hints dropped."""
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        self._sql: dict[str, str] = {}
+
+    def _translate(self, sql: str) -> str:
+        text = self._sql.get(sql)
+        if text is None:
+            text = _INDEXED_BY.sub("", sql).replace("%", "%%")
+            text = _NAMED.sub(r"%(\1)s", text).replace("?", "%s")
+            if len(self._sql) > 4096:  # IN lists of every length: keep it bounded
+                self._sql.clear()
+            self._sql[sql] = text
+        return text
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        return self._db.execute(self._translate(sql), parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> Any:
+        cursor = self._db.cursor()
+        cursor.executemany(self._translate(sql), parameters)
+        return cursor
+
+
+class PostgresBackend(SqlBackend):
+    """:class:`~pgflow_py.store.base.Backend` on PostgreSQL.
+
+    ``url`` is a libpq connection string or ``postgresql://`` URL; ``schema`` names the
+    PostgreSQL schema that holds pgflow's tables (created on first use).
+    """
+
+    _HINTS = (
+        ("connection refused", "; is the server running, and is the host and port right?"),
+        ("password authentication failed", "; check the user and password in the URL"),
+        ("does not exist", "; create the database first (createdb), or fix its name in the URL"),
+        ("permission denied", "; grant this user CREATE on the database, or pick another schema"),
+    )
+    _APPEND_HISTORY = (
+        "history = (coalesce(history, '[]')::jsonb || jsonb_build_array(jsonb_build_object("
+        "'attempt', attempts, 'error', ?::text, 'at', ?::float8)))::text"
+    )
+    _NEWEST_FIRST = "r.seq DESC"
+
+    _db: Any  # the psycopg connection
+
+    def __init__(self, url: str, clock: Clock, *, schema: str = "pgflow") -> None:
+        psycopg = _import_psycopg()
+        if not _SCHEMA_NAME.match(schema):
+            raise SchemaError(
+                f"schema {schema!r} is not a plain PostgreSQL name: use lower-case letters, "
+                "digits and underscores"
+            )
+        self._psycopg = psycopg
+        self._schema = schema
+        self._driver_errors = (psycopg.Error,)
+        where = f"{_describe(psycopg, url)}, schema {schema}"
+        super().__init__(url, clock, where)
+        self._max_variables = 65_535
+        self._open()
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self) -> None:
+        try:
+            db = self._psycopg.connect(self.url, autocommit=True)
+        except self._psycopg.Error as exc:
+            raise self._store_error(exc) from exc
+        db.execute(f"SET search_path TO {self._schema}")
+        self._db = db
+        self._conn = _Translating(db)
+
+    def _ensure_open(self) -> None:
+        """Reconnect after the server closed the connection (a restart, a failover)."""
+        if self._db.closed or self._db.broken:
+            self._open()
+
+    def _migrate(self) -> None:
+        with self._write() as c:
+            c.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema}")
+            exists = c.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]
+            version = 0
+            if exists:
+                row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                version = int(row[0]) if row is not None else 0
+            else:
+                tables = [r[0] for r in c.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+                ).fetchall()]
+                if tables:
+                    raise SchemaError(
+                        f"the database {self._where}, holds tables that are not pgflow's "
+                        f"({sorted(tables)[:5]}); give pgflow a schema of its own"
+                    )
+            if version > SCHEMA_VERSION:
+                raise SchemaError(
+                    f"the database {self._where} was written by a newer pgflow_py "
+                    f"(schema version {version}; this version knows up to {SCHEMA_VERSION}); "
+                    "upgrade pgflow_py to use it"
+                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                sql = resources.files(__package__) / "schema" / _MIGRATIONS[target]
+                self._db.execute(sql.read_text(encoding="utf-8"))
+                self._db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(target),),
+                )
+
+    def _begin(self) -> None:
+        self._ensure_open()
+        self._db.execute("BEGIN")
+        # One writer at a time per schema, as on SQLite; held until COMMIT or ROLLBACK.
+        self._db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"pgflow:{self._schema}",))
+
+    def _in_transaction(self) -> bool:
+        return bool(
+            self._db.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE
+        )
+
+    def _rollback(self) -> None:
+        if not self._db.closed and self._in_transaction():
+            self._db.execute("ROLLBACK")
+
+    def _wrote(self) -> None:
+        """Nothing to do: the server checkpoints on its own."""
+
+    @contextmanager
+    def _read(self) -> Iterator[Conn]:
+        with self._lock:
+            self._ensure_open()
+            with super()._read() as c:
+                yield c
+
+    def _unchanged_token(self, c: Conn) -> int | None:
+        # No counter of other connections' commits: the stored definition is always read.
+        return None
+
+    def data_version(self) -> int:
+        # The next transaction id: it moves when any transaction (this connection's too)
+        # writes, which is all an idle runner needs to look for new work.
+        with self._read() as c:
+            return int(c.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def drop_schema_and_close(self) -> None:
+        """Delete pgflow's schema and everything in it, then close (for tests)."""
+        with self._lock:
+            self._ensure_open()
+            self._db.execute(f"DROP SCHEMA IF EXISTS {self._schema} CASCADE")
+            self._db.close()

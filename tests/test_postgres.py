@@ -1,0 +1,130 @@
+"""What only the PostgreSQL backend has: its own schema, connecting by URL, several processes'
+connections on one schema, reconnecting. The shared behaviour is the rest of the suite, run on
+PostgreSQL with ``$PGFLOW_TEST_POSTGRES`` (see .ci/run)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from _helpers import POSTGRES_URL, drain
+
+import pgflow_py as pf
+
+pytestmark = pytest.mark.skipif(
+    POSTGRES_URL is None, reason="needs a PostgreSQL server: set $PGFLOW_TEST_POSTGRES"
+)
+
+
+@pf.job(queue="pg_echo")
+def pg_echo(input, ctx):
+    return input
+
+
+def _backend(schema: str, clock: pf.testing.FakeClock | None = None):  # type: ignore[no-untyped-def]
+    from pgflow_py.store.postgres import PostgresBackend
+
+    assert POSTGRES_URL is not None
+    return PostgresBackend(POSTGRES_URL, clock or pf.testing.FakeClock(), schema=schema)
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    import psycopg
+
+    assert POSTGRES_URL is not None
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    yield name
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as db:
+        db.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+
+
+def test_connect_by_url_keeps_the_tables_in_a_pgflow_schema() -> None:
+    assert POSTGRES_URL is not None
+    with pf.connect(POSTGRES_URL) as store:
+        run = store.start(pg_echo, {"n": 1})
+        drain(store, pg_echo)
+        assert store.get_run(run.id).output == {"n": 1}
+        tables = {row[0] for row in store.backend._conn.execute(  # type: ignore[attr-defined]
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'pgflow'"
+        ).fetchall()}
+    assert {"flows", "runs", "step_states", "step_tasks", "workers"} <= tables
+    _backend("pgflow").drop_schema_and_close()
+
+
+def test_a_second_connection_sees_the_runs_and_the_schema_is_not_created_twice(schema: str) -> None:
+    with pf.Store(_backend(schema)) as first, pf.Store(_backend(schema)) as second:
+        run = first.start(pg_echo, {"n": 2})
+        assert second.get_run(run.id).status == pf.RunStatus.QUEUED
+        drain(second, pg_echo)
+        assert first.get_run(run.id).output == {"n": 2}
+
+
+def test_a_schema_holding_other_tables_is_refused(schema: str) -> None:
+    import psycopg
+
+    assert POSTGRES_URL is not None
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as db:
+        db.execute(f"CREATE SCHEMA {schema}")
+        db.execute(f"CREATE TABLE {schema}.orders (id int)")
+    with pytest.raises(pf.SchemaError, match=rf"schema {schema}, holds tables that are not pgflow's "
+                       r"\(\['orders'\]\); give pgflow a schema of its own"):
+        _backend(schema)
+
+
+def test_a_schema_name_that_is_not_plain_is_refused() -> None:
+    with pytest.raises(pf.SchemaError, match="plain PostgreSQL name"):
+        _backend("pgflow; DROP TABLE x")
+
+
+def test_without_psycopg_connect_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    assert POSTGRES_URL is not None
+    with pytest.raises(pf.SchemaError, match=r"pip install 'pgflow_py\[postgres\]'"):
+        pf.connect(POSTGRES_URL)
+
+
+def test_two_runners_on_one_schema_run_every_job_exactly_once(schema: str) -> None:
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    @pf.job(queue="pg_once")
+    async def pg_once(input, ctx):
+        with lock:
+            seen.append(input["i"])
+
+    with pf.Store(_backend(schema)) as a, pf.Store(_backend(schema)) as b:
+        a.start_many(pg_once, [{"i": i} for i in range(300)])
+        other = threading.Thread(target=drain, args=(b, pg_once), kwargs={"concurrency": 20})
+        other.start()
+        drain(a, pg_once, concurrency=20)
+        other.join()
+        assert sorted(seen) == list(range(300))
+        assert {r.status for r in a.runs(flow=pg_once, limit=1000)} == {pf.RunStatus.COMPLETED}
+
+
+def test_another_connections_write_moves_data_version(schema: str) -> None:
+    with pf.Store(_backend(schema)) as a, pf.Store(_backend(schema)) as b:
+        before = a.backend.data_version()
+        b.start(pg_echo, {"n": 3})
+        assert a.backend.data_version() != before
+
+
+def test_after_the_server_drops_the_connection_the_next_call_reconnects(schema: str) -> None:
+    import psycopg
+
+    assert POSTGRES_URL is not None
+    with pf.Store(_backend(schema)) as store:
+        store.start(pg_echo, {"n": 4})
+        pid = store.backend._db.info.backend_pid  # type: ignore[attr-defined]
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(pf.StoreError, match=r"pgflow database .* failed"):
+            store.start(pg_echo, {"n": 5})  # the call that finds the connection gone
+        run = store.start(pg_echo, {"n": 6})
+        drain(store, pg_echo)
+        assert store.get_run(run.id).output == {"n": 6}
+        assert len(store.runs(flow=pg_echo)) == 2  # nothing half-written by the failed call
