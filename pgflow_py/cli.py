@@ -92,7 +92,8 @@ def worker(
             flows = [f for f in flows if f.slug in wanted]
         log.info(
             "serving %s from %s (concurrency %d)",
-            ", ".join(sorted(f.slug for f in flows)) or "nothing", database, concurrency,
+            ", ".join(sorted(f.slug for f in flows)) or "nothing", store.backend.location,
+            concurrency,
         )
         stats = run_flows(
             flows, store=store, concurrency=concurrency, lease=lease,

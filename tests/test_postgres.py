@@ -128,3 +128,15 @@ def test_after_the_server_drops_the_connection_the_next_call_reconnects(schema: 
         drain(store, pg_echo)
         assert store.get_run(run.id).output == {"n": 6}
         assert len(store.runs(flow=pg_echo)) == 2  # nothing half-written by the failed call
+
+
+def test_the_password_never_reaches_messages_or_repr() -> None:
+    assert POSTGRES_URL is not None
+    url = POSTGRES_URL.replace("postgresql://postgres@", "postgresql://postgres:sekrit@")
+    assert "sekrit" in url  # the test server trusts local users, so any password connects
+    with pf.connect(url) as store:
+        with pytest.raises(pf.RunNotFound) as missing:
+            store.get_run("no-such-run")
+        assert "sekrit" not in str(missing.value) and "schema pgflow" in str(missing.value)
+        assert "sekrit" not in repr(store)
+    _backend("pgflow").drop_schema_and_close()

@@ -104,6 +104,9 @@ class Backend(Protocol):
     """Job-level storage operations. Implementations are safe to call from several threads."""
 
     url: str
+    location: str
+    """Where the database is, for messages and logs: a path, or host, port and database
+    (never a password)."""
     clock: Clock
 
     def register(self, definition: FlowDefinition) -> int:

@@ -88,7 +88,7 @@ class Store:
         self._finished = threading.Condition()
 
     def __repr__(self) -> str:
-        return f"<pgflow_py.Store {self.backend.url!r}>"
+        return f"<pgflow_py.Store {self.backend.location!r}>"
 
     # --- definitions ---------------------------------------------------------------------------
 
@@ -108,7 +108,7 @@ class Store:
         definition = self.backend.get_definition(flow)
         if definition is None:
             raise FlowNotFound(
-                f"no flow {flow!r} in {self.backend.url}: start it once from its definition, "
+                f"no flow {flow!r} in {self.backend.location}: start it once from its definition, "
                 "or call store.register(flow), before starting it by slug"
             )
         return definition
@@ -283,7 +283,7 @@ class Store:
         """The run with this id; raises :class:`~pgflow_py.RunNotFound`."""
         run = self.backend.get_run(run_id)
         if run is None:
-            raise RunNotFound(f"no run {run_id!r} in {self.backend.url}")
+            raise RunNotFound(f"no run {run_id!r} in {self.backend.location}")
         return run
 
     def runs(

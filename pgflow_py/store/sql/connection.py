@@ -55,6 +55,7 @@ class _Connection(abc.ABC):
         self.url = url
         self.clock = clock
         self._where = where  # "at /path/app.db", for messages
+        self.location = where.removeprefix("at ")
         self._lock = threading.RLock()
 
     # --- what a backend provides ---------------------------------------------------------------
