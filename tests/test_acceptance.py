@@ -1,11 +1,13 @@
-"""Acceptance: real `pgflow worker` processes sharing one SQLite file.
+"""Acceptance: real `pgflow worker` processes sharing one SQLite file (or, with
+``$PGFLOW_TEST_POSTGRES``, one PostgreSQL schema).
 
 These prove the crash-safety promises: nothing started is lost when a worker is killed, no task
-completes twice, and several workers can share one file without errors.
+completes twice, and several workers can share one database without errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -14,10 +16,14 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from _helpers import POSTGRES_URL
 
 import pgflow_py as pf
 
@@ -51,7 +57,34 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _worker(project: Path, db: Path, *args: str) -> subprocess.Popen[str]:
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[str]:
+    """Where the workers meet: a SQLite file, or a PostgreSQL schema of its own."""
+    if POSTGRES_URL is None:
+        yield str(tmp_path / "acceptance.db")
+        return
+    import psycopg
+
+    schema = f"acc_{uuid.uuid4().hex[:16]}"
+    yield f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}schema={schema}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as db:
+        db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def _rows(db: str, sql: str, *params: object) -> list[Any]:
+    """The result of ``sql`` (``?`` parameters) on a connection of its own."""
+    if POSTGRES_URL is None:
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+            return conn.execute(sql, params).fetchall()
+    import psycopg
+
+    url, schema = db.rsplit("schema=", 1)
+    with psycopg.connect(url.rstrip("?&"), autocommit=True) as conn:
+        conn.execute(f"SET search_path TO {schema}")
+        return conn.execute(sql.replace("?", "%s"), params).fetchall()
+
+
+def _worker(project: Path, db: str, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "ACCEPTANCE_LOG": str(project / "effects.log"), "PYTHONPATH": str(project)}
     return subprocess.Popen(
         [sys.executable, "-m", "pgflow_py", "worker", "acc_jobs", "--database", str(db), *args],
@@ -74,9 +107,8 @@ def _stop(procs: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
     return results
 
 
-def _count(db: Path, sql: str, *params: object) -> int:
-    with sqlite3.connect(db, timeout=30) as conn:
-        return int(conn.execute(sql, params).fetchone()[0])
+def _count(db: str, sql: str, *params: object) -> int:
+    return int(_rows(db, sql, *params)[0][0])
 
 
 def _wait_for(predicate, timeout: float, what: str) -> float:
@@ -103,9 +135,9 @@ def _load_jobs(project: Path, monkeypatch: pytest.MonkeyPatch):
     return module
 
 
-def test_kill_9_with_50_running_tasks_loses_nothing(project, tmp_path, monkeypatch):
+def test_kill_9_with_50_running_tasks_loses_nothing(project, database, monkeypatch):
     jobs = _load_jobs(project, monkeypatch)
-    db = tmp_path / "kill.db"
+    db = database
     lease = 2.0
     with pf.connect(db) as store:
         # The first worker gets through 100 quick runs, then all its 50 slots hold slow ones.
@@ -128,8 +160,7 @@ def test_kill_9_with_50_running_tasks_loses_nothing(project, tmp_path, monkeypat
     finally:
         if first.poll() is None:
             first.kill()
-    with sqlite3.connect(db) as conn:
-        held = {r[0] for r in conn.execute("SELECT run_id FROM step_tasks WHERE status = 'started'")}
+    held = {r[0] for r in _rows(db, "SELECT run_id FROM step_tasks WHERE status = 'started'")}
     assert len(held) == 50
     marks = ",".join("?" * len(held))
 
@@ -166,9 +197,9 @@ def test_kill_9_with_50_running_tasks_loses_nothing(project, tmp_path, monkeypat
     assert all(effects[(r.id, 1)] == 1 for r in runs)
 
 
-def test_four_workers_ten_thousand_runs_each_completed_exactly_once(project, tmp_path, monkeypatch):
+def test_four_workers_ten_thousand_runs_each_completed_exactly_once(project, database, monkeypatch):
     jobs = _load_jobs(project, monkeypatch)
-    db = tmp_path / "four.db"
+    db = database
     with pf.connect(db) as store:
         store.register(jobs.acc_work)
     workers = [_worker(project, db, "--concurrency", "20") for _ in range(4)]
@@ -189,8 +220,7 @@ def test_four_workers_ten_thousand_runs_each_completed_exactly_once(project, tmp
     assert _count(db, "SELECT count(*) FROM runs") == 10_000
     assert _count(db, "SELECT count(*) FROM step_tasks WHERE status = 'completed'") == 10_000
     assert _count(db, "SELECT count(DISTINCT run_id) FROM step_tasks WHERE status = 'completed'") == 10_000
-    with sqlite3.connect(db) as conn:
-        attempts = dict(conn.execute("SELECT run_id, attempts FROM step_tasks").fetchall())
+    attempts = dict(_rows(db, "SELECT run_id, attempts FROM step_tasks"))
     effects = _effects(project)
     per_run = Counter(run_id for run_id, _attempt in effects.elements())
     assert set(per_run) == set(attempts)  # every run's handler ran at least once

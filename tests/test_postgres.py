@@ -140,3 +140,13 @@ def test_the_password_never_reaches_messages_or_repr() -> None:
         assert "sekrit" not in str(missing.value) and "schema pgflow" in str(missing.value)
         assert "sekrit" not in repr(store)
     _backend("pgflow").drop_schema_and_close()
+
+
+def test_a_schema_parameter_in_the_url_picks_the_schema(schema: str) -> None:
+    assert POSTGRES_URL is not None
+    url = f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}schema={schema}"
+    with pf.connect(url) as store:
+        run = store.start(pg_echo, {"n": 7})
+        assert f"schema {schema}" in repr(store)
+    with pf.Store(_backend(schema)) as same:
+        assert same.get_run(run.id).input == {"n": 7}

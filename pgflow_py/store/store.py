@@ -6,6 +6,7 @@ import math
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,7 +28,8 @@ DEFAULT_PATH = "pgflow.db"
 
 def connect(url: str | os.PathLike[str] | None = None, *, clock: Clock | None = None) -> Store:
     """Open a store: a SQLite path (created and migrated on first use), ``":memory:"``, or a
-    ``postgresql://`` URL. Without a URL, ``$PGFLOW_DATABASE`` or ``./pgflow.db``."""
+    ``postgresql://`` URL (``?schema=name`` picks the schema of pgflow's tables, by default
+    ``pgflow``). Without a URL, ``$PGFLOW_DATABASE`` or ``./pgflow.db``."""
     if url is None:
         url = os.environ.get("PGFLOW_DATABASE") or DEFAULT_PATH
     url = os.fspath(url)
@@ -35,11 +37,21 @@ def connect(url: str | os.PathLike[str] | None = None, *, clock: Clock | None = 
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresBackend
 
-        return Store(PostgresBackend(url, clock))
+        url, schema = _pop_schema(url)
+        return Store(PostgresBackend(url, clock, schema=schema or "pgflow"))
     from .sqlite import SqliteBackend
 
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
     return Store(SqliteBackend(path, clock))
+
+
+def _pop_schema(url: str) -> tuple[str, str | None]:
+    """Split pgflow's own ``schema=`` parameter off a PostgreSQL URL (libpq would refuse it)."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schema = next((v for k, v in query if k == "schema"), None)
+    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "schema"], safe="/")
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), schema
 
 
 def new_run_ids(n: int) -> list[str]:
