@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pgflow_py as pf
 from pgflow_py.clock import SystemClock
+from pgflow_py.store.sql.connection import Conn
 from pgflow_py.store.sqlite import SqliteBackend
 from pgflow_py.store.store import new_run_ids
 
@@ -110,11 +111,13 @@ def drain(directory: Path, n: int) -> float:
     levels_sql = B._LEVELS + "SELECT p FROM levels WHERE p IS NOT NULL"
     claim_sql = B._CLAIM_SET + "WHERE id IN ({}) " + B._CLAIM_RETURNING
 
-    def exchange(c: sqlite3.Connection, previous: list[tuple[int, str, float]], now: float
+    def exchange(c: Conn, previous: list[tuple[int, str, float]], now: float
                  ) -> list[tuple[int, str, float]]:
         if previous:
-            c.executemany(B._COMPLETE_TASK, [(None, now, t, 1, 1) for t, _r, _s in previous])
-            c.executemany(B._COMPLETE_JOB_RUN, [(None, now, s, t, r) for t, r, s in previous])
+            backend._update_from(c, B._COMPLETE_TASKS_FROM, B._TASK_RESULT, (now,),
+                                 [(t, "null", 1, 1) for t, _r, _s in previous])
+            backend._update_from(c, B._COMPLETE_JOB_RUNS_FROM, B._RUN_RESULT, (now,),
+                                 [(r, "null", s, t) for t, r, s in previous])
         found: list[tuple[int, int, float]] = []
         for (level,) in c.execute(levels_sql, {"flow": slug}).fetchall():
             found += c.execute(B._DUE_AT_LEVEL, (slug, level, now, BATCH)).fetchall()

@@ -150,3 +150,18 @@ def test_a_schema_parameter_in_the_url_picks_the_schema(schema: str) -> None:
         assert f"schema {schema}" in repr(store)
     with pf.Store(_backend(schema)) as same:
         assert same.get_run(run.id).input == {"n": 7}
+
+
+def test_the_growing_tables_are_analyzed_without_waiting_for_autovacuum(schema: str) -> None:
+    def analyzed(store: pf.Store) -> bool:
+        (when,) = store.backend._conn.execute(  # type: ignore[attr-defined]
+            "SELECT last_analyze FROM pg_stat_user_tables WHERE schemaname = ? AND relname = 'runs'",
+            (schema,),
+        ).fetchone()
+        return when is not None
+
+    with pf.Store(_backend(schema)) as store:
+        store.start_many(pg_echo, [{"n": i} for i in range(999)])
+        assert not analyzed(store)
+        store.start(pg_echo, {"n": 999})  # the 1,000th run
+        assert analyzed(store)

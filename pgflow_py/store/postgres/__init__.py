@@ -8,16 +8,21 @@ never wait. The layers' SQL (SQLite's dialect) is translated once per statement 
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
 from ...clock import Clock
+from ...definition import FlowDefinition
 from ...errors import SchemaError
+from ..base import NewRun
 from ..sql import SqlBackend
 from ..sql.connection import Conn
+
+log = logging.getLogger("pgflow_py.store")
 
 __all__ = ("SCHEMA_VERSION", "PostgresBackend")
 
@@ -110,6 +115,8 @@ class PostgresBackend(SqlBackend):
         where = f"{_describe(psycopg, url)}, schema {schema}"
         super().__init__(url, clock, where)
         self._max_variables = 65_535
+        self._started = 0  # runs started here since the tables were last analyzed
+        self._analyzed = 0  # rows of runs then
         self._open()
         try:
             self._migrate()
@@ -180,6 +187,32 @@ class PostgresBackend(SqlBackend):
 
     def _wrote(self) -> None:
         """Nothing to do: the server checkpoints on its own."""
+
+    def start_runs(self, definition: FlowDefinition, runs: Sequence[NewRun]) -> list[str]:
+        ids = super().start_runs(definition, runs)
+        self._started += len(runs)
+        if self._started >= max(1_000, self._analyzed // 10):
+            self._analyze()
+        return ids
+
+    def _analyze(self) -> None:
+        """Refresh the planner's statistics of the tables that grow.
+
+        A queue's tables go from empty to many thousands of rows in seconds, long before
+        autovacuum looks again (a minute, by default); planned with the statistics of an empty
+        table, the claims and completions scan instead of using their indexes (measured: 3,700
+        vs 5,400-6,000 jobs/s). Best effort: a user who may not analyze them gets autovacuum's.
+        """
+        self._started = 0
+        with self._lock:
+            try:
+                self._ensure_open()
+                self._db.execute("ANALYZE runs, step_tasks, step_states")
+                self._analyzed = int(self._db.execute(
+                    "SELECT reltuples FROM pg_class WHERE oid = 'runs'::regclass"
+                ).fetchone()[0])
+            except self._psycopg.Error as exc:
+                log.debug("could not analyze pgflow's tables %s: %s", self._where, exc)
 
     @contextmanager
     def _read(self) -> Iterator[Conn]:

@@ -30,10 +30,44 @@ class _Batches(_Steps):
         for f in failures:
             self._fail_task(c, f, now, finished)
 
+    # One statement per batch: each row of the VALUES list names a task (id, output, attempt,
+    # claim) or a run (id, output, start, task id). The casts type the columns on PostgreSQL.
+    _COMPLETE_TASKS_FROM = (
+        "UPDATE step_tasks SET status = 'completed', output = v.column2, finished_at = ?, "
+        "lease_owner = NULL, lease_expires = NULL FROM (VALUES {}) AS v "
+        "WHERE step_tasks.id = v.column1 AND step_tasks.attempts = v.column3 "
+        "AND step_tasks.claims = coalesce(v.column4, step_tasks.claims) "
+        "AND step_tasks.status = 'started'"
+    )
+    _TASK_RESULT = "(CAST(? AS BIGINT), ?, CAST(? AS BIGINT), CAST(? AS BIGINT))"
+    _COMPLETE_JOB_RUNS_FROM = (
+        "UPDATE runs SET status = 'completed', remaining_steps = 0, output = v.column2, "
+        "finished_at = ?, started_at = coalesce(runs.started_at, v.column3, "
+        "(SELECT t.started_at FROM step_tasks t WHERE t.id = v.column4)) "
+        "FROM (VALUES {}) AS v WHERE runs.id = v.column1 AND runs.status = 'started'"
+    )
+    _RUN_RESULT = "(?, ?, CAST(? AS DOUBLE PRECISION), CAST(? AS BIGINT))"
+
+    def _update_from(
+        self, c: Conn, sql: str, row: str, first: tuple[Any, ...], rows: list[tuple[Any, ...]]
+    ) -> int:
+        """Run ``sql`` (an ``UPDATE … FROM (VALUES {})``) over ``rows``, ``first`` bound before
+        them; return how many rows it changed."""
+        per = max(1, min(500, (self._max_variables - len(first)) // row.count("?")))
+        changed = 0
+        for start in range(0, len(rows), per):
+            chunk = rows[start:start + per]
+            changed += c.execute(
+                sql.format(",".join([row] * len(chunk))),
+                [*first, *(v for values in chunk for v in values)],
+            ).rowcount
+        return changed
+
     def _complete_jobs(
         self, c: Conn, batch: list[TaskSuccess], now: float, finished: list[str]
     ) -> list[TaskSuccess]:
-        """Complete the tasks of single-step jobs set-wise: two executemany for the batch.
+        """Complete the tasks of single-step jobs set-wise: one statement for their tasks, one
+        for their runs.
 
         Optimistic: if any result turns out late (its task is no longer started at that
         attempt), the batch is undone and returned for the one-by-one path.
@@ -41,15 +75,15 @@ class _Batches(_Steps):
         if not batch:
             return []
         c.execute("SAVEPOINT jobs")
-        done = c.executemany(
-            self._COMPLETE_TASK,
-            [(s.output_json, now, s.task_id, s.attempt, s.claim) for s in batch],
-        ).rowcount
+        done = self._update_from(
+            c, self._COMPLETE_TASKS_FROM, self._TASK_RESULT, (now,),
+            [(s.task_id, s.output_json, s.attempt, s.claim) for s in batch],
+        )
         if done == len(batch):
-            done = c.executemany(
-                self._COMPLETE_JOB_RUN,
-                [(s.output_json, now, s.started_at, s.task_id, s.run_id) for s in batch],
-            ).rowcount
+            done = self._update_from(
+                c, self._COMPLETE_JOB_RUNS_FROM, self._RUN_RESULT, (now,),
+                [(s.run_id, s.output_json, s.started_at, s.task_id) for s in batch],
+            )
         if done != len(batch):
             c.execute("ROLLBACK TO jobs")
             c.execute("RELEASE jobs")

@@ -31,11 +31,12 @@ class _Claims(_Starting):
     # The priority levels a flow has queued tasks at, highest first: one index seek per level.
     _LEVELS = (
         "WITH RECURSIVE levels(p) AS ("
-        " SELECT max(priority) FROM step_tasks INDEXED BY step_tasks_queued"
-        " WHERE status = 'queued' AND flow_slug = :flow"
+        " SELECT (SELECT priority FROM step_tasks INDEXED BY step_tasks_queued"
+        "  WHERE status = 'queued' AND flow_slug = :flow ORDER BY priority DESC LIMIT 1)"
         " UNION ALL"
-        " SELECT (SELECT max(priority) FROM step_tasks INDEXED BY step_tasks_queued"
-        "  WHERE status = 'queued' AND flow_slug = :flow AND priority < levels.p)"
+        " SELECT (SELECT priority FROM step_tasks INDEXED BY step_tasks_queued"
+        "  WHERE status = 'queued' AND flow_slug = :flow AND priority < levels.p"
+        "  ORDER BY priority DESC LIMIT 1)"
         " FROM levels WHERE levels.p IS NOT NULL) "
     )
     # Within a flow and level, due tasks are a prefix of the index: a range, never a scan past
