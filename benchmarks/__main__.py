@@ -61,8 +61,18 @@ async def each(item, ctx):
     return None
 
 
+POSTGRES: str | None = None  # --postgres: the server the table's figures run on instead
+
+
 def _fresh_store(directory: Path, name: str) -> pf.Store:
-    return pf.connect(fresh_db(directory, name))
+    if POSTGRES is None:
+        return pf.connect(fresh_db(directory, name))
+    import psycopg
+
+    schema = f"bench_{name}"
+    with psycopg.connect(POSTGRES, autocommit=True) as db:
+        db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    return pf.connect(f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}schema={schema}")
 
 
 def start_one_at_a_time(directory: Path, n: int) -> float:
@@ -119,7 +129,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[Path, int], float], float]] = [
     ("map step over n elements (concurrency 100)", "tasks/s", map_tasks, 0.5),
     ("3-step flow runs (concurrency 10)", "runs/s", drain(three, 10), 0.1),
     ("3-step flow runs (concurrency 100)", "runs/s", drain(three, 100), 0.1),
-    # Ceilings: the store's statements alone, and a queue that keeps one row per job.
+    # Ceilings: the store's statements alone (SQLite), and a queue that keeps one row per job.
     ("SQL alone: start's statements, one at a time", "runs/s", floor.start, 0.5),
     ("SQL alone: start_many's statements", "runs/s", floor.start_many, 2.0),
     ("SQL alone: a drain's statements, jobs", "jobs/s", floor.drain, 1.0),
@@ -179,12 +189,25 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--backlog", type=int, default=1_000_000,
                         help="queued jobs for the backlog ratio (filling 1,000,000 takes ~1 min)")
+    parser.add_argument("--postgres", metavar="URL", default=None,
+                        help="run the throughput table on this PostgreSQL server instead of "
+                        "SQLite files (schemas bench_*); the ceilings, the arrivals row and the "
+                        "single figures are SQLite's and are skipped")
     parser.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
                         help="run only the benchmarks whose name contains it (any case; "
                         "repeatable), e.g. arriving, map, latency, rss, backlog, huey")
     args = parser.parse_args()
 
+    global POSTGRES
+    POSTGRES = args.postgres
+    sqlite_only = {key for key, _ in SINGLE_FIGURES} | {
+        name for name, _unit, function, _share in BENCHMARKS
+        if function.__module__ in (floor.__name__, arrivals.__name__)
+    }
+
     def wanted(name: str) -> bool:
+        if POSTGRES is not None and name in sqlite_only:
+            return False
         return not args.only or any(part.lower() in name.lower() for part in args.only)
 
     names = [name for name, *_ in BENCHMARKS] + [key for key, _ in SINGLE_FIGURES]
@@ -215,7 +238,8 @@ def main() -> None:
                 results.append({"benchmark": name, "unit": unit, "value": round(value, 2)})
                 print(f"{name:<56} {value:>10,.1f} {unit}", flush=True)
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(),
-               "platform": platform.platform(), "sqlite": __import__("sqlite3").sqlite_version}
+               "platform": platform.platform(), "sqlite": __import__("sqlite3").sqlite_version,
+               "database": "SQLite" if POSTGRES is None else "PostgreSQL"}
     print(f"machine: {machine}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
