@@ -47,6 +47,28 @@ class _Batches(_Steps):
         "FROM (VALUES {}) AS v WHERE runs.id = v.column1 AND runs.status = 'started'"
     )
     _RUN_RESULT = "(?, ?, CAST(? AS DOUBLE PRECISION), CAST(? AS BIGINT))"
+    # Flow steps: (run id, step slug, output) completed; (run id, steps done, first start) and
+    # (run id, step slug, dependencies done) counted down; (run id, step slug) started.
+    _COMPLETE_STATES_FROM = (
+        "UPDATE step_states SET status = 'completed', output = v.column3, remaining_tasks = 0, "
+        "finished_at = ? FROM (VALUES {}) AS v WHERE step_states.run_id = v.column1 "
+        "AND step_states.step_slug = v.column2 AND step_states.status = 'started'"
+    )
+    _COUNT_DOWN_RUNS_FROM = (
+        "UPDATE runs SET remaining_steps = runs.remaining_steps - v.column2, "
+        "started_at = coalesce(runs.started_at, v.column3) FROM (VALUES {}) AS v "
+        "WHERE runs.id = v.column1 AND runs.status = 'started'"
+    )
+    _COUNT_DOWN_DEPS_FROM = (
+        "UPDATE step_states SET remaining_deps = step_states.remaining_deps - v.column3 "
+        "FROM (VALUES {}) AS v WHERE step_states.run_id = v.column1 "
+        "AND step_states.step_slug = v.column2 AND step_states.status = 'created'"
+    )
+    _START_SINGLES_FROM = (
+        "UPDATE step_states SET status = 'started', remaining_deps = 0, remaining_tasks = 1, "
+        "started_at = ? FROM (VALUES {}) AS v WHERE step_states.run_id = v.column1 "
+        "AND step_states.step_slug = v.column2"
+    )
 
     def _update_from(
         self, c: Conn, sql: str, row: str, first: tuple[Any, ...], rows: list[tuple[Any, ...]]
@@ -113,11 +135,11 @@ class _Batches(_Steps):
         if not rows:
             return batch
         c.execute("SAVEPOINT steps")
-        ok = c.executemany(
-            self._COMPLETE_TASK,
-            [(s.output_json, now, s.task_id, s.attempt, s.claim)
+        ok = self._update_from(
+            c, self._COMPLETE_TASKS_FROM, self._TASK_RESULT, (now,),
+            [(s.task_id, s.output_json, s.attempt, s.claim)
              for s in (by_id[row[0]] for row in rows)],
-        ).rowcount == len(rows) and self._advance(c, rows, by_id, now, finished)
+        ) == len(rows) and self._advance(c, rows, by_id, now, finished)
         if not ok:
             c.execute("ROLLBACK TO steps")
             c.execute("RELEASE steps")
@@ -136,22 +158,19 @@ class _Batches(_Steps):
     ) -> bool:
         """Mark the steps of ``rows`` (single-step tasks just completed) completed, finish runs
         with nothing left, and start ready dependents. False: something unusual, undo."""
-        if c.executemany(
-            "UPDATE step_states SET status = 'completed', output = ?, remaining_tasks = 0, "
-            "finished_at = ? WHERE run_id = ? AND step_slug = ? AND status = 'started'",
-            [(by_id[tid].output_json, now, run_id, step)
-             for tid, run_id, _f, _v, step, _p, _s in rows],
-        ).rowcount != len(rows):
+        if self._update_from(
+            c, self._COMPLETE_STATES_FROM, "(?, ?, ?)", (now,),
+            [(run_id, step, by_id[tid].output_json) for tid, run_id, _f, _v, step, _p, _s in rows],
+        ) != len(rows):
             return False
         per_run: dict[str, list[Any]] = {}
         for row in rows:
             per_run.setdefault(row[1], []).append(row)
-        if c.executemany(
-            "UPDATE runs SET remaining_steps = remaining_steps - ?, "
-            "started_at = coalesce(started_at, ?) WHERE id = ? AND status = 'started'",
-            [(len(steps), min((r[6] for r in steps if r[6] is not None), default=None), run_id)
-             for run_id, steps in per_run.items()],
-        ).rowcount != len(per_run):
+        if self._update_from(
+            c, self._COUNT_DOWN_RUNS_FROM, "(?, CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION))",
+            (), [(run_id, len(steps), min((r[6] for r in steps if r[6] is not None), default=None))
+                 for run_id, steps in per_run.items()],
+        ) != len(per_run):
             return False
         remaining = dict(c.execute(
             f"SELECT id, remaining_steps FROM runs WHERE id IN ({placeholders(len(per_run))})",
@@ -179,11 +198,10 @@ class _Batches(_Steps):
         if complete:
             self._finish_runs_completed(c, complete, now)
         if counting:
-            if c.executemany(
-                "UPDATE step_states SET remaining_deps = remaining_deps - ? "
-                "WHERE run_id = ? AND step_slug = ? AND status = 'created'",
-                [(n, run_id, slug) for (run_id, slug), (_d, _p, _s, n) in counting.items()],
-            ).rowcount != len(counting):
+            if self._update_from(
+                c, self._COUNT_DOWN_DEPS_FROM, "(?, ?, CAST(? AS BIGINT))", (),
+                [(run_id, slug, n) for (run_id, slug), (_d, _p, _s, n) in counting.items()],
+            ) != len(counting):
                 return False
             keys = list(counting)
             for run_id, slug in c.execute(
@@ -214,7 +232,7 @@ class _Batches(_Steps):
                 continue
             if step.step_type == "single" and known is not None:
                 slug, output = known
-                states.append((now, run_id, step.slug))
+                states.append((run_id, step.slug))
                 tasks.append((run_id, d.slug, self._definitions[d.slug][0], step.slug, None,
                                self._graph(d).max_attempts[step.slug], priority,
                                now + step.start_delay, f"{{{_json.dumps(slug)}:{output}}}", now))
@@ -225,7 +243,10 @@ class _Batches(_Steps):
                 finished.append(run_id)
             elif done:
                 self._complete_steps(c, d, run_id, priority, done, now, finished)
-        c.executemany(self._START_SINGLE, [row for row in states if row[1] not in failed])
+        self._update_from(
+            c, self._START_SINGLES_FROM, "(?, ?)", (now,),
+            [row for row in states if row[0] not in failed],
+        )
         self._insert(
             c, self._INSERT_TASKS, self._TASK_VALUES, [t for t in tasks if t[0] not in failed]
         )
