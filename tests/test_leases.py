@@ -228,3 +228,48 @@ def test_a_stale_result_in_a_batch_of_flow_results_is_ignored_and_the_rest_recor
     backend.finish([pf.store.TaskSuccess(again.id, again.attempt, '"from w2"', b.id, "first",
                                          False, again.claim)], [])
     assert {s.slug: s.output for s in store.get_run(b.id).steps}["first"] == "from w2"
+
+
+def _map_flow(slug: str) -> pf.Flow:
+    flow = pf.flow(slug)
+
+    @flow.map()
+    def each(item, ctx):
+        return item * 10
+
+    return flow
+
+
+def test_a_batch_of_map_results_completes_the_step_with_its_outputs_in_order(store):
+    flow = _map_flow("map_batch_done")
+    run = store.start(flow, [1, 2, 3])
+    backend = store.backend
+    tasks = backend.claim("w1", [flow.slug], 10, 30)
+    assert sorted(t.task_index for t in tasks) == [0, 1, 2]
+    backend.finish([  # in any order, in one batch
+        pf.store.TaskSuccess(t.id, t.attempt, str(t.input * 10), run.id, "each", False, t.claim)
+        for t in reversed(tasks)
+    ], [])
+    done = store.get_run(run.id)
+    assert done.status == pf.RunStatus.COMPLETED
+    assert done.output == {"each": [10, 20, 30]}
+    assert done.started_at is not None
+
+
+def test_a_stale_result_in_a_batch_of_map_results_is_ignored_and_the_rest_recorded(store):
+    flow = _map_flow("map_batch_stale")
+    run = store.start(flow, [1, 2, 3])
+    backend = store.backend
+    tasks = sorted(backend.claim("w1", [flow.slug], 10, 30), key=lambda t: t.task_index)
+    backend.release("w1", [tasks[2].id])  # handed back and taken again: w1's result is stale
+    (again,) = backend.claim("w2", [flow.slug], 10, 30)
+    backend.finish([
+        pf.store.TaskSuccess(t.id, t.attempt, str(t.input * 10), run.id, "each", False, t.claim)
+        for t in tasks
+    ], [])
+    step = store.get_run(run.id).steps[0]
+    assert [t.status for t in step.tasks] == ["completed", "completed", "started"]
+    assert step.status == "started"
+    backend.finish([pf.store.TaskSuccess(again.id, again.attempt, "300", run.id, "each", False,
+                                         again.claim)], [])
+    assert store.get_run(run.id).output == {"each": [10, 20, 300]}

@@ -25,6 +25,7 @@ class _Batches(_Steps):
     ) -> None:
         rest = self._complete_jobs(c, [s for s in successes if s.job], now, finished)
         rest += self._complete_flow_steps(c, [s for s in successes if not s.job], now, finished)
+        rest = self._complete_map_tasks(c, rest, now, finished)
         for s in rest:
             self._complete_task(c, s, now, finished)
         for f in failures:
@@ -63,6 +64,17 @@ class _Batches(_Steps):
         "UPDATE step_states SET remaining_deps = step_states.remaining_deps - v.column3 "
         "FROM (VALUES {}) AS v WHERE step_states.run_id = v.column1 "
         "AND step_states.step_slug = v.column2 AND step_states.status = 'created'"
+    )
+    # Map steps: (run id, step slug, tasks done) counted down; runs' (id, first start) recorded.
+    _COUNT_DOWN_TASKS_FROM = (
+        "UPDATE step_states SET remaining_tasks = step_states.remaining_tasks - v.column3 "
+        "FROM (VALUES {}) AS v WHERE step_states.run_id = v.column1 "
+        "AND step_states.step_slug = v.column2 AND step_states.status = 'started' "
+        "RETURNING step_states.run_id, step_states.step_slug, step_states.remaining_tasks"
+    )
+    _MARK_STARTED_FROM = (
+        "UPDATE runs SET started_at = v.column2 FROM (VALUES {}) AS v "
+        "WHERE runs.id = v.column1 AND runs.started_at IS NULL"
     )
     _START_SINGLES_FROM = (
         "UPDATE step_states SET status = 'started', remaining_deps = 0, remaining_tasks = 1, "
@@ -147,6 +159,67 @@ class _Batches(_Steps):
         c.execute("RELEASE steps")
         done = {row[0] for row in rows}
         return [s for s in batch if s.task_id not in done]
+
+    def _complete_map_tasks(
+        self, c: Conn, batch: list[TaskSuccess], now: float, finished: list[str]
+    ) -> list[TaskSuccess]:
+        """Complete map tasks set-wise: their tasks, their steps' counts of tasks left, and the
+        first-start time of their runs in a statement each; a map step whose last task is
+        among them completes the one-by-one way. Returns what is left (non-map tasks, late
+        results; the whole batch, its writes undone, if anything is unusual)."""
+        if len(batch) < 2:
+            return batch
+        by_id = {s.task_id: s for s in batch}
+        rows = c.execute(
+            "SELECT id, run_id, step_slug, flow_slug, flow_version, priority, started_at "
+            f"FROM step_tasks WHERE id IN ({placeholders(len(by_id))}) AND status = 'started' "
+            "AND task_index IS NOT NULL",
+            list(by_id),
+        ).fetchall()
+        if not rows:
+            return batch
+        steps: dict[tuple[str, str], list[Any]] = {}
+        for row in rows:
+            steps.setdefault((row[1], row[2]), []).append(row)
+        c.execute("SAVEPOINT maps")
+        ok = self._update_from(
+            c, self._COMPLETE_TASKS_FROM, self._TASK_RESULT, (now,),
+            [(s.task_id, s.output_json, s.attempt, s.claim)
+             for s in (by_id[row[0]] for row in rows)],
+        ) == len(rows)
+        left: dict[tuple[str, str], int] = {}
+        if ok:
+            for chunk_start in range(0, len(steps), 500):
+                chunk = list(steps.items())[chunk_start:chunk_start + 500]
+                left.update(((run_id, slug), n) for run_id, slug, n in c.execute(
+                    self._COUNT_DOWN_TASKS_FROM.format(",".join(["(?, ?, CAST(? AS BIGINT))"]
+                                                                * len(chunk))),
+                    [v for (run_id, slug), tasks in chunk for v in (run_id, slug, len(tasks))],
+                ).fetchall())
+            ok = len(left) == len(steps)
+        if not ok:
+            c.execute("ROLLBACK TO maps")
+            c.execute("RELEASE maps")
+            return batch
+        c.execute("RELEASE maps")
+        first_start: dict[str, float] = {}
+        for tasks in steps.values():
+            for row in tasks:
+                if row[6] is not None and (row[1] not in first_start or row[6] < first_start[row[1]]):
+                    first_start[row[1]] = row[6]
+        for (run_id, slug), tasks in steps.items():
+            if left[(run_id, slug)] == 0:  # the step's last task: the step completes
+                _tid, _run, _slug, flow, version, priority, _started = tasks[0]
+                self._complete_steps(
+                    c, self._definition(flow, version), run_id, priority,
+                    [(slug, self._map_output(c, run_id, slug))], now, finished,
+                    started_at=first_start.get(run_id),
+                )
+        self._update_from(
+            c, self._MARK_STARTED_FROM, "(?, CAST(? AS DOUBLE PRECISION))", (),
+            list(first_start.items()),
+        )
+        return [s for s in batch if s.task_id not in {row[0] for row in rows}]
 
     def _advance(
         self,

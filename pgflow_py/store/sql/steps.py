@@ -136,16 +136,21 @@ class _Steps(_Definitions):
             if left is None or left[0] > 0:
                 self._mark_started(c, run_id, started_at)
                 return
-            outputs = c.execute(
-                "SELECT output FROM step_tasks WHERE run_id = ? AND step_slug = ? "
-                "AND status = 'completed' ORDER BY task_index",
-                (run_id, step_slug),
-            ).fetchall()
-            step_output = "[" + ",".join(o[0] for o in outputs) + "]"
+            step_output = self._map_output(c, run_id, step_slug)
         d = self._definition(flow_slug, version)
         self._complete_steps(
             c, d, run_id, priority, [(step_slug, step_output)], now, finished, started_at=started_at
         )
+
+    @staticmethod
+    def _map_output(c: Conn, run_id: str, step_slug: str) -> str:
+        """A completed map step's output: its tasks' outputs as a JSON array, in order."""
+        outputs = c.execute(
+            "SELECT output FROM step_tasks WHERE run_id = ? AND step_slug = ? "
+            "AND status = 'completed' ORDER BY task_index",
+            (run_id, step_slug),
+        ).fetchall()
+        return "[" + ",".join(o[0] for o in outputs) + "]"
 
     @staticmethod
     def _mark_started(c: Conn, run_id: str, started_at: float | None) -> None:
