@@ -138,20 +138,13 @@ class _Batches(_Steps):
         if len(batch) < 2:
             return batch
         by_id = {s.task_id: s for s in batch}
-        rows = c.execute(
-            "SELECT id, run_id, flow_slug, flow_version, step_slug, priority, started_at "
-            f"FROM step_tasks WHERE id IN ({placeholders(len(by_id))}) AND status = 'started' "
-            "AND task_index IS NULL",
-            list(by_id),
-        ).fetchall()
+        rows = self._started_tasks(c, by_id, maps=False)
         if not rows:
             return batch
         c.execute("SAVEPOINT steps")
-        ok = self._update_from(
-            c, self._COMPLETE_TASKS_FROM, self._TASK_RESULT, (now,),
-            [(s.task_id, s.output_json, s.attempt, s.claim)
-             for s in (by_id[row[0]] for row in rows)],
-        ) == len(rows) and self._advance(c, rows, by_id, now, finished)
+        ok = self._complete_tasks(c, rows, by_id, now) and self._advance(
+            c, rows, by_id, now, finished
+        )
         if not ok:
             c.execute("ROLLBACK TO steps")
             c.execute("RELEASE steps")
@@ -159,6 +152,27 @@ class _Batches(_Steps):
         c.execute("RELEASE steps")
         done = {row[0] for row in rows}
         return [s for s in batch if s.task_id not in done]
+
+    @staticmethod
+    def _started_tasks(c: Conn, by_id: dict[int, TaskSuccess], *, maps: bool) -> list[Any]:
+        """The batch's tasks still started (single-step or map ones): id, run id, flow slug,
+        flow version, step slug, priority, start."""
+        return list(c.execute(
+            "SELECT id, run_id, flow_slug, flow_version, step_slug, priority, started_at "
+            f"FROM step_tasks WHERE id IN ({placeholders(len(by_id))}) AND status = 'started' "
+            f"AND task_index IS {'NOT NULL' if maps else 'NULL'}",
+            list(by_id),
+        ).fetchall())
+
+    def _complete_tasks(
+        self, c: Conn, rows: list[Any], by_id: dict[int, TaskSuccess], now: float
+    ) -> bool:
+        """Complete the tasks of ``rows`` with their results; False if any was late."""
+        return self._update_from(
+            c, self._COMPLETE_TASKS_FROM, self._TASK_RESULT, (now,),
+            [(s.task_id, s.output_json, s.attempt, s.claim)
+             for s in (by_id[row[0]] for row in rows)],
+        ) == len(rows)
 
     def _complete_map_tasks(
         self, c: Conn, batch: list[TaskSuccess], now: float, finished: list[str]
@@ -170,23 +184,14 @@ class _Batches(_Steps):
         if len(batch) < 2:
             return batch
         by_id = {s.task_id: s for s in batch}
-        rows = c.execute(
-            "SELECT id, run_id, step_slug, flow_slug, flow_version, priority, started_at "
-            f"FROM step_tasks WHERE id IN ({placeholders(len(by_id))}) AND status = 'started' "
-            "AND task_index IS NOT NULL",
-            list(by_id),
-        ).fetchall()
+        rows = self._started_tasks(c, by_id, maps=True)
         if not rows:
             return batch
         steps: dict[tuple[str, str], list[Any]] = {}
         for row in rows:
-            steps.setdefault((row[1], row[2]), []).append(row)
+            steps.setdefault((row[1], row[4]), []).append(row)
         c.execute("SAVEPOINT maps")
-        ok = self._update_from(
-            c, self._COMPLETE_TASKS_FROM, self._TASK_RESULT, (now,),
-            [(s.task_id, s.output_json, s.attempt, s.claim)
-             for s in (by_id[row[0]] for row in rows)],
-        ) == len(rows)
+        ok = self._complete_tasks(c, rows, by_id, now)
         left: dict[tuple[str, str], int] = {}
         if ok:
             for chunk_start in range(0, len(steps), 500):
@@ -209,7 +214,7 @@ class _Batches(_Steps):
                     first_start[row[1]] = row[6]
         for (run_id, slug), tasks in steps.items():
             if left[(run_id, slug)] == 0:  # the step's last task: the step completes
-                _tid, _run, _slug, flow, version, priority, _started = tasks[0]
+                _tid, _run, flow, version, _slug, priority, _started = tasks[0]
                 self._complete_steps(
                     c, self._definition(flow, version), run_id, priority,
                     [(slug, self._map_output(c, run_id, slug))], now, finished,
