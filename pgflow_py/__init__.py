@@ -1,4 +1,4 @@
-"""pgflow_py: background jobs and multi-step workflows on SQLite, after PgFlow.
+"""pgflow_py: background jobs and multi-step workflows on SQLite (or PostgreSQL), after PgFlow.
 
 Everything public is importable from here: ``import pgflow_py as pf``.
 """

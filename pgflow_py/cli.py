@@ -38,14 +38,14 @@ def flows_in_modules(names: Sequence[str]) -> list[Flow]:
 @click.group()
 @click.version_option(package_name="pgflow_py")
 def main() -> None:
-    """pgflow_py: background jobs and workflows on SQLite."""
+    """pgflow_py: background jobs and workflows on SQLite or PostgreSQL."""
 
 
 @main.command()
 @click.argument("modules", nargs=-1)
 @click.option(
     "--database", envvar="PGFLOW_DATABASE", default="pgflow.db", show_default=True,
-    help="SQLite path (or URL); also $PGFLOW_DATABASE.",
+    help="SQLite path, or postgresql:// URL (?schema=name); also $PGFLOW_DATABASE.",
 )
 @click.option("--concurrency", type=click.IntRange(min=1), default=10, show_default=True,
               help="Tasks run at once by this worker.")
