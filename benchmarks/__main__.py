@@ -67,12 +67,23 @@ POSTGRES: str | None = None  # --postgres: the server the table's figures run on
 def _fresh_store(directory: Path, name: str) -> pf.Store:
     if POSTGRES is None:
         return pf.connect(fresh_db(directory, name))
-    import psycopg
 
     schema = f"bench_{name}"
-    with psycopg.connect(POSTGRES, autocommit=True) as db:
-        db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    _drop_schemas(schema)
+    _schemas.add(schema)
     return pf.connect(f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}schema={schema}")
+
+
+_schemas: set[str] = set()  # made on the --postgres server, dropped at the end
+
+
+def _drop_schemas(*names: str) -> None:
+    import psycopg
+
+    assert POSTGRES is not None
+    with psycopg.connect(POSTGRES, autocommit=True) as db:
+        for name in names:
+            db.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
 
 
 def start_one_at_a_time(directory: Path, n: int) -> float:
@@ -237,6 +248,8 @@ def main() -> None:
             for name, unit, value in rows:
                 results.append({"benchmark": name, "unit": unit, "value": round(value, 2)})
                 print(f"{name:<56} {value:>10,.1f} {unit}", flush=True)
+    if POSTGRES is not None and _schemas:
+        _drop_schemas(*_schemas)
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(),
                "platform": platform.platform(), "sqlite": __import__("sqlite3").sqlite_version,
                "database": "SQLite" if POSTGRES is None else "PostgreSQL"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -165,3 +166,67 @@ def test_the_growing_tables_are_analyzed_without_waiting_for_autovacuum(schema: 
         assert not analyzed(store)
         store.start(pg_echo, {"n": 999})  # the 1,000th run
         assert analyzed(store)
+
+
+def test_a_role_that_may_only_use_an_existing_schema_can_serve_it(schema: str) -> None:
+    import psycopg
+
+    assert POSTGRES_URL is not None
+    _backend(schema).close()  # created and migrated by the owner
+    role = f"app_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+        admin.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} "
+                      f"TO {role}")
+        admin.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {role}")
+    try:
+        url = POSTGRES_URL.replace("postgresql://postgres@", f"postgresql://{role}@")
+        with pf.connect(f"{url}{'&' if '?' in url else '?'}schema={schema}") as store:
+            run = store.start(pg_echo, {"n": 8})
+            drain(store, pg_echo)
+            assert store.get_run(run.id).output == {"n": 8}
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
+
+
+def test_a_writer_that_waited_for_the_lock_sees_the_writes_before_it(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Even where transactions default to REPEATABLE READ (a snapshot from the first statement,
+    # taken before the wait for the lock), the waiting writer must see what the holder wrote.
+    monkeypatch.setenv("PGOPTIONS", "-c default_transaction_isolation=repeatable\\ read")
+    a, b = _backend(schema), _backend(schema)
+    try:
+        assert a._db.execute("SHOW default_transaction_isolation").fetchone()[0] == (
+            "repeatable read"
+        )
+        pf.Store(a).start_many(pg_echo, [{"n": i} for i in range(4)])
+        got: dict[str, object] = {}
+
+        def claim_in_b() -> None:
+            try:
+                got["b"] = b.claim("B", [pg_echo.slug], 10, 60)
+            except Exception as exc:  # the failure this test is about
+                got["b"] = exc
+
+        with a._write():  # A holds the write lock ...
+            waiting = threading.Thread(target=claim_in_b)
+            waiting.start()
+            time.sleep(0.3)  # ... while B has begun and waits for it
+            got["a"] = a.claim("A", [pg_echo.slug], 10, 60)
+        waiting.join()
+        assert len(got["a"]) == 4  # type: ignore[arg-type]
+        assert got["b"] == []  # nothing left, and no serialization failure
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_closed_store_does_not_reconnect(schema: str) -> None:
+    store = pf.Store(_backend(schema))
+    store.close()
+    with pytest.raises(pf.StoreError, match="closed"):
+        store.start(pg_echo, {"n": 9})

@@ -1093,3 +1093,22 @@ def test_data_version_changes_when_another_connection_commits(db_path: Path) -> 
         assert mine.backend.data_version() == before  # its own commits do not count
         theirs.start(echo, {"n": 2})
         assert mine.backend.data_version() != before
+
+
+@pytest.mark.parametrize(
+    ("url", "rest", "schema"),
+    [
+        ("postgresql:///app?host=/tmp&schema=jobs", "postgresql:///app?host=/tmp", "jobs"),
+        ("postgresql:///app?host=/tmp", "postgresql:///app?host=/tmp", None),
+        ("postgresql://u:p@h:5432/app", "postgresql://u:p@h:5432/app", None),
+        ("postgresql://h/app?schema=jobs", "postgresql://h/app", "jobs"),
+        ("postgresql://h/app?options=-c%20statement_timeout%3D5s&schema=jobs",
+         "postgresql://h/app?options=-c%20statement_timeout%3D5s", "jobs"),
+    ],
+)
+def test_a_postgresql_urls_schema_parameter_is_taken_off_and_the_rest_left_as_it_was(
+    url: str, rest: str, schema: str | None
+) -> None:
+    from pgflow_py.store.store import _pop_schema
+
+    assert _pop_schema(url) == (rest, schema)

@@ -46,12 +46,20 @@ def connect(url: str | os.PathLike[str] | None = None, *, clock: Clock | None = 
 
 
 def _pop_schema(url: str) -> tuple[str, str | None]:
-    """Split pgflow's own ``schema=`` parameter off a PostgreSQL URL (libpq would refuse it)."""
-    parts = urllib.parse.urlsplit(url)
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    schema = next((v for k, v in query if k == "schema"), None)
-    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "schema"], safe="/")
-    return urllib.parse.urlunsplit(parts._replace(query=rest)), schema
+    """Split pgflow's own ``schema=`` parameter off a PostgreSQL URL (libpq would refuse it),
+    leaving the rest of the URL exactly as it was."""
+    base, mark, query = url.partition("?")
+    if not mark:
+        return url, None
+    kept: list[str] = []
+    schema = None
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == "schema":
+            schema = urllib.parse.unquote(value)
+        else:
+            kept.append(part)
+    return base + ("?" + "&".join(kept) if kept else ""), schema
 
 
 def new_run_ids(n: int) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
@@ -17,7 +18,7 @@ from typing import Any
 
 from ...clock import Clock
 from ...definition import FlowDefinition
-from ...errors import SchemaError
+from ...errors import SchemaError, StoreError
 from ..base import NewRun
 from ..sql import SqlBackend
 from ..sql.connection import Conn
@@ -138,6 +139,7 @@ class PostgresBackend(SqlBackend):
         where = f"{_describe(psycopg, url)}, schema {schema}"
         super().__init__(url, clock, where)
         self._max_variables = 65_535
+        self._closed = False
         self._started = 0  # runs started here since the tables were last analyzed
         self._analyzed = 0  # rows of runs then
         self._open()
@@ -158,12 +160,17 @@ class PostgresBackend(SqlBackend):
 
     def _ensure_open(self) -> None:
         """Reconnect after the server closed the connection (a restart, a failover)."""
+        if self._closed:
+            raise StoreError(f"the pgflow database {self._where} was closed by this process")
         if self._db.closed or self._db.broken:
             self._open()
 
     def _migrate(self) -> None:
         with self._write() as c:
-            c.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema}")
+            # Only if missing: creating needs CREATE on the database, which the role that
+            # merely uses an existing schema need not have.
+            if c.execute("SELECT to_regnamespace(?) IS NULL", (self._schema,)).fetchone()[0]:
+                c.execute(f"CREATE SCHEMA {self._schema}")
             exists = c.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]
             version = 0
             if exists:
@@ -195,7 +202,9 @@ class PostgresBackend(SqlBackend):
 
     def _begin(self) -> None:
         self._ensure_open()
-        self._db.execute("BEGIN")
+        # READ COMMITTED whatever the server's default: the snapshot must be taken after the
+        # lock below is granted, so that each writer sees the writes of the one before.
+        self._db.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
         # One writer at a time per schema, as on SQLite; held until COMMIT or ROLLBACK.
         self._db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"pgflow:{self._schema}",))
 
@@ -249,18 +258,19 @@ class PostgresBackend(SqlBackend):
         return None
 
     def data_version(self) -> int:
-        # The next transaction id: it moves when any transaction (this connection's too)
-        # writes, which is all an idle runner needs to look for new work.
+        # The current snapshot (oldest running transaction, next id, those in progress): it
+        # changes when any transaction, this connection's too, starts writing or commits.
         with self._read() as c:
-            return int(c.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
+            snapshot = c.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+        return zlib.crc32(snapshot.encode())
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()
 
     def drop_schema_and_close(self) -> None:
-        """Delete pgflow's schema and everything in it, then close (for tests)."""
-        with self._lock:
-            self._ensure_open()
-            self._db.execute(f"DROP SCHEMA IF EXISTS {self._schema} CASCADE")
-            self._db.close()
+        """Close, then delete pgflow's schema and everything in it (for tests)."""
+        self.close()
+        with self._psycopg.connect(self.url, autocommit=True) as db:
+            db.execute(f"DROP SCHEMA IF EXISTS {self._schema} CASCADE")

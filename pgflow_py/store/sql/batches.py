@@ -153,16 +153,26 @@ class _Batches(_Steps):
         done = {row[0] for row in rows}
         return [s for s in batch if s.task_id not in done]
 
-    @staticmethod
-    def _started_tasks(c: Conn, by_id: dict[int, TaskSuccess], *, maps: bool) -> list[Any]:
+    def _started_tasks(
+        self, c: Conn, by_id: dict[int, TaskSuccess], *, maps: bool
+    ) -> list[Any]:
         """The batch's tasks still started (single-step or map ones): id, run id, flow slug,
         flow version, step slug, priority, start."""
-        return list(c.execute(
-            "SELECT id, run_id, flow_slug, flow_version, step_slug, priority, started_at "
-            f"FROM step_tasks WHERE id IN ({placeholders(len(by_id))}) AND status = 'started' "
+        return self._select_in(
+            c, "SELECT id, run_id, flow_slug, flow_version, step_slug, priority, started_at "
+            "FROM step_tasks WHERE id IN ({}) AND status = 'started' "
             f"AND task_index IS {'NOT NULL' if maps else 'NULL'}",
             list(by_id),
-        ).fetchall())
+        )
+
+    def _select_in(self, c: Conn, sql: str, keys: list[Any]) -> list[Any]:
+        """The rows of ``sql`` (``… IN ({})``) for all ``keys``, a statement per few hundred."""
+        per = max(1, min(500, self._max_variables))
+        rows: list[Any] = []
+        for start in range(0, len(keys), per):
+            chunk = keys[start:start + per]
+            rows += c.execute(sql.format(placeholders(len(chunk))), chunk).fetchall()
+        return rows
 
     def _complete_tasks(
         self, c: Conn, rows: list[Any], by_id: dict[int, TaskSuccess], now: float
@@ -194,8 +204,9 @@ class _Batches(_Steps):
         ok = self._complete_tasks(c, rows, by_id, now)
         left: dict[tuple[str, str], int] = {}
         if ok:
-            for chunk_start in range(0, len(steps), 500):
-                chunk = list(steps.items())[chunk_start:chunk_start + 500]
+            per = max(1, min(500, self._max_variables // 3))
+            for chunk_start in range(0, len(steps), per):
+                chunk = list(steps.items())[chunk_start:chunk_start + per]
                 left.update(((run_id, slug), n) for run_id, slug, n in c.execute(
                     self._COUNT_DOWN_TASKS_FROM.format(",".join(["(?, ?, CAST(? AS BIGINT))"]
                                                                 * len(chunk))),
@@ -250,10 +261,9 @@ class _Batches(_Steps):
                  for run_id, steps in per_run.items()],
         ) != len(per_run):
             return False
-        remaining = dict(c.execute(
-            f"SELECT id, remaining_steps FROM runs WHERE id IN ({placeholders(len(per_run))})",
-            list(per_run),
-        ).fetchall())
+        remaining = dict(self._select_in(
+            c, "SELECT id, remaining_steps FROM runs WHERE id IN ({})", list(per_run)
+        ))
         # Dependents: those with one dependency are ready now; the others count down.
         ready: list[tuple[FlowDefinition, str, int, StepDefinition, tuple[str, str] | None]] = []
         counting: dict[tuple[str, str], tuple[FlowDefinition, int, StepDefinition, int]] = {}
@@ -261,7 +271,6 @@ class _Batches(_Steps):
         for run_id, steps in per_run.items():
             if remaining[run_id] == 0:
                 complete.append((self._definition(steps[0][2], steps[0][3]), run_id))
-                finished.append(run_id)
                 continue
             for tid, _run, flow, version, step, priority, _started in steps:
                 d = self._definition(flow, version)
@@ -282,14 +291,19 @@ class _Batches(_Steps):
             ) != len(counting):
                 return False
             keys = list(counting)
-            for run_id, slug in c.execute(
-                "SELECT run_id, step_slug FROM step_states WHERE remaining_deps = 0 "
-                "AND status = 'created' AND (run_id, step_slug) IN (VALUES "
-                + ",".join(["(?, ?)"] * len(keys)) + ")",
-                [v for key in keys for v in key],
-            ).fetchall():
-                d, priority, dependent, _n = counting[(run_id, slug)]
-                ready.append((d, run_id, priority, dependent, None))
+            per = max(1, min(500, self._max_variables // 2))
+            for start in range(0, len(keys), per):
+                chunk = keys[start:start + per]
+                for run_id, slug in c.execute(
+                    "SELECT run_id, step_slug FROM step_states WHERE remaining_deps = 0 "
+                    "AND status = 'created' AND (run_id, step_slug) IN (VALUES "
+                    + ",".join(["(?, ?)"] * len(chunk)) + ")",
+                    [v for key in chunk for v in key],
+                ).fetchall():
+                    d, priority, dependent, _n = counting[(run_id, slug)]
+                    ready.append((d, run_id, priority, dependent, None))
+        # Only now, past the last check that can still undo this batch.
+        finished.extend(run_id for _d, run_id in complete)
         self._start_ready(c, ready, now, finished)
         return True
 
