@@ -65,13 +65,18 @@ POSTGRES: str | None = None  # --postgres: the server the table's figures run on
 
 
 def _fresh_store(directory: Path, name: str) -> pf.Store:
-    if POSTGRES is None:
-        return pf.connect(fresh_db(directory, name))
+    url = _postgres_url(name)
+    return pf.connect(fresh_db(directory, name) if url is None else url)
 
+
+def _postgres_url(name: str) -> str | None:
+    """With --postgres, the URL of a new, empty schema for ``name``."""
+    if POSTGRES is None:
+        return None
     schema = f"bench_{name}"
     _drop_schemas(schema)
     _schemas.add(schema)
-    return pf.connect(f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}schema={schema}")
+    return f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}schema={schema}"
 
 
 _schemas: set[str] = set()  # made on the --postgres server, dropped at the end
@@ -158,7 +163,7 @@ def _latency_same(directory: Path, args: argparse.Namespace) -> Rows:
 
 
 def _latency_other(directory: Path, args: argparse.Namespace) -> Rows:
-    p50, p99 = latency.other_process(directory)
+    p50, p99 = latency.other_process(directory, database=_postgres_url("latency"))
     return [("pick-up latency, other process, p50", "ms", p50),
             ("pick-up latency, other process, p99", "ms", p99)]
 
@@ -202,8 +207,9 @@ def main() -> None:
                         help="queued jobs for the backlog ratio (filling 1,000,000 takes ~1 min)")
     parser.add_argument("--postgres", metavar="URL", default=None,
                         help="run the throughput table on this PostgreSQL server instead of "
-                        "SQLite files (schemas bench_*); the ceilings, the arrivals row and the "
-                        "single figures are SQLite's and are skipped")
+                        "SQLite files (schemas bench_*), and the other-process latency; the "
+                        "ceilings, the arrivals row and the other single figures are "
+                        "SQLite's and are skipped")
     parser.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
                         help="run only the benchmarks whose name contains it (any case; "
                         "repeatable), e.g. arriving, map, latency, rss, backlog, huey")
@@ -211,7 +217,7 @@ def main() -> None:
 
     global POSTGRES
     POSTGRES = args.postgres
-    sqlite_only = {key for key, _ in SINGLE_FIGURES} | {
+    sqlite_only = {key for key, _ in SINGLE_FIGURES if key != "pick-up latency, other process"} | {
         name for name, _unit, function, _share in BENCHMARKS
         if function.__module__ in (floor.__name__, arrivals.__name__)
     }

@@ -63,13 +63,16 @@ def same_process(directory: Path, samples: int = 200) -> tuple[float, float]:
     return _percentiles(asyncio.run(main()))
 
 
-def other_process(directory: Path, samples: int = 100) -> tuple[float, float]:
-    """p50 and p99 in milliseconds, the start made by another process than the runner's."""
-    db = directory / "latency_remote.db"
+def other_process(
+    directory: Path, samples: int = 100, database: str | None = None
+) -> tuple[float, float]:
+    """p50 and p99 in milliseconds, the start made by another process than the runner's, on
+    ``database`` (a URL) or a SQLite file in ``directory``."""
+    db = database or str(directory / "latency_remote.db")
     script = directory / "latency_worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": str(directory)}
-    worker = subprocess.Popen([sys.executable, str(script), str(db)], env=env)
+    worker = subprocess.Popen([sys.executable, str(script), db], env=env)
     try:
         deadline = time.monotonic() + 20
         waits = []
