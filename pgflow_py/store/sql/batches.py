@@ -31,25 +31,8 @@ class _Batches(_Steps):
         for f in failures:
             self._fail_task(c, f, now, finished)
 
-    # One statement per batch: each row of the VALUES list names a task (id, output, attempt,
-    # claim) or a run (id, output, start, task id). The casts type the columns on PostgreSQL.
-    _COMPLETE_TASKS_FROM = (
-        "UPDATE step_tasks SET status = 'completed', output = v.column2, finished_at = ?, "
-        "lease_owner = NULL, lease_expires = NULL FROM (VALUES {}) AS v "
-        "WHERE step_tasks.id = v.column1 AND step_tasks.attempts = v.column3 "
-        "AND step_tasks.claims = coalesce(v.column4, step_tasks.claims) "
-        "AND step_tasks.status = 'started'"
-    )
-    _TASK_RESULT = "(CAST(? AS BIGINT), ?, CAST(? AS BIGINT), CAST(? AS BIGINT))"
-    _COMPLETE_JOB_RUNS_FROM = (
-        "UPDATE runs SET status = 'completed', remaining_steps = 0, output = v.column2, "
-        "finished_at = ?, started_at = coalesce(runs.started_at, v.column3, "
-        "(SELECT t.started_at FROM step_tasks t WHERE t.id = v.column4)) "
-        "FROM (VALUES {}) AS v WHERE runs.id = v.column1 AND runs.status = 'started'"
-    )
-    _RUN_RESULT = "(?, ?, CAST(? AS DOUBLE PRECISION), CAST(? AS BIGINT))"
     # Flow steps: (run id, step slug, output) completed; (run id, steps done, first start) and
-    # (run id, step slug, dependencies done) counted down; (run id, step slug) started.
+    # (run id, step slug, dependencies done) counted down.
     _COMPLETE_STATES_FROM = (
         "UPDATE step_states SET status = 'completed', output = v.column3, remaining_tasks = 0, "
         "finished_at = ? FROM (VALUES {}) AS v WHERE step_states.run_id = v.column1 "
@@ -65,37 +48,6 @@ class _Batches(_Steps):
         "FROM (VALUES {}) AS v WHERE step_states.run_id = v.column1 "
         "AND step_states.step_slug = v.column2 AND step_states.status = 'created'"
     )
-    # Map steps: (run id, step slug, tasks done) counted down; runs' (id, first start) recorded.
-    _COUNT_DOWN_TASKS_FROM = (
-        "UPDATE step_states SET remaining_tasks = step_states.remaining_tasks - v.column3 "
-        "FROM (VALUES {}) AS v WHERE step_states.run_id = v.column1 "
-        "AND step_states.step_slug = v.column2 AND step_states.status = 'started' "
-        "RETURNING step_states.run_id, step_states.step_slug, step_states.remaining_tasks"
-    )
-    _MARK_STARTED_FROM = (
-        "UPDATE runs SET started_at = v.column2 FROM (VALUES {}) AS v "
-        "WHERE runs.id = v.column1 AND runs.started_at IS NULL"
-    )
-    _START_SINGLES_FROM = (
-        "UPDATE step_states SET status = 'started', remaining_deps = 0, remaining_tasks = 1, "
-        "started_at = ? FROM (VALUES {}) AS v WHERE step_states.run_id = v.column1 "
-        "AND step_states.step_slug = v.column2"
-    )
-
-    def _update_from(
-        self, c: Conn, sql: str, row: str, first: tuple[Any, ...], rows: list[tuple[Any, ...]]
-    ) -> int:
-        """Run ``sql`` (an ``UPDATE … FROM (VALUES {})``) over ``rows``, ``first`` bound before
-        them; return how many rows it changed."""
-        per = max(1, min(500, (self._max_variables - len(first)) // row.count("?")))
-        changed = 0
-        for start in range(0, len(rows), per):
-            chunk = rows[start:start + per]
-            changed += c.execute(
-                sql.format(",".join([row] * len(chunk))),
-                [*first, *(v for values in chunk for v in values)],
-            ).rowcount
-        return changed
 
     def _complete_jobs(
         self, c: Conn, batch: list[TaskSuccess], now: float, finished: list[str]
@@ -208,8 +160,7 @@ class _Batches(_Steps):
             for chunk_start in range(0, len(steps), per):
                 chunk = list(steps.items())[chunk_start:chunk_start + per]
                 left.update(((run_id, slug), n) for run_id, slug, n in c.execute(
-                    self._COUNT_DOWN_TASKS_FROM.format(",".join(["(?, ?, CAST(? AS BIGINT))"]
-                                                                * len(chunk))),
+                    self._COUNT_DOWN_TASKS_FROM.format(",".join([self._TASKS_DONE] * len(chunk))),
                     [v for (run_id, slug), tasks in chunk for v in (run_id, slug, len(tasks))],
                 ).fetchall())
             ok = len(left) == len(steps)
@@ -232,7 +183,7 @@ class _Batches(_Steps):
                     started_at=first_start.get(run_id),
                 )
         self._update_from(
-            c, self._MARK_STARTED_FROM, "(?, CAST(? AS DOUBLE PRECISION))", (),
+            c, self._MARK_STARTED_FROM, self._STARTED, (),
             list(first_start.items()),
         )
         return [s for s in batch if s.task_id not in {row[0] for row in rows}]

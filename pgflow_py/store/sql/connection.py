@@ -129,3 +129,18 @@ class _Connection(abc.ABC):
         for start in range(0, len(rows), per):
             chunk = rows[start:start + per]
             c.execute(head + ",".join([values] * len(chunk)), [v for row in chunk for v in row])
+
+    def _update_from(
+        self, c: Conn, sql: str, row: str, first: tuple[Any, ...], rows: list[tuple[Any, ...]]
+    ) -> int:
+        """Run ``sql`` (an ``UPDATE … FROM (VALUES {})``) over ``rows``, ``first`` bound before
+        them; return how many rows it changed."""
+        per = max(1, min(500, (self._max_variables - len(first)) // row.count("?")))
+        changed = 0
+        for start in range(0, len(rows), per):
+            chunk = rows[start:start + per]
+            changed += c.execute(
+                sql.format(",".join([row] * len(chunk))),
+                [*first, *(v for values in chunk for v in values)],
+            ).rowcount
+        return changed

@@ -26,31 +26,52 @@ class _Steps(_Definitions):
         "run_at, created_at) VALUES "
     )
     _RUN_VALUES = "(?, ?, 'started', ?, ?, ?, ?, ?, ?)"
-    # Completes a job's run with its one task's output. Its start is the completing attempt's
-    # (if known), else that of the task with the given id.
-    _COMPLETE_JOB_RUN = (
-        "UPDATE runs SET status = 'completed', remaining_steps = 0, output = ?, finished_at = ?, "
-        "started_at = coalesce(started_at, ?, (SELECT t.started_at FROM step_tasks t "
-        "WHERE t.id = ?)) WHERE id = ? AND status = 'started'"
+    # Each takes a VALUES list ({}) of one row or many. The casts type the columns on
+    # PostgreSQL. A task row names (id, output, attempt, claim): the guard makes a late result
+    # (after reclaim, cancel, run failure, or a retry's new claim) change nothing.
+    _COMPLETE_TASKS_FROM = (
+        "UPDATE step_tasks SET status = 'completed', output = v.column2, finished_at = ?, "
+        "lease_owner = NULL, lease_expires = NULL FROM (VALUES {}) AS v "
+        "WHERE step_tasks.id = v.column1 AND step_tasks.attempts = v.column3 "
+        "AND step_tasks.claims = coalesce(v.column4, step_tasks.claims) "
+        "AND step_tasks.status = 'started'"
     )
-    # Completes a task's current attempt; the guard makes a late result (after reclaim, cancel,
-    # run failure, or a retry's new claim) change nothing.
-    _COMPLETE_TASK = (
-        "UPDATE step_tasks SET status = 'completed', output = ?, finished_at = ?, "
-        "lease_owner = NULL, lease_expires = NULL "
-        "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
+    _TASK_RESULT = "(CAST(? AS BIGINT), ?, CAST(? AS BIGINT), CAST(? AS BIGINT))"
+    # A job's run (id, output, start, task id) completes with its one task's output. Its start
+    # is the completing attempt's (if known), else that of the task with the given id.
+    _COMPLETE_JOB_RUNS_FROM = (
+        "UPDATE runs SET status = 'completed', remaining_steps = 0, output = v.column2, "
+        "finished_at = ?, started_at = coalesce(runs.started_at, v.column3, "
+        "(SELECT t.started_at FROM step_tasks t WHERE t.id = v.column4)) "
+        "FROM (VALUES {}) AS v WHERE runs.id = v.column1 AND runs.status = 'started'"
     )
-    # Starts a single step whose dependencies are complete (its task is inserted beside it).
-    _START_SINGLE = (
+    _RUN_RESULT = "(?, ?, CAST(? AS DOUBLE PRECISION), CAST(? AS BIGINT))"
+    # Single steps (run id, step slug) whose dependencies are complete start (their tasks are
+    # inserted beside them).
+    _START_SINGLES_FROM = (
         "UPDATE step_states SET status = 'started', remaining_deps = 0, remaining_tasks = 1, "
-        "started_at = ? WHERE run_id = ? AND step_slug = ?"
+        "started_at = ? FROM (VALUES {}) AS v WHERE step_states.run_id = v.column1 "
+        "AND step_states.step_slug = v.column2"
     )
+    # Runs (id, start) record when their first attempt started, once one has ended.
+    _MARK_STARTED_FROM = (
+        "UPDATE runs SET started_at = v.column2 FROM (VALUES {}) AS v "
+        "WHERE runs.id = v.column1 AND runs.started_at IS NULL"
+    )
+    _STARTED = "(?, CAST(? AS DOUBLE PRECISION))"
+    # Map steps (run id, step slug, tasks done) count down their tasks left.
+    _COUNT_DOWN_TASKS_FROM = (
+        "UPDATE step_states SET remaining_tasks = step_states.remaining_tasks - v.column3 "
+        "FROM (VALUES {}) AS v WHERE step_states.run_id = v.column1 "
+        "AND step_states.step_slug = v.column2 AND step_states.status = 'started' "
+        "RETURNING step_states.run_id, step_states.step_slug, step_states.remaining_tasks"
+    )
+    _TASKS_DONE = "(?, ?, CAST(? AS BIGINT))"
     _INSERT_TASKS = (
         "INSERT INTO step_tasks (run_id, flow_slug, flow_version, step_slug, task_index, "
         "status, max_attempts, priority, run_at, input, created_at) VALUES "
     )
     _TASK_VALUES = "(?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)"
-
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -96,7 +117,7 @@ class _Steps(_Definitions):
                  for i, item in enumerate(items)],
             )
             return []
-        c.execute(self._START_SINGLE, (now, run_id, step.slug))
+        c.execute(self._START_SINGLES_FROM.format("(?, ?)"), (now, run_id, step.slug))
         self._insert(
             c, self._INSERT_TASKS, self._TASK_VALUES,
             [(run_id, d.slug, version, step.slug, None, max_attempts, priority, run_at,
@@ -117,9 +138,11 @@ class _Steps(_Definitions):
         self, c: Conn, s: TaskSuccess, now: float, finished: list[str]
     ) -> None:
         row = c.execute(
-            self._COMPLETE_TASK
-            + "RETURNING run_id, flow_slug, step_slug, task_index, priority, flow_version, started_at",
-            (s.output_json, now, s.task_id, s.attempt, s.claim),
+            self._COMPLETE_TASKS_FROM.format(self._TASK_RESULT)
+            + " RETURNING step_tasks.run_id, step_tasks.flow_slug, step_tasks.step_slug, "
+            "step_tasks.task_index, step_tasks.priority, step_tasks.flow_version, "
+            "step_tasks.started_at",
+            (now, s.task_id, s.output_json, s.attempt, s.claim),
         ).fetchone()
         if row is None:
             return
@@ -128,12 +151,9 @@ class _Steps(_Definitions):
             step_output = s.output_json
         else:
             left = c.execute(
-                "UPDATE step_states SET remaining_tasks = remaining_tasks - 1 "
-                "WHERE run_id = ? AND step_slug = ? AND status = 'started' "
-                "RETURNING remaining_tasks",
-                (run_id, step_slug),
+                self._COUNT_DOWN_TASKS_FROM.format(self._TASKS_DONE), (run_id, step_slug, 1)
             ).fetchone()
-            if left is None or left[0] > 0:
+            if left is None or left[2] > 0:
                 self._mark_started(c, run_id, started_at)
                 return
             step_output = self._map_output(c, run_id, step_slug)
@@ -152,13 +172,9 @@ class _Steps(_Definitions):
         ).fetchall()
         return "[" + ",".join(o[0] for o in outputs) + "]"
 
-    @staticmethod
-    def _mark_started(c: Conn, run_id: str, started_at: float | None) -> None:
+    def _mark_started(self, c: Conn, run_id: str, started_at: float | None) -> None:
         """Record when a run's first attempt started, once one has ended."""
-        c.execute(
-            "UPDATE runs SET started_at = ? WHERE id = ? AND started_at IS NULL",
-            (started_at, run_id),
-        )
+        c.execute(self._MARK_STARTED_FROM.format(self._STARTED), (run_id, started_at))
 
     def _complete_steps(
         self,
@@ -182,7 +198,8 @@ class _Steps(_Definitions):
             if d.kind == "job":
                 # A job's one step is its leaf (and has no state row): finish the run.
                 if c.execute(
-                    self._COMPLETE_JOB_RUN, (output, now, started_at, None, run_id)
+                    self._COMPLETE_JOB_RUNS_FROM.format(self._RUN_RESULT),
+                    (now, run_id, output, started_at, None),
                 ).rowcount:
                     finished.append(run_id)
                 return
