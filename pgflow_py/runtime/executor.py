@@ -43,7 +43,7 @@ class StepRuntime:
 
 
 async def run_attempt(step: StepRuntime, value: Any, ctx: Context, threads: HandlerThreads) -> Any:
-    """Run the handler once, inside the caller's cancel scope (whose deadline is the timeout).
+    """Run the handler once; the caller cancels it at the timeout.
 
     Async handlers are cancelled at the deadline. Sync handlers run in a worker thread that is
     abandoned at the deadline: the attempt fails then, though Python cannot stop the thread.

@@ -64,12 +64,11 @@ class HandlerThreads:
             job = self._jobs.get()
             with self._lock:
                 self._idle -= 1
-                if job is not None and job.state == _DROPPED:  # given up before it started
+                if job is None:
+                    return
+                if job.state == _DROPPED:  # given up before it started
                     continue
-                if job is not None:
-                    job.state = _RUNNING
-            if job is None:
-                return
+                job.state = _RUNNING
             result: Any = None
             error: BaseException | None = None
             try:

@@ -15,10 +15,10 @@ import sqlite_utils
 
 from ...clock import Clock
 from ...errors import SchemaError
-from .._checkpoint import Checkpointer
 from ..sql import SqlBackend
 from ..sql.claims import LOST_WORKER
 from ..sql.connection import Conn
+from .checkpoint import Checkpointer
 
 __all__ = ("LOST_WORKER", "SCHEMA_VERSION", "SqliteBackend")
 
@@ -76,7 +76,7 @@ class SqliteBackend(SqlBackend):
         c.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         if self.url != ":memory:":
             c.execute("PRAGMA journal_mode = WAL")
-            # Checkpoints run in the background (see _checkpoint); this is the fallback should
+            # Checkpoints run in the background (see checkpoint.py); this is the fallback should
             # that thread fall behind. Past that, the WAL file is cut back to 64 MB.
             c.execute("PRAGMA wal_autocheckpoint = 16384")
             c.execute("PRAGMA journal_size_limit = 67108864")
