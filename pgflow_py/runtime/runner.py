@@ -50,7 +50,6 @@ __all__ = ("RunnerStats", "arun_flows", "run_flows")
 log = logging.getLogger("pgflow_py.runner")
 
 
-
 @attrs.frozen
 class RunnerStats:
     """What a runner did: task attempts that completed, failed for good, were retried, timed out."""
@@ -72,12 +71,9 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-_uncancel = getattr(asyncio.Task, "uncancel", None)
+_uncancel = getattr(asyncio.Task, "uncancel", None)  # Python 3.11+: keep cancel counts balanced
 _TIMEOUT_GRAIN = 0.005  # seconds: attempts whose timeouts end this close share one loop timer
 _PEEK = 0.05  # seconds between looks at whether another process wrote to the store
-
-
-  # Python 3.11+: keep cancel counts balanced
 
 
 class _Attempt:
