@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import json.scanner
+import re
 from typing import Any
 
 import attrs
@@ -36,14 +37,122 @@ _c_encoder = (
 )
 
 
+MAX_DEPTH = 256
+"""How deeply arrays and objects may nest in a stored value. Decoding recurses once per level,
+and a value must decode wherever it is read back (a runner's claim, ``get_run``), so the limit
+stays far below Python's recursion limit."""
+
+_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
 def dumps(value: Any) -> str:
-    """Encode ``value`` as compact JSON; raises ``TypeError``/``ValueError`` when it cannot."""
+    """Encode ``value`` as compact JSON that :func:`loads` reads back as the same value.
+
+    Raises ``TypeError``/``ValueError`` when it cannot: a type JSON has no form for, NaN or
+    infinity, a circular reference, object keys that collide once converted to strings
+    (``{1: "a", "1": "b"}``), nesting deeper than :data:`MAX_DEPTH`, or a string with a lone
+    surrogate (not UTF-8, e.g. what ``os.fsdecode`` gives for an undecodable file name).
+    """
     if _c_encoder is None:
-        return _encoder.encode(value)
+        text = _encoder.encode(value)
+    else:
+        try:
+            text = "".join(_c_encoder(value, 0))
+        except RecursionError:
+            raise ValueError("circular reference detected") from None
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"a string holds {text[exc.start:exc.end]!r}, a lone surrogate, which is not "
+                "UTF-8 text (decode bytes with errors='replace', or pass them as base64)"
+            ) from None
+    if text.count("[") + text.count("{") > MAX_DEPTH:  # cheap bound first: most values pass
+        _check_depth(text)
+    if type(value) in (dict, list, tuple):
+        _check_keys(value)
+    return text
+
+
+def _check_depth(text: str) -> None:
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        bracket = match.group()
+        if bracket in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ValueError(
+                    f"the value nests arrays or objects more than {MAX_DEPTH} levels deep"
+                )
+        elif bracket in "]}":
+            depth -= 1
+
+
+def _json_key(key: Any) -> Any:
+    # What the encoder writes for a key of each type JSON allows.
+    if key is True:
+        return "true"
+    if key is False:
+        return "false"
+    if key is None:
+        return "null"
+    if isinstance(key, float):
+        return float.__repr__(key)
+    if isinstance(key, int):
+        return int.__repr__(key)
+    return key
+
+
+def _check_keys(value: Any) -> None:
+    """Refuse dicts whose keys collide once the encoder turns them into strings: the decoder
+    would keep one of the values and silently drop the others."""
+    stack = [value]
+    pop, push = stack.pop, stack.append
+    while stack:
+        item = pop()
+        if type(item) is dict:
+            for key in item:
+                if type(key) is not str:
+                    _check_dict_keys(item)
+                    break
+            item = item.values()
+        for v in item:
+            if type(v) in _CONTAINERS:
+                push(v)
+
+
+def _check_dict_keys(item: dict[Any, Any]) -> None:
+    seen: dict[Any, Any] = {}
+    for key in item:
+        name = _json_key(key)
+        if name in seen:
+            raise ValueError(
+                f"keys {seen[name]!r} and {key!r} are both {name!r} in JSON; "
+                "one value would be lost"
+            )
+        seen[name] = key
+
+
+_CONTAINERS = frozenset((dict, list, tuple))
+
+
+def roundtrip(value: Any) -> Any:
+    """``value`` as the runtime stores and reads it back (``{1: "x"}`` becomes ``{"1": "x"}``,
+    tuples lists, attrs classes and dataclasses dicts): what a handler sees, and what a step's
+    output is once recorded. Raises as :func:`dumps` does."""
+    return loads(dumps(value))
+
+
+def printable(text: str) -> str:
+    """``text`` with lone surrogates escaped (``\\udcff``), so it can be stored and logged."""
+    if text.isascii():
+        return text
     try:
-        return "".join(_c_encoder(value, 0))
-    except RecursionError:
-        raise ValueError("circular reference detected") from None
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 # Likewise the C scanner behind json.loads, without its whitespace handling: the store only
