@@ -56,6 +56,7 @@ class HandlerThreads:
         self._lock = threading.Lock()  # guards the counts and job states across threads
         self._serving = 0  # threads taking jobs (not counting abandoned ones)
         self._idle = 0  # of which waiting for one
+        self._queued = 0  # jobs put and not yet taken
 
     def _serve(self) -> None:
         while True:
@@ -66,6 +67,7 @@ class HandlerThreads:
                 self._idle -= 1
                 if job is None:
                     return
+                self._queued -= 1
                 if job.state == _DROPPED:  # given up before it started
                     continue
                 job.state = _RUNNING
@@ -91,7 +93,11 @@ class HandlerThreads:
         loop = asyncio.get_running_loop()
         job = _Job(function, args, loop, loop.create_future())
         with self._lock:
-            if self._idle == 0 and self._serving < self._size:
+            # An idle thread may be about to take a job queued before this one: start a thread
+            # unless there are more idle threads than jobs waiting, or one job waits behind
+            # another's whole run (and may time out there).
+            self._queued += 1
+            if self._idle < self._queued and self._serving < self._size:
                 self._serving += 1
                 threading.Thread(target=self._serve, name="pgflow-handler", daemon=True).start()
         self._jobs.put(job)
