@@ -1,7 +1,8 @@
-"""One attempt of one task: call the handler under its timeout and classify the outcome."""
+"""Calling handlers (in this thread, a worker thread or a child process) and failure hooks."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -16,10 +17,10 @@ import attrs
 from ..context import Context
 from ..definition import EffectiveOptions
 from ..dsl import Hook, import_path
-from ..errors import IsolatedError, PermanentFailure, Retry, StepTimeout
+from ..errors import IsolatedError, PermanentFailure, Retry
 from .threads import HandlerThreads
 
-__all__ = ("StepRuntime", "call_hook", "run_attempt", "timeout_error")
+__all__ = ("StepRuntime", "call_hook", "run_attempt")
 
 log = logging.getLogger("pgflow_py.runner")
 
@@ -57,13 +58,6 @@ async def run_attempt(step: StepRuntime, value: Any, ctx: Context, threads: Hand
     if inspect.isawaitable(result):
         result = await result
     return result
-
-
-def timeout_error(step: StepRuntime, ctx: Context) -> StepTimeout:
-    return StepTimeout(
-        f"step {step.flow_slug}.{step.step_slug} timed out after {step.options.timeout:g}s "
-        f"(attempt {ctx.attempt} of {ctx.max_attempts})"
-    )
 
 
 async def _run_in_child(step: StepRuntime, value: Any, ctx: Context) -> Any:
@@ -117,7 +111,9 @@ async def call_hook(name: str, hook: Hook, ctx: Context, error: BaseException) -
             result = await anyio.to_thread.run_sync(hook, ctx, error)
             if inspect.isawaitable(result):
                 await result
-    except Exception:
+    except asyncio.CancelledError:
+        raise
+    except BaseException:  # SystemExit too: a hook's failure is its own, never the runner's
         log.exception(
             "%s hook of %s.%s raised (run %s, attempt %d); ignored",
             name, ctx.flow_slug, ctx.step_slug, ctx.run_id, ctx.attempt,

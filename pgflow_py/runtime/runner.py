@@ -4,7 +4,8 @@ One dispatcher coroutine makes every database call of the runner, on the event l
 there is no thread hop at all: each pass records the results gathered since the last one and
 claims up to the number of idle workers in one transaction, then hands the tasks straight to
 idle workers. (A separate database thread was measured slower: the GIL hand-offs between it
-and the loop cost more than the overlap gained.)
+and the loop cost more than the overlap gained.) What happens within one attempt lives in
+:mod:`.attempt`; this module schedules attempts and records their outcomes.
 """
 
 from __future__ import annotations
@@ -27,21 +28,16 @@ import anyio.abc
 import attrs
 
 from .. import _json
-from ..backoff import retry_delay
 from ..clock import utc_datetime
-from ..context import CancelFlag, Context
-from ..dsl import Flow, Hook
-from ..errors import (
-    IsolatedError,
-    PermanentFailure,
-    PgflowError,
-    Retry,
-    StepTimeout,
-    StoreError,
-)
+from ..context import Context
+from ..dsl import Flow
+from ..errors import InputError, PgflowError, StepTimeout, StoreError
 from ..store import ClaimedTask, RunFailure, Store, TaskFailure, TaskSuccess, connect
-from .executor import StepRuntime, call_hook, run_attempt, timeout_error
+from .attempt import DROPPED, Attempt, Completed, Failed, Outcome, attempt, error_text, failure_record
+from .executor import StepRuntime, call_hook
+from .hooks import DeadCall, DeadHooks
 from .loader import load_stored_flows, step_runtimes
+from .outbox import Outbox
 from .scheduler import CronScheduler
 from .threads import HandlerThreads
 
@@ -62,38 +58,20 @@ class RunnerStats:
     """Attempts stopped because their run was cancelled or failed, or their lease was lost."""
 
 
-def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, IsolatedError):
-        return str(exc)  # already "<the child's exception type>: <message>"
-    if isinstance(exc, Retry):
-        return f"Retry: {exc}"
-    message = str(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+@attrs.define(slots=True)
+class _Counts:
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    timed_out: int = 0
+    cancelled: int = 0
+
+    def stats(self) -> RunnerStats:
+        return RunnerStats(**attrs.asdict(self))
 
 
-_uncancel = getattr(asyncio.Task, "uncancel", None)  # Python 3.11+: keep cancel counts balanced
 _TIMEOUT_GRAIN = 0.005  # seconds: attempts whose timeouts end this close share one loop timer
 _PEEK = 0.05  # seconds between looks at whether another process wrote to the store
-
-
-class _Attempt:
-    """One running attempt of a task, and how to stop it."""
-
-    __slots__ = ("due", "flag", "stopped", "task")
-
-    def __init__(self, task: asyncio.Task[Any]) -> None:
-        self.task = task  # the worker running it
-        self.flag = CancelFlag()
-        self.stopped: str | None = None
-        self.due = 0.0  # its timeout's slot in the runner's timeout buckets
-
-    def stop(self, why: str) -> None:
-        """``"timeout"`` fails the attempt; ``"cancel"`` (run cancelled or failed, lease lost)
-        drops it. Async handlers are cancelled; sync ones see ``ctx.cancelled``."""
-        if self.stopped is None:
-            self.stopped = why
-            self.flag.set()
-            self.task.cancel()
 
 
 class _Runner:
@@ -127,22 +105,17 @@ class _Runner:
         self.batch_size = max(1, concurrency // 2)
         self.batch_window = 0.001
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.counts = {"completed": 0, "failed": 0, "retried": 0, "timed_out": 0, "cancelled": 0}
-        self._successes: list[TaskSuccess] = []
-        self._failures: list[TaskFailure] = []
+        self.counts = _Counts()
+        self._outbox = Outbox()
+        self._dead = DeadHooks()
         self._in_flight = 0
-        self._running: dict[int, _Attempt] = {}
-        # on_dead hooks: candidates by task id, then those due once their failure is recorded.
-        # All three by (task id, attempt): one task's attempts can overlap here, when a retry
-        # fails while the previous attempt's on_failure hook still runs.
-        self._dying: dict[tuple[int, int], tuple[Hook, Context, Exception]] = {}
-        self._dead_hooks: list[tuple[Hook, Context, Exception]] = []
-        self._hooking: set[tuple[int, int]] = set()  # attempts whose on_failure hook runs
-        self._dead_after_hook: dict[tuple[int, int], tuple[Hook, Context, Exception]] = {}
+        self._running: dict[int, Attempt] = {}
+        self._to_release: list[int] = []  # tasks of a flow that changed shape elsewhere
         self._beat_interval = lease / 3
-        self._next_beat = 0.0
+        self._next_beat = 0.0  # 0 when something must be looked at now
+        self._beat_due: float | None = None  # when the regular heartbeat is due
         self._stopping = False
-        self._stop_deadline: float | None = None
+        self._stop_deadline = math.inf
         self._pause = 0.005  # adaptive poll for work from other processes
         self._must_claim = True
         self._tg: anyio.abc.TaskGroup
@@ -154,7 +127,7 @@ class _Runner:
         self._closing = False
         # Attempts by the end of their timeout, rounded up to _TIMEOUT_GRAIN: one loop timer per
         # bucket rather than one per attempt.
-        self._timeouts: dict[float, set[_Attempt]] = {}
+        self._timeouts: dict[float, set[Attempt]] = {}
         self._wake = asyncio.Event()
         # Sync handlers' threads; one abandoned at a timeout no longer counts toward the pool.
         self._threads = HandlerThreads(concurrency)
@@ -163,7 +136,10 @@ class _Runner:
 
     def stop(self) -> None:
         """Stop claiming; running tasks finish (up to the shutdown timeout)."""
-        self._stopping = True
+        if not self._stopping:
+            self._stopping = True
+            # The loop's clock is time.monotonic(); the deadline holds whatever the store does.
+            self._stop_deadline = time.monotonic() + self.shutdown_timeout
         self._wake.set()
 
     # --- main loop -----------------------------------------------------------------------------
@@ -198,39 +174,58 @@ class _Runner:
                     if self._in_flight:
                         # Shutdown timeout passed or the runner was cancelled: stop the attempts
                         # still running; their tasks are released below, without counting.
-                        for attempt in self._running.values():
-                            attempt.flag.set()
+                        for running in self._running.values():
+                            running.flag.set()
                         tg.cancel_scope.cancel()
-            self._exchange(0)
-            await self._run_dead_hooks()
+            if not self._past_stop_deadline():
+                self._exchange(0)
+                for call in self._dead.take():
+                    await call_hook("on_dead", *call)
         finally:
             self.store.remove_listener(wake_from_anywhere)
             self._threads.close()
             try:
-                self._exchange(0)
+                if self._outbox:
+                    self._exchange(0)
                 # Whatever is still leased to this runner goes back to the queue.
                 self.backend.release(self.worker_id, None)
                 self.backend.forget_worker(self.worker_id)
-            except StoreError as exc:
+            except Exception as exc:  # the database is failing: leases expire on their own
                 log.error(
-                    "could not record %d result(s) before stopping (%s); their tasks run again "
-                    "once their leases expire", len(self._successes) + len(self._failures), exc,
+                    "could not record %d result(s) and release this worker's tasks before "
+                    "stopping (%s); they run again once their leases expire", len(self._outbox), exc,
                 )
-        return RunnerStats(**self.counts)
+        return self.counts.stats()
 
-    async def _run_dead_hooks(self) -> None:
-        hooks, self._dead_hooks = self._dead_hooks, []
-        for hook, ctx, exc in hooks:
-            await call_hook("on_dead", hook, ctx, exc)
+    def _past_stop_deadline(self) -> bool:
+        return self._stopping and time.monotonic() >= self._stop_deadline
 
-    def _start_dead_hooks(self) -> None:
-        hooks, self._dead_hooks = self._dead_hooks, []
-        for hook, ctx, exc in hooks:
-            self._tg.start_soon(call_hook, "on_dead", hook, ctx, exc)
+    def _housekeeping(self) -> None:
+        """Start due ``on_dead`` hooks, renew leases, start due cron ticks."""
+        if self._dead:
+            for call in self._dead.take():
+                self._tg.start_soon(call_hook, "on_dead", *call)
+        if self._to_release:
+            self.backend.release(self.worker_id, self._to_release)
+            self._to_release = []
+        if self._loop.time() >= self._next_beat:
+            self._beat()
+        cron_at = self.cron.next_at
+        if cron_at is not None and cron_at <= self.clock.now() and not self._stopping:
+            self.cron.start_due()
 
     def _beat(self) -> None:
         """Renew leases, stop attempts whose task was taken away, reclaim expired leases."""
-        self._next_beat = self._loop.time() + self._beat_interval
+        now = self._loop.time()
+        if self._beat_due is not None and self._running and now - self._beat_due > self.lease / 3:
+            log.warning(
+                "the heartbeat ran %.1fs late (lease %gs): the event loop was blocked, by an "
+                "async handler doing blocking work, a sync handler holding the GIL in C code, "
+                "or a slow database; past the lease, another worker takes these tasks and runs "
+                "them again. Use isolation=\"process\" for such handlers, or a longer --lease",
+                now - self._beat_due, self.lease,
+            )
+        self._next_beat = self._beat_due = now + self._beat_interval
         lost = self.backend.heartbeat(
             self.worker_id, self.flow_slugs, list(self._running), self.lease
         )
@@ -238,8 +233,8 @@ class _Runner:
             self._running[task_id].stop("cancel")
         failed_runs: list[RunFailure] = []
         self.backend.reclaim_expired(self.flow_slugs, failed_runs)
-        self.counts["failed"] += len(failed_runs)
-        self._runs_failed(failed_runs)
+        self.counts.failed += len(failed_runs)
+        self._runs_failed(failed_runs, {})
 
     async def _dispatch(self) -> None:
         backoff = 0.05
@@ -248,43 +243,61 @@ class _Runner:
                 if await self._dispatch_once():
                     return
                 backoff = 0.05
-            except StoreError as exc:
+            except Exception as exc:
+                if self._stopping and self._stop_reached():
+                    return
                 # Back off instead of spinning; unrecorded results are kept and retried.
-                log.error("database error, retrying in %.2gs: %s", backoff, exc)
+                if isinstance(exc, StoreError):
+                    log.error("database error, retrying in %.2gs: %s", backoff, exc)
+                else:
+                    log.exception("unexpected error in the runner, retrying in %.2gs", backoff)
                 await self._wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 
     async def _dispatch_once(self) -> bool:
-        """One pass: heartbeat, cron, record results and claim, then wait. True means stop."""
+        """One pass: housekeeping, then record results and claim, then wait. True means stop."""
         self._wake.clear()
-        if self._dead_hooks:
-            self._start_dead_hooks()
-        if self._loop.time() >= self._next_beat:
-            self._beat()
-        cron_at = self.cron.next_at
-        if cron_at is not None and cron_at <= self.clock.now() and not self._stopping:
-            self.cron.start_due()
+        if self._stopping and self._stop_reached():
+            return True
+        self._housekeeping()
         if self._stopping:
-            if self._successes or self._failures:
-                self._exchange(0)
-            if self._in_flight == 0:
-                return True
-            now = self._loop.time()
-            self._stop_deadline = self._stop_deadline or now + self.shutdown_timeout
-            if now >= self._stop_deadline:
-                log.warning("shutdown timeout: cancelling %d running task(s)", self._in_flight)
-                return True
-            await self._wait(self._stop_deadline - now)
+            await self._drain_for_stop()
             return False
+        done, due = await self._claim_pass()
+        return False if done else await self._idle_wait(due)
+
+    def _stop_reached(self) -> bool:
+        """While stopping: whether nothing runs and every result is written, or the shutdown
+        timeout has passed."""
+        if not (self._in_flight or self._outbox):
+            return True
+        if not self._past_stop_deadline():
+            return False
+        if self._in_flight:
+            log.warning("shutdown timeout: cancelling %d running task(s)", self._in_flight)
+        return True
+
+    async def _drain_for_stop(self) -> None:
+        if self._outbox:
+            self._exchange(0)
+        if self._in_flight:
+            await self._wait(self._stop_deadline - time.monotonic())
+
+    async def _claim_pass(self) -> tuple[bool, float | None]:
+        """Record the results gathered and claim tasks for idle workers, in one transaction.
+
+        Returns whether this pass is over (it has waited already) and, when it read it, when
+        the next queued task is due.
+        """
         want = self.concurrency - self._in_flight  # idle workers
         due: float | None = None
-        if want and not (self._must_claim or self._successes or self._failures):
+        if want and not (self._must_claim or self._outbox):
             # Nothing new from this process: a cheap read tells whether anything (perhaps
             # started by another process) is due, before taking the write lock to claim.
             due = self.backend.next_due(self.flow_slugs)
             if due is None or due > self.clock.now():
                 want = 0
-        if want or self._successes or self._failures:
+        if want or self._outbox:
             claimed = self._exchange(want)
             due = None  # the results may have queued tasks (retries, next steps)
             if want:
@@ -300,12 +313,16 @@ class _Runner:
                         self._ready.append(task)
                 if self._in_flight < self.concurrency:
                     await anyio.sleep(0)  # let workers start, then look again
-                    return False
+                    return True, None
         if self._in_flight >= self.concurrency:
             # Every worker is busy: results (or the next heartbeat) wake us.
             await self._wait(self._next_beat - self._loop.time())
             await self._gather_results()
-            return False
+            return True, None
+        return False, due
+
+    async def _idle_wait(self, due: float | None) -> bool:
+        """Some workers are idle and nothing was claimed: wait for work. True means stop."""
         if due is None:
             due = self.backend.next_due(self.flow_slugs)
         now = self.clock.now()
@@ -356,7 +373,8 @@ class _Runner:
             await self._wait(window - self._loop.time())
 
     async def _wait(self, timeout: float) -> None:
-        timeout = min(timeout, self._next_beat - self._loop.time())
+        now = self._loop.time()
+        timeout = min(timeout, self._next_beat - now, self._stop_deadline - now)
         if self._wake.is_set():
             return
         with anyio.move_on_after(max(timeout, 0.0)):
@@ -378,10 +396,11 @@ class _Runner:
             tg.start_soon(sleeper)
             tg.start_soon(waker)
 
+    # --- recording results ---------------------------------------------------------------------
+
     def _exchange(self, claim: int) -> list[ClaimedTask]:
         """Record the results gathered so far and claim up to ``claim`` tasks: one transaction."""
-        successes, self._successes = self._successes, []
-        failures, self._failures = self._failures, []
+        successes, failures = self._outbox.take()
         failed_runs: list[RunFailure] = []
         try:
             finished, claimed = self.backend.finish_and_claim(
@@ -389,30 +408,71 @@ class _Runner:
                 self.lease,
             )
         except StoreError:
-            self._successes[:0] = successes
-            self._failures[:0] = failures
+            self._outbox.put_back(successes, failures)
             raise
+        except Exception:
+            # Not the database failing, but a result it cannot take (or a fault of ours): write
+            # them one at a time, so that only the result at fault fails.
+            log.exception(
+                "could not record a batch of %d result(s); recording them one by one",
+                len(successes) + len(failures),
+            )
+            failed_runs = []
+            finished = self._finish_one_by_one(successes, failures, failed_runs)
+            claimed = []
+            self._must_claim = True
         if finished:
             self.store.notify_finished()
-        dying = {
-            key: self._dying.pop(key)
-            for key in ((f.task_id, f.attempt) for f in failures) if key in self._dying
-        }
-        self._runs_failed(failed_runs, dying)
+        self._runs_failed(failed_runs, self._dead.recorded(failures))
         return claimed
 
-    def _runs_failed(
-        self,
+    def _finish_one_by_one(
+        self, successes: list[TaskSuccess], failures: list[TaskFailure],
         failed_runs: list[RunFailure],
-        dying: dict[tuple[int, int], tuple[Hook, Context, Exception]] | None = None,
+    ) -> list[str]:
+        finished: list[str] = []
+        results: list[TaskSuccess | TaskFailure] = [*successes, *failures]
+        for i, result in enumerate(results):
+            try:
+                try:
+                    if isinstance(result, TaskSuccess):
+                        finished += self.backend.finish([result], [], failed_runs)
+                    else:
+                        finished += self.backend.finish([], [result], failed_runs)
+                except StoreError:
+                    raise
+                except Exception as exc:
+                    log.exception("could not record the result of task %d", result.task_id)
+                    if isinstance(result, TaskSuccess):
+                        self.counts.completed -= 1
+                        self.counts.failed += 1
+                    finished += self.backend.finish([], [TaskFailure(
+                        result.task_id, result.attempt,
+                        _json.printable(f"{error_text(exc)} (recording this attempt's result)"),
+                        None, result.claim,
+                    )], failed_runs)
+            except StoreError:
+                rest = results[i:]
+                self._outbox.put_back(
+                    [r for r in rest if isinstance(r, TaskSuccess)],
+                    [r for r in rest if isinstance(r, TaskFailure)],
+                )
+                break
+            except Exception:
+                # Left leased: its lease expires and the task is retried as a lost attempt.
+                log.exception("could not record a failure for task %d either", result.task_id)
+        return finished
+
+    def _runs_failed(
+        self, failed_runs: list[RunFailure], dying: dict[tuple[int, int], DeadCall]
     ) -> None:
         """Stop the failed runs' other attempts and call ``on_dead`` once for each."""
         if failed_runs:
             self._next_beat = 0.0  # their other running attempts must stop now
         for failure in failed_runs:
             key = None if failure.task_id is None else (failure.task_id, failure.attempt)
-            dead = (dying or {}).get(key) if key is not None else None
-            if dead is None:
+            call = dying.get(key) if key is not None else None
+            if call is None:
                 # Failed by the store (a map fed a non-array, a lost worker's last attempt):
                 # no handler exception to hand over, so the hook gets the recorded error.
                 step = self.steps.get((failure.flow_slug, failure.step_slug))
@@ -424,11 +484,8 @@ class _Runner:
                     attempt=failure.attempt, max_attempts=step.options.max_attempts,
                     flow_input=failure.flow_input, resources=self.resources,
                 )
-                dead = (step.on_dead, ctx, PgflowError(failure.error))
-            if key is not None and key in self._hooking:
-                self._dead_after_hook[key] = dead  # after its on_failure
-            else:
-                self._dead_hooks.append(dead)
+                call = (step.on_dead, ctx, PgflowError(failure.error))
+            self._dead.run_failed(key, call)
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -444,33 +501,33 @@ class _Runner:
                 task = await idle
             if task is None:
                 return
+            handle = Attempt(me)
             try:
-                await self._execute(task, me)
+                await self._execute(task, handle)
+            except asyncio.CancelledError:
+                raise  # the runner's own: attempt() turns a handler's into an outcome
+            except BaseException as exc:
+                self._fault(task, handle, exc)
             finally:
                 self._in_flight -= 1
                 self._wake.set()
 
-    def _watch(self, attempt: _Attempt, timeout: float) -> None:
-        """Stop ``attempt`` once ``timeout`` has passed (at most _TIMEOUT_GRAIN late)."""
+    def _watch(self, handle: Attempt, timeout: float) -> None:
+        """Stop ``handle``'s attempt once ``timeout`` has passed (at most _TIMEOUT_GRAIN late)."""
         due = math.ceil((self._loop.time() + timeout) / _TIMEOUT_GRAIN) * _TIMEOUT_GRAIN
-        attempt.due = due
+        handle.due = due
         bucket = self._timeouts.get(due)
         if bucket is None:
             bucket = self._timeouts[due] = set()
             self._loop.call_at(due, self._time_out, due)
-        bucket.add(attempt)
+        bucket.add(handle)
 
     def _time_out(self, due: float) -> None:
-        for attempt in self._timeouts.pop(due):
-            attempt.stop("timeout")
+        for handle in self._timeouts.pop(due):
+            handle.stop("timeout")
 
-    async def _execute(self, task: ClaimedTask, me: asyncio.Task[Any]) -> None:
-        if task.flow_version != self.versions[task.flow_slug]:
-            self._outdated(task)
-            return
-        step = self.steps[(task.flow_slug, task.step_slug)]
-        attempt = _Attempt(me)
-        ctx = Context(
+    def _context(self, task: ClaimedTask, step: StepRuntime, handle: Attempt) -> Context:
+        return Context(
             run_id=task.run_id,
             flow_slug=task.flow_slug,
             step_slug=task.step_slug,
@@ -480,58 +537,44 @@ class _Runner:
             flow_input=task.flow_input,
             resources=self.resources,
             deadline=utc_datetime(time.time() + step.options.timeout),
-            cancel_flag=attempt.flag,
+            cancel_flag=handle.flag,
         )
-        error: Exception | None = None
-        output: Any = None
-        self._watch(attempt, step.options.timeout)
-        self._running[task.id] = attempt
+
+    async def _execute(self, task: ClaimedTask, handle: Attempt) -> None:
+        """Run one attempt of ``task`` and record its outcome."""
+        if task.flow_version != self.versions[task.flow_slug]:
+            self._outdated(task)
+            return
+        step = self.steps[(task.flow_slug, task.step_slug)]
+        ctx = self._context(task, step, handle)
+        self._watch(handle, step.options.timeout)
+        self._running[task.id] = handle
         try:
-            if step.is_async:
-                output = await step.handler(task.input, ctx)
-            else:
-                output = await run_attempt(step, task.input, ctx, self._threads)
-        except asyncio.CancelledError:
-            if attempt.stopped is None:
-                raise  # the runner itself is being cancelled
-        except Exception as exc:
-            error = exc
+            outcome: Outcome = await attempt(step, task, ctx, handle, self._threads)
         finally:
-            bucket = self._timeouts.get(attempt.due)
+            bucket = self._timeouts.get(handle.due)
             if bucket is not None:  # None once its timer has fired
-                bucket.discard(attempt)
+                bucket.discard(handle)
             del self._running[task.id]
-            if attempt.stopped is not None and _uncancel is not None:
-                _uncancel(me)
-        if attempt.stopped == "cancel":
+        if type(outcome) is Completed:
+            self.counts.completed += 1
+            handle.recorded = True
+            self._outbox.successes.append(TaskSuccess(
+                task.id, task.attempt, outcome.output_json, task.run_id, task.step_slug,
+                step.is_job, task.claim, task.started_at,
+            ))
+        elif outcome is DROPPED:
             # The task was cancelled, its run failed, or its lease was lost: nothing to record.
-            self.counts["cancelled"] += 1
-            return
-        if attempt.stopped == "timeout":
-            error = timeout_error(step, ctx)
-        if error is not None:
-            # Outside the attempt's try, so stopping the attempt cannot cut a hook short.
-            await self._failed(step, task, ctx, error)
-            return
-        if output is None:
-            output_json = "null"
+            self.counts.cancelled += 1
+            handle.recorded = True
         else:
-            try:
-                output_json = _json.dumps(output)
-            except (TypeError, ValueError) as exc:
-                await self._failed(step, task, ctx, TypeError(
-                    f"the handler returned a value that is not JSON-serializable: {exc}"
-                ))
-                return
-        self.counts["completed"] += 1
-        self._successes.append(TaskSuccess(
-            task.id, task.attempt, output_json, task.run_id, task.step_slug, step.is_job,
-            task.claim, task.started_at,
-        ))
+            assert isinstance(outcome, Failed)
+            await self._failed(step, task, ctx, handle, outcome)
 
     def _outdated(self, task: ClaimedTask) -> None:
         """Another process deployed a new shape of this flow: hand its tasks back, stop serving it."""
-        self.backend.release(self.worker_id, [task.id])
+        self._to_release.append(task.id)
+        self._wake.set()
         if task.flow_slug in self.flow_slugs:
             self.flow_slugs = [s for s in self.flow_slugs if s != task.flow_slug]
             log.error(
@@ -540,52 +583,114 @@ class _Runner:
                 task.flow_slug, task.flow_version, self.versions[task.flow_slug],
             )
 
-    async def _failed(
-        self, step: StepRuntime, task: ClaimedTask, ctx: Context, exc: Exception
-    ) -> None:
-        if isinstance(exc, StepTimeout):
-            self.counts["timed_out"] += 1
-        opts = step.options
-        will_retry = not isinstance(exc, PermanentFailure) and task.attempt < task.max_attempts
-        error = _error_text(exc)
-        retry_at: float | None = None
-        if will_retry:
-            self.counts["retried"] += 1
-            delay = exc.delay if isinstance(exc, Retry) else retry_delay(
-                task.attempt, base_delay=opts.base_delay, backoff=opts.backoff,
-                max_delay=opts.max_delay, jitter=opts.jitter,
-            )
-            retry_at = self.clock.now() + delay
+    def _record_failure(
+        self, step: StepRuntime, task: ClaimedTask, handle: Attempt, failed: Failed
+    ) -> bool:
+        """Count and log a failed attempt and put its record in the outbox; ``True`` if it will
+        be retried."""
+        try:
+            record, delay = failure_record(step, task, failed, self.clock.now())
+        except Exception as exc:  # the retry policy could not be applied: fail for good
+            log.exception("could not work out the retry of task %d", task.id)
+            record = TaskFailure(task.id, task.attempt, error_text(exc), None, task.claim)
+            delay = None
+        if isinstance(failed.error, StepTimeout):
+            self.counts.timed_out += 1
+        if delay is not None:
+            self.counts.retried += 1
             log.info(
                 "%s.%s failed (run %s, attempt %d of %d), retrying in %.3gs: %s",
                 task.flow_slug, task.step_slug, task.run_id, task.attempt, task.max_attempts,
-                delay, error,
+                delay, record.error,
             )
         else:
-            self.counts["failed"] += 1
+            self.counts.failed += 1
             log.warning(
                 "%s.%s failed for good (run %s, attempt %d of %d): %s",
                 task.flow_slug, task.step_slug, task.run_id, task.attempt, task.max_attempts,
-                error, exc_info=None if isinstance(exc, (PermanentFailure, StepTimeout)) else exc,
+                record.error,
+                exc_info=None if failed.permanent or isinstance(failed.error, StepTimeout)
+                else failed.error,
             )
+        handle.recorded = True
+        self._outbox.failures.append(record)
+        self._wake.set()
+        return delay is not None
+
+    async def _failed(
+        self, step: StepRuntime, task: ClaimedTask, ctx: Context, handle: Attempt, failed: Failed
+    ) -> None:
+        will_retry = self._record_failure(step, task, handle, failed)
+        if step.on_failure is None and step.on_dead is None:
+            return
+        key = (task.id, task.attempt)
         hook_ctx = attrs.evolve(ctx, will_retry=will_retry)
         if step.on_dead is not None and not will_retry:
             # Called once the store says this failure is the one that failed the run.
-            self._dying[(task.id, task.attempt)] = (step.on_dead, hook_ctx, exc)
+            self._dead.expect(key, (step.on_dead, hook_ctx, failed.error))
         if step.on_failure is not None:
-            self._hooking.add((task.id, task.attempt))
-        # Recorded before the hook runs: a slow hook must not hold the task (or its lease).
-        self._failures.append(TaskFailure(task.id, task.attempt, error, retry_at, task.claim))
-        self._wake.set()
-        if step.on_failure is not None:
+            # The failure is recorded before the hook runs: a slow hook must not hold the task.
+            self._dead.hook_started(key)
             try:
-                await call_hook("on_failure", step.on_failure, hook_ctx, exc)
+                await call_hook("on_failure", step.on_failure, hook_ctx, failed.error)
             finally:
-                self._hooking.discard((task.id, task.attempt))
-            dead = self._dead_after_hook.pop((task.id, task.attempt), None)
-            if dead is not None:  # on_dead was waiting for this on_failure to finish
-                self._dead_hooks.append(dead)
-                self._wake.set()
+                if self._dead.hook_ended(key):
+                    self._wake.set()
+
+    def _fault(self, task: ClaimedTask, handle: Attempt, exc: BaseException) -> None:
+        """Something failed around the attempt (building its context, recording its outcome):
+        the attempt fails with that error, and the runner serves on."""
+        log.error(
+            "unexpected error handling task %d of %s.%s (run %s)", task.id, task.flow_slug,
+            task.step_slug, task.run_id, exc_info=exc,
+        )
+        if handle.recorded:
+            return
+        step = self.steps.get((task.flow_slug, task.step_slug))
+        failed = Failed(exc)
+        if step is None:
+            self.counts.failed += 1
+            self._outbox.failures.append(
+                TaskFailure(task.id, task.attempt, error_text(exc), None, task.claim)
+            )
+            self._wake.set()
+        else:
+            self._record_failure(step, task, handle, failed)
+
+
+_MAX_CONCURRENCY = 10_000
+_MAX_SECONDS = 366 * 86400.0  # a year: beyond it a lease or timeout is a mistake, not a choice
+
+
+def _seconds(name: str, value: object, low: float, fix: str) -> None:
+    if (
+        isinstance(value, bool) or not isinstance(value, (int, float))
+        or not low <= value <= _MAX_SECONDS  # also refuses NaN
+    ):
+        raise InputError(
+            f"{name} must be a number of seconds from {low:g} to {_MAX_SECONDS:g}, "
+            f"got {value!r}{fix}"
+        )
+
+
+def _check_arguments(
+    concurrency: object, lease: object, poll_interval: object, shutdown_timeout: object,
+    resources: object,
+) -> None:
+    """Refuse arguments a runner cannot serve with, before it touches the store."""
+    if (
+        isinstance(concurrency, bool) or not isinstance(concurrency, int)
+        or not 1 <= concurrency <= _MAX_CONCURRENCY
+    ):
+        raise InputError(
+            f"concurrency must be an integer from 1 to {_MAX_CONCURRENCY}, got {concurrency!r}"
+        )
+    # A lease shorter than a heartbeat's round trip would hand live tasks to other workers.
+    _seconds("lease", lease, 0.1, " (how long a claimed task stays taken between heartbeats)")
+    _seconds("poll_interval", poll_interval, 0.001, "")
+    _seconds("shutdown_timeout", shutdown_timeout, 0.0, "")
+    if resources is not None and not isinstance(resources, Mapping):
+        raise InputError(f"resources must be a mapping of names to objects, got {resources!r}")
 
 
 def _steps_for(
@@ -618,8 +723,7 @@ async def arun_flows(
     Returns when idle (``until_idle=True``) or after SIGINT/SIGTERM: running tasks get up to
     ``shutdown_timeout`` seconds to finish; a second signal stops at once.
     """
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+    _check_arguments(concurrency, lease, poll_interval, shutdown_timeout, resources)
     own_store = not isinstance(store, Store)
     the_store = store if isinstance(store, Store) else connect(store)
     try:
@@ -669,7 +773,7 @@ async def _with_signals(runner: _Runner) -> RunnerStats:
     except asyncio.CancelledError:
         if not runner._stopping:
             raise
-        return RunnerStats(**runner.counts)
+        return runner.counts.stats()
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)

@@ -1,0 +1,163 @@
+"""One attempt of one task: run the handler, classify what happened, build the record.
+
+:func:`attempt` never raises for anything the handler does (returns, raises, even
+``SystemExit``, or values that cannot be stored): it returns one :data:`Outcome`. Only the
+runner's own cancellation goes through. :func:`failure_record` turns a failure into what the
+store keeps, with the retry policy applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Final
+
+from .. import _json
+from ..backoff import retry_delay
+from ..context import CancelFlag, Context
+from ..errors import IsolatedError, PermanentFailure, Retry, StepTimeout
+from ..store import ClaimedTask, TaskFailure
+from .executor import StepRuntime, run_attempt
+from .threads import HandlerThreads
+
+__all__ = (
+    "DROPPED",
+    "Attempt",
+    "Completed",
+    "Dropped",
+    "Failed",
+    "Outcome",
+    "attempt",
+    "error_text",
+    "failure_record",
+)
+
+_uncancel = getattr(asyncio.Task, "uncancel", None)  # Python 3.11+: keep cancel counts balanced
+
+
+class Attempt:
+    """A running attempt, as the runner sees it: the worker running it, and how to stop it."""
+
+    __slots__ = ("due", "flag", "recorded", "stopped", "worker")
+
+    def __init__(self, worker: asyncio.Task[Any]) -> None:
+        self.worker = worker
+        self.flag = CancelFlag()
+        self.stopped: str | None = None
+        self.due = 0.0  # its timeout's slot in the runner's timeout buckets
+        self.recorded = False  # its outcome is counted (and its result in the outbox)
+
+    def stop(self, why: str) -> None:
+        """``"timeout"`` fails the attempt; ``"cancel"`` (run cancelled or failed, lease lost)
+        drops it. Async handlers are cancelled; sync ones see ``ctx.cancelled``."""
+        if self.stopped is None:
+            self.stopped = why
+            self.flag.set()
+            self.worker.cancel()
+
+
+class Completed:
+    """The handler returned a value the store can keep."""
+
+    __slots__ = ("output_json",)
+
+    def __init__(self, output_json: str) -> None:
+        self.output_json = output_json
+
+
+class Failed:
+    """The attempt failed: ``permanent`` ones are not retried whatever attempts are left."""
+
+    __slots__ = ("error", "permanent")
+
+    def __init__(self, error: BaseException, permanent: bool = False) -> None:
+        self.error = error
+        self.permanent = permanent or isinstance(error, PermanentFailure)
+
+
+class Dropped:
+    """Stopped because its run was cancelled or failed, or its lease was lost: nothing to record."""
+
+    __slots__ = ()
+
+
+DROPPED: Final = Dropped()
+Outcome = Completed | Failed | Dropped
+_NULL: Final = Completed("null")
+
+
+async def attempt(
+    step: StepRuntime, task: ClaimedTask, ctx: Context, handle: Attempt, threads: HandlerThreads
+) -> Outcome:
+    """Run one attempt of ``task`` and say how it ended."""
+    output: Any = None
+    error: BaseException | None = None
+    try:
+        if step.is_async:
+            output = await step.handler(task.input, ctx)
+        else:
+            output = await run_attempt(step, task.input, ctx, threads)
+    except asyncio.CancelledError as exc:
+        if handle.stopped is None:
+            if _runner_cancelled(handle.worker):
+                raise
+            error = exc  # the handler raised it itself
+    except BaseException as exc:  # SystemExit and the like too: the handler's, not the runner's
+        error = exc
+    finally:
+        if handle.stopped is not None and _uncancel is not None:
+            _uncancel(handle.worker)
+    if handle.stopped == "cancel":
+        return DROPPED
+    if handle.stopped == "timeout":
+        return Failed(StepTimeout(
+            f"step {step.flow_slug}.{step.step_slug} timed out after {step.options.timeout:g}s "
+            f"(attempt {ctx.attempt} of {ctx.max_attempts})"
+        ))
+    if error is not None:
+        return Failed(error)
+    if output is None:
+        return _NULL
+    try:
+        return Completed(_json.dumps(output))
+    except Exception as exc:
+        # The handler did its work (an e-mail sent is sent): running it again would repeat it.
+        return Failed(TypeError(
+            f"the handler returned a value that cannot be stored as JSON: {exc}"
+        ), permanent=True)
+
+
+def _runner_cancelled(worker: asyncio.Task[Any]) -> bool:
+    cancelling = getattr(worker, "cancelling", None)
+    # Before Python 3.11 a cancellation cannot be told from a CancelledError the handler raised.
+    return cancelling is None or cancelling() > 0
+
+
+def error_text(exc: BaseException) -> str:
+    """The one-line ``Type: message`` recorded for a failed attempt (lone surrogates escaped)."""
+    if isinstance(exc, IsolatedError):
+        text = str(exc)  # already "<the child's exception type>: <message>"
+    elif isinstance(exc, Retry):
+        text = f"Retry: {exc}"
+    else:
+        message = str(exc)
+        text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return _json.printable(text)
+
+
+def failure_record(
+    step: StepRuntime, task: ClaimedTask, failed: Failed, now: float
+) -> tuple[TaskFailure, float | None]:
+    """The store's record of a failed attempt, and the delay before the retry (``None``: the
+    task failed for good)."""
+    exc = failed.error
+    delay: float | None = None
+    if not failed.permanent and task.attempt < task.max_attempts:
+        opts = step.options
+        delay = exc.delay if isinstance(exc, Retry) else retry_delay(
+            task.attempt, base_delay=opts.base_delay, backoff=opts.backoff,
+            max_delay=opts.max_delay, jitter=opts.jitter,
+        )
+    record = TaskFailure(
+        task.id, task.attempt, error_text(exc), None if delay is None else now + delay, task.claim
+    )
+    return record, delay
