@@ -4,11 +4,22 @@ whatever its input, only that task's attempt fails (counted, its error recorded)
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+import os
 import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
 
 import anyio
+import pytest
+from _helpers import drain
 
+import pgflow_py as pf
+from pgflow_py.runtime.runner import _Runner
 from pgflow_py.runtime.threads import HandlerThreads
+from pgflow_py.testing import FakeClock
 
 
 def test_sync_handlers_queued_together_each_get_a_thread() -> None:
@@ -28,3 +39,185 @@ def test_sync_handlers_queued_together_each_get_a_thread() -> None:
             threads.close()
 
     anyio.run(main)
+
+
+# --- what a handler raises or returns ---------------------------------------------------------
+
+
+class _Custom(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    "exc", [SystemExit(3), KeyboardInterrupt(), _Custom("custom"), asyncio.CancelledError()],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_handlers_base_exception_is_a_counted_failed_attempt(tmp_path, exc, is_async) -> None:
+    calls: list[int] = []
+
+    def fail(input, ctx):
+        calls.append(ctx.attempt)
+        raise exc
+
+    async def afail(input, ctx):
+        fail(input, ctx)
+
+    poison = pf.job(queue="poison", max_attempts=2, base_delay=0)(afail if is_async else fail)
+
+    @pf.job(queue="fine")
+    def fine(input, ctx):
+        return input
+
+    with pf.connect(tmp_path / "db", clock=FakeClock()) as store:
+        bad = store.start(poison, {})
+        good = store.start(fine, 7)
+        stats = drain(store, poison, fine, concurrency=2)
+        run = store.get_run(bad.id)
+        assert run.status == "failed"
+        assert run.attempts == 2 and calls == [1, 2]
+        assert run.error is not None and run.error.startswith(type(exc).__name__)
+        assert (stats.failed, stats.retried, stats.completed) == (1, 1, 1)
+        assert store.get_run(good.id).output == 7  # the runner served on
+
+
+def test_output_that_cannot_be_stored_fails_for_good_and_spares_the_batch(tmp_path) -> None:
+    sent: list[str] = []
+
+    @pf.job(queue="email", max_attempts=3)
+    def email(input, ctx):
+        sent.append(input)
+        return {"at": datetime.now(timezone.utc)} if input == "dt" else "name \udcff.txt"
+
+    @pf.job(queue="fine")
+    async def fine(input, ctx):
+        sent.append(input)
+        return input
+
+    with pf.connect(tmp_path / "db", clock=FakeClock()) as store:
+        dt = store.start(email, "dt")
+        surrogate = store.start(email, "surrogate")
+        goods = store.start_many(fine, list(range(5)))
+        drain(store, email, fine, concurrency=8)
+        # A handler that returned has done its work: no retry, so one e-mail each.
+        assert sorted(map(str, sent)) == sorted(["dt", "surrogate", *map(str, range(5))])
+        for run in (store.get_run(dt.id), store.get_run(surrogate.id)):
+            assert run.status == "failed" and run.attempts == 1
+            assert "cannot be stored as JSON" in (run.error or "")
+        assert "datetime" in (store.get_run(dt.id).error or "")
+        assert "surrogate" in (store.get_run(surrogate.id).error or "")
+        assert [store.get_run(r.id).output for r in goods] == list(range(5))
+
+
+def test_an_error_message_that_is_not_utf8_is_recorded_escaped(tmp_path) -> None:
+    name = os.fsdecode(b"/nonexistent/\xff.csv")  # a lone surrogate, as for such a file name
+
+    @pf.job(queue="read", max_attempts=2, base_delay=0)
+    def read(input, ctx):
+        raise ValueError(f"cannot parse {name}")
+
+    @pf.job(queue="fine")
+    def fine(input, ctx):
+        return "ok"
+
+    with pf.connect(tmp_path / "db", clock=FakeClock()) as store:
+        run = store.start(read, {})
+        good = store.start(fine, {})
+        stats = drain(store, read, fine, concurrency=2)
+        run = store.get_run(run.id)
+        assert run.status == "failed" and run.attempts == 2
+        assert run.error is not None and "\\udcff.csv" in run.error
+        assert run.error.startswith("ValueError: cannot parse ")
+        assert [h.error for h in run.history] == [run.error, run.error]
+        assert (stats.retried, stats.failed, stats.completed) == (1, 1, 1)
+        assert store.get_run(good.id).output == "ok"
+
+
+# --- the runner's own arguments ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"lease": 0}, {"lease": math.nan}, {"lease": -1}, {"lease": math.inf},
+        {"poll_interval": 0}, {"poll_interval": math.nan},
+        {"shutdown_timeout": -1}, {"shutdown_timeout": math.nan},
+        {"concurrency": 0}, {"concurrency": True}, {"concurrency": 2.5},
+        {"resources": ["mailer"]},
+    ],
+    ids=lambda options: "-".join(f"{k}={v}" for k, v in options.items()),
+)
+def test_runner_arguments_it_cannot_serve_with_are_refused(tmp_path, options) -> None:
+    @pf.job(queue="noop")
+    def noop(input, ctx):
+        return 1
+
+    with pf.connect(tmp_path / "db") as store:
+        run = store.start(noop, {})
+        name = next(iter(options))
+        with pytest.raises(pf.InputError, match=name):
+            drain(store, noop, **options)
+        assert store.get_run(run.id).status == "queued"
+
+
+# --- the event loop blocked, the database failing ---------------------------------------------
+
+
+def test_a_late_heartbeat_is_logged(tmp_path, caplog) -> None:
+    @pf.job(queue="blocking")
+    async def blocking(input, ctx):
+        time.sleep(0.7)  # blocks the event loop: no heartbeat meanwhile
+        return 1
+
+    with pf.connect(tmp_path / "db") as store:
+        store.start(blocking, {})
+        with caplog.at_level(logging.WARNING, logger="pgflow_py.runner"):
+            drain(store, blocking, lease=0.6)
+    late = [r.getMessage() for r in caplog.records if "heartbeat ran" in r.getMessage()]
+    assert late and "isolation=\"process\"" in late[0]
+
+
+def test_stopping_ends_within_the_shutdown_timeout_while_the_database_fails(tmp_path) -> None:
+    started = threading.Event()
+
+    @pf.job(queue="slow", timeout=60)
+    async def slow(input, ctx):
+        started.set()
+        await anyio.sleep(30)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise pf.StoreError("the pgflow database is malformed")
+
+    async def main(store: pf.Store) -> tuple[pf.RunnerStats, float]:
+        runner = _Runner(
+            store, [slow], concurrency=2, until_idle=False, resources={}, lease=1.0,
+            poll_interval=0.05, shutdown_timeout=0.5,
+        )
+        async with anyio.create_task_group() as tg:
+            result: list[pf.RunnerStats] = []
+
+            async def serve() -> None:
+                result.append(await runner.run())
+
+            tg.start_soon(serve)
+            await anyio.to_thread.run_sync(started.wait, 10)
+            backend = store.backend
+            for name in ("finish_and_claim", "finish", "heartbeat", "reclaim_expired",
+                         "next_due", "data_version", "release", "forget_worker", "claim"):
+                setattr(backend, name, broken)
+            await anyio.sleep(0.2)  # it fails a few times, backing off
+            stopped_at = time.monotonic()
+            runner.stop()
+            with anyio.fail_after(20):  # detects a hang, not a speed
+                while not result:
+                    await anyio.sleep(0.01)
+        return result[0], time.monotonic() - stopped_at
+
+    with pf.connect(tmp_path / "db") as store:
+        run = store.start(slow, {})
+        stats, took = anyio.run(main, store)
+        # The running task was stopped at the shutdown timeout, not waited for.
+        assert stats.completed == 0
+        assert took < 10
+    with pf.connect(tmp_path / "db") as store:
+        assert store.get_run(run.id).status == "running"  # its lease will expire: not lost

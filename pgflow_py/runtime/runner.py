@@ -217,7 +217,7 @@ class _Runner:
     def _beat(self) -> None:
         """Renew leases, stop attempts whose task was taken away, reclaim expired leases."""
         now = self._loop.time()
-        if self._beat_due is not None and self._running and now - self._beat_due > self.lease / 3:
+        if self._beat_due is not None and now - self._beat_due > self.lease / 3:
             log.warning(
                 "the heartbeat ran %.1fs late (lease %gs): the event loop was blocked, by an "
                 "async handler doing blocking work, a sync handler holding the GIL in C code, "
