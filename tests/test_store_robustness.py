@@ -1,0 +1,351 @@
+"""The store at its edges: what it refuses (and how it says so), values it cannot read back,
+paths it cannot use, passwords it must not repeat, and a store used after ``close``.
+
+Most tests take the ``store`` fixture, so they run on PostgreSQL too with
+``$PGFLOW_TEST_POSTGRES`` set; tables are read through the backend, not the SQLite file.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+import pgflow_py as pf
+from pgflow_py.store import base
+from pgflow_py.store.base import TaskFailure, TaskSuccess
+
+
+@pf.job(queue="rb_echo")
+def rb_echo(input: Any, ctx: pf.Context) -> Any:
+    return input
+
+
+fan = pf.flow("rb_fan")
+
+
+@fan.step()
+def split(input: Any, ctx: pf.Context) -> Any:
+    return input
+
+
+@fan.map(array="split")
+def each(item: Any, ctx: pf.Context) -> Any:
+    return item
+
+
+root_map = pf.flow("rb_root_map")
+
+
+@root_map.map()
+def item(value: Any, ctx: pf.Context) -> Any:
+    return value
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+TOO_DEEP = "[" * 100_000 + "]" * 100_000  # no decoder recursion survives this
+NOT_JSON = '{"oops'
+
+
+def sql(store: pf.Store, query: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Rows of ``query`` on the store's own connection (either backend)."""
+    backend: Any = store.backend
+    with backend._lock:
+        return list(backend._conn.execute(query, params).fetchall())
+
+
+def write(store: pf.Store, query: str, params: tuple[Any, ...] = ()) -> None:
+    backend: Any = store.backend
+    with backend._write() as c:
+        c.execute(query, params)
+
+
+def row_counts(store: pf.Store) -> dict[str, int]:
+    return {t: sql(store, f"SELECT count(*) FROM {t}")[0][0]
+            for t in ("runs", "step_states", "step_tasks")}
+
+
+def finishes_within(seconds: float, call: Callable[[], Any]) -> BaseException | None:
+    """Run ``call`` in a thread; fail the test if it is still running after ``seconds``
+    (so a call that would hang fails instead of hanging the suite); return what it raised."""
+    raised: list[BaseException | None] = [None]
+
+    def target() -> None:
+        try:
+            call()
+        except BaseException as exc:  # handed to the test
+            raised[0] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds}s"
+    return raised[0]
+
+
+def is_undecodable(value: Any, error_type: str) -> bool:
+    return isinstance(value, base.Undecodable) and value.error.startswith(f"{error_type}: ")
+
+
+# --- 1. inputs that could not be read back ------------------------------------------------------
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class _Items(list):  # type: ignore[type-arg]
+    """A list subclass: its items are encoded one by one for a root map."""
+
+
+BAD_INPUTS = [
+    pytest.param(_nested(990), "nests arrays or objects more than 256 levels deep", id="deep"),
+    pytest.param({"name": "caf\udce9"}, "lone surrogate", id="surrogate-value"),
+    pytest.param({"caf\udce9": 1}, "lone surrogate", id="surrogate-key"),
+    pytest.param({1: "a", "1": "b"}, "keys 1 and '1' are both '1'", id="colliding-keys"),
+]
+
+
+@pytest.mark.parametrize(("bad", "problem"), BAD_INPUTS)
+def test_start_refuses_inputs_that_could_not_be_read_back(
+    store: pf.Store, bad: Any, problem: str
+) -> None:
+    store.register(rb_echo)
+    store.register(root_map)
+    before = row_counts(store)
+    starts: list[Callable[[], Any]] = [
+        lambda: store.start(rb_echo, bad),
+        lambda: store.start("rb_echo", bad, key="k"),
+        lambda: store.start_many(rb_echo, [1, bad]),
+        lambda: store.start(root_map, [1, bad]),
+        lambda: store.start(root_map, _Items([1, bad])),  # encoded item by item
+    ]
+    for start in starts:
+        with pytest.raises(pf.InputError, match="must be JSON-serializable") as caught:
+            start()
+        assert problem in str(caught.value)
+        str(caught.value).encode("utf-8")  # printable: no lone surrogate in the message
+    assert row_counts(store) == before
+
+
+def test_a_root_map_refuses_items_whose_keys_collide(store: pf.Store) -> None:
+    # The items of a list subclass are encoded on their own: the same checks apply to each.
+    with pytest.raises(pf.InputError, match=r"rb_root_map.*keys 1 and '1' are both '1'"):
+        store.start(root_map, _Items([{"ok": 1}, {1: "a", "1": "b"}]))
+    assert store.runs() == []
+
+
+def test_a_cycle_is_still_named_a_cycle(store: pf.Store) -> None:
+    cyclic: list[Any] = [1]
+    cyclic.append(cyclic)
+    with pytest.raises(pf.InputError, match="circular reference detected"):
+        store.start(rb_echo, [[cyclic]])
+
+
+def _corrupt_run_input(store: pf.Store, run_id: str, text: str) -> None:
+    """Store ``text`` as a run's input, as an older version or a hand edit might have."""
+    write(store, "UPDATE runs SET input = ? WHERE id = ?", (text, run_id))
+
+
+@pytest.mark.parametrize(("text", "error_type"), [
+    pytest.param(TOO_DEEP, "RecursionError", id="too-deep"),
+    pytest.param(NOT_JSON, "JSONDecodeError", id="not-json"),
+])
+def test_a_run_input_that_cannot_be_decoded_is_handed_over_as_undecodable(
+    store: pf.Store, text: str, error_type: str
+) -> None:
+    good = store.start(rb_echo, {"n": 1})
+    bad = store.start(rb_echo, {"n": 2})
+    _corrupt_run_input(store, bad.id, text)
+    claimed = {t.run_id: t for t in store.backend.claim("w", ["rb_echo"], 10, 60)}
+    assert set(claimed) == {good.id, bad.id}  # the bad one does not abort the claim
+    assert claimed[good.id].input == {"n": 1} and claimed[good.id].flow_input == {"n": 1}
+    task = claimed[bad.id]
+    assert is_undecodable(task.input, error_type), task.input
+    assert is_undecodable(task.flow_input, error_type)
+    assert "\n" not in task.input.error
+    # Nothing else is left in a state a runner would trip on: the task is held, as claimed.
+    assert sql(store, "SELECT status FROM step_tasks WHERE run_id = ?", (bad.id,)) == [("started",)]
+
+
+def test_a_task_input_that_cannot_be_decoded_leaves_its_flow_input_readable(
+    store: pf.Store,
+) -> None:
+    run = store.start(fan, {"items": True})
+    (split_task,) = store.backend.claim("w", ["rb_fan"], 10, 60)
+    store.backend.finish([TaskSuccess(split_task.id, split_task.attempt, "[1,2]")], [])
+    write(store, "UPDATE step_tasks SET input = ? WHERE run_id = ? AND task_index = 1",
+          (TOO_DEEP, run.id))
+    tasks = sorted(store.backend.claim("w", ["rb_fan"], 10, 60), key=lambda t: t.task_index or 0)
+    assert [t.task_index for t in tasks] == [0, 1]
+    assert tasks[0].input == 1
+    assert is_undecodable(tasks[1].input, "RecursionError")
+    assert tasks[1].flow_input == {"items": True}
+
+
+def test_get_run_and_runs_read_an_undecodable_input_as_undecodable(store: pf.Store) -> None:
+    good = store.start(rb_echo, "fine")
+    bad = store.start(rb_echo, "fine")
+    _corrupt_run_input(store, bad.id, TOO_DEEP)
+    shown = store.get_run(bad.id)
+    assert is_undecodable(shown.input, "RecursionError")
+    assert shown.status is pf.RunStatus.QUEUED
+    listed = {r.id: r for r in store.runs()}
+    assert listed[good.id].input == "fine"
+    assert is_undecodable(listed[bad.id].input, "RecursionError")
+
+
+def test_failing_a_run_whose_input_cannot_be_decoded_reports_it_undecodable(
+    store: pf.Store,
+) -> None:
+    run = store.start(rb_echo, 1)
+    (task,) = store.backend.claim("w", ["rb_echo"], 10, 60)
+    _corrupt_run_input(store, run.id, TOO_DEEP)
+    failed: list[base.RunFailure] = []
+    finished = store.backend.finish(
+        [], [TaskFailure(task.id, task.attempt, "Boom: x", None, task.claim)], failed
+    )
+    assert finished == [run.id]
+    assert [f.run_id for f in failed] == [run.id]
+    assert is_undecodable(failed[0].flow_input, "RecursionError")
+    assert store.get_run(run.id).status is pf.RunStatus.FAILED
+
+
+def test_a_map_fed_an_output_it_cannot_decode_fails_its_run_not_the_whole_batch(
+    store: pf.Store,
+) -> None:
+    other = store.start(rb_echo, "other")
+    run = store.start(fan, None)
+    tasks = {t.flow_slug: t for t in store.backend.claim("w", ["rb_fan", "rb_echo"], 10, 60)}
+    split_task, echo_task = tasks["rb_fan"], tasks["rb_echo"]
+    finished = store.backend.finish([
+        TaskSuccess(split_task.id, split_task.attempt, TOO_DEEP, claim=split_task.claim),
+        TaskSuccess(echo_task.id, echo_task.attempt, '"other"', other.id, "rb_echo", True,
+                    echo_task.claim),
+    ], [])
+    assert sorted(finished) == sorted([run.id, other.id])
+    failed = store.get_run(run.id)
+    assert failed.status is pf.RunStatus.FAILED
+    assert failed.error is not None
+    assert "map step 'each' cannot read the output of step 'split': RecursionError" in failed.error
+    assert store.get_run(other.id).output == "other"  # the rest of the batch was recorded
+
+
+# --- 2. arguments the databases cannot store ----------------------------------------------------
+
+
+@pytest.mark.parametrize("priority", [2**63, -(2**63) - 1, 2**31, -(2**31) - 1, 10**30])
+def test_a_priority_out_of_range_is_an_input_error(store: pf.Store, priority: int) -> None:
+    store.register(rb_echo)
+    before = row_counts(store)
+    with pytest.raises(pf.InputError, match="priority must fit in a signed 32-bit integer"):
+        store.start(rb_echo, 1, priority=priority)
+    with pytest.raises(pf.InputError, match="priority must fit"):
+        store.start_many(rb_echo, [1, 2], priority=priority)
+    assert row_counts(store) == before
+
+
+def test_the_extreme_priorities_are_stored_on_every_backend(store: pf.Store) -> None:
+    low = store.start(rb_echo, 1, priority=-(2**31))
+    high = store.start(rb_echo, 2, priority=2**31 - 1)
+    assert store.get_run(low.id).priority == -(2**31)
+    assert store.get_run(high.id).priority == 2**31 - 1
+    claimed = store.backend.claim("w", ["rb_echo"], 10, 60)
+    assert [t.run_id for t in claimed] == [high.id, low.id]
+
+
+SURROGATE = "order-\udc80"
+
+
+@pytest.mark.parametrize(("call", "argument"), [
+    pytest.param(lambda s: s.start(rb_echo, 1, key=SURROGATE), "key", id="start-key"),
+    pytest.param(lambda s: s.start(SURROGATE, 1), "flow slug", id="start-slug"),
+    pytest.param(lambda s: s.start_many(SURROGATE, [1]), "flow slug", id="start_many-slug"),
+    pytest.param(lambda s: s.runs(flow=SURROGATE), "flow", id="runs-flow"),
+    pytest.param(lambda s: s.runs(key=SURROGATE), "key", id="runs-key"),
+    pytest.param(lambda s: s.get_run(SURROGATE), "run id", id="get_run"),
+    pytest.param(lambda s: s.cancel(SURROGATE), "run id", id="cancel"),
+    pytest.param(lambda s: s.retry(SURROGATE), "run id", id="retry"),
+    pytest.param(lambda s: s.wait(SURROGATE, timeout=1), "run id", id="wait"),
+])
+def test_a_lone_surrogate_in_an_argument_is_an_input_error_naming_it(
+    store: pf.Store, call: Callable[[pf.Store], Any], argument: str
+) -> None:
+    store.register(rb_echo)
+    before = row_counts(store)
+    with pytest.raises(pf.InputError) as caught:
+        call(store)
+    message = str(caught.value)
+    assert message.startswith(f"{argument} 'order-\\udc80' holds '\\udc80', a lone surrogate")
+    message.encode("utf-8")
+    assert row_counts(store) == before
+
+
+@pytest.mark.parametrize("limit", [-1, 2**63, 1.5, None])
+def test_runs_refuses_a_limit_the_databases_cannot_take(store: pf.Store, limit: Any) -> None:
+    with pytest.raises(pf.InputError, match="limit must be a non-negative integer"):
+        store.runs(limit=limit)
+
+
+# --- 3. times that never come -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timeout", [math.nan, math.inf, -1, 10**400, -math.inf])
+def test_wait_refuses_a_timeout_that_is_not_a_finite_duration(
+    store: pf.Store, timeout: Any
+) -> None:
+    run = store.start(rb_echo, 1)  # queued: nothing serves it, so a bad timeout would hang
+    raised = finishes_within(5, lambda: store.wait(run.id, timeout=timeout))
+    assert isinstance(raised, pf.InputError), raised
+    assert "timeout must" in str(raised)
+
+
+def test_wait_takes_a_timedelta_timeout(store: pf.Store) -> None:
+    run = store.start(rb_echo, 1)
+    with pytest.raises(pf.WaitTimeout):
+        store.wait(run.id, timeout=timedelta(milliseconds=20))
+
+
+@pytest.mark.parametrize(("when", "match"), [
+    pytest.param({"delay": math.nan}, "delay must be a finite number", id="delay-nan"),
+    pytest.param({"delay": math.inf}, "delay must be a finite number", id="delay-inf"),
+    pytest.param({"delay": 10**400}, "delay must be a finite number", id="delay-huge-int"),
+    pytest.param({"delay": 1e300}, "after the year 9999", id="delay-1e300"),
+    pytest.param({"delay": timedelta.max}, "after the year 9999", id="delay-timedelta-max"),
+    pytest.param({"run_at": datetime.max.replace(tzinfo=timezone(timedelta(hours=-5)))},
+                 "after the year 9999 in UTC", id="run_at-past-9999-utc"),
+])
+def test_start_refuses_a_due_time_out_of_range(
+    store: pf.Store, when: dict[str, Any], match: str
+) -> None:
+    store.register(rb_echo)
+    before = row_counts(store)
+    with pytest.raises(pf.InputError, match=match):
+        store.start(rb_echo, 1, **when)
+    with pytest.raises(pf.InputError, match=match):
+        store.start_many(rb_echo, [1], **when)
+    assert row_counts(store) == before
+
+
+def test_the_latest_due_time_allowed_reads_back(store: pf.Store) -> None:
+    last = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
+    run = store.start(rb_echo, 1, run_at=last)
+    assert store.get_run(run.id).status is pf.RunStatus.SCHEDULED
+    earliest = store.start(rb_echo, 2, run_at=datetime.min.replace(tzinfo=timezone.utc))
+    assert store.get_run(earliest.id).status is pf.RunStatus.QUEUED
+
+
+@pytest.mark.parametrize("older_than", [math.nan, math.inf, 10**400, -1])
+def test_prune_refuses_an_age_that_is_not_a_finite_duration(
+    store: pf.Store, older_than: Any
+) -> None:
+    with pytest.raises(pf.InputError, match="older_than must"):
+        store.prune(older_than=older_than)
