@@ -349,3 +349,41 @@ def test_prune_refuses_an_age_that_is_not_a_finite_duration(
 ) -> None:
     with pytest.raises(pf.InputError, match="older_than must"):
         store.prune(older_than=older_than)
+
+
+# --- 5. cancelling keeps when a run started -----------------------------------------------------
+
+
+def test_cancelling_a_running_run_keeps_when_it_started(
+    store: pf.Store, clock: pf.testing.FakeClock
+) -> None:
+    run = store.start(rb_echo, 1)
+    clock.advance(5)
+    store.backend.claim("w", ["rb_echo"], 10, 60)
+    running = store.get_run(run.id)
+    assert running.status is pf.RunStatus.RUNNING and running.started_at is not None
+    clock.advance(5)
+    cancelled = store.cancel(run.id)
+    assert cancelled.status is pf.RunStatus.CANCELLED
+    assert cancelled.started_at == running.started_at
+    assert cancelled.finished_at is not None and cancelled.finished_at > cancelled.started_at
+    assert store.get_run(run.id).started_at == running.started_at
+
+
+def test_cancelling_a_run_that_never_started_leaves_no_start(store: pf.Store) -> None:
+    run = store.start(rb_echo, 1)
+    cancelled = store.cancel(run.id)
+    assert cancelled.status is pf.RunStatus.CANCELLED
+    assert cancelled.started_at is None and cancelled.finished_at is not None
+
+
+def test_cancelling_a_retrying_run_keeps_its_first_start(
+    store: pf.Store, clock: pf.testing.FakeClock
+) -> None:
+    run = store.start(rb_echo, 1)
+    (task,) = store.backend.claim("w", ["rb_echo"], 10, 60)
+    store.backend.finish([], [TaskFailure(task.id, task.attempt, "E: x", clock.now() + 60,
+                                          task.claim)])
+    started = store.get_run(run.id).started_at
+    assert started is not None
+    assert store.cancel(run.id).started_at == started
