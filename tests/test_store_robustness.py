@@ -8,9 +8,18 @@ Most tests take the ``store`` fixture, so they run on PostgreSQL too with
 from __future__ import annotations
 
 import math
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -351,6 +360,129 @@ def test_prune_refuses_an_age_that_is_not_a_finite_duration(
         store.prune(older_than=older_than)
 
 
+# --- 4. database paths that cannot be used ------------------------------------------------------
+
+
+def test_a_missing_directory_is_named_with_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "missing_dir" / "app.db"
+    with pytest.raises(pf.StoreError) as caught:
+        pf.connect(path)
+    assert str(caught.value) == (
+        f"cannot create database file {str(path)!r}: directory {str(path.parent)!r} "
+        "does not exist (create it first)"
+    )
+    assert isinstance(caught.value, pf.SchemaError)  # what it raised before it said why
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert not path.parent.exists()
+
+
+def test_a_path_through_a_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(pf.StoreError, match=r"'.*plain' is not a directory"):
+        pf.connect(tmp_path / "plain" / "app.db")
+
+
+def test_a_directory_given_as_the_database_is_named(tmp_path: Path) -> None:
+    with pytest.raises(pf.StoreError, match="it is a directory; point pgflow at a file path"):
+        pf.connect(tmp_path)
+
+
+def test_a_file_that_is_not_sqlite_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(pf.StoreError) as caught:
+        pf.connect(path)
+    assert str(caught.value) == (
+        f"cannot use the pgflow database {str(path)!r}: the file is not an SQLite database "
+        "(or is encrypted); point pgflow at another path"
+    )
+    assert path.read_bytes() == b"this is not sqlite at all" * 100  # untouched
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory another user can reach (pytest's tmp_path is private to this one)."""
+    path = Path(tempfile.mkdtemp(prefix="pgflow-perm-"))
+    path.chmod(0o755)
+    yield path
+    for child in path.iterdir():
+        if child.is_dir():
+            child.chmod(0o755)
+    shutil.rmtree(path)
+
+
+def run_unprivileged(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a Python process without root's power to ignore permissions: as this
+    user when it is not root, else as ``nobody`` (skipping the test if that cannot be done)."""
+    command = [sys.executable, "-c", textwrap.dedent(code)]
+    if os.geteuid() == 0:
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("running as root, and there is no 'nobody' user to drop privileges to")
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root, and setpriv is missing to drop privileges")
+        command = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                   "--clear-groups", *command]
+    probe = subprocess.run([*command[:-1], "import pgflow_py"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"the unprivileged user cannot import pgflow_py: {probe.stderr[-300:]}")
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+CONNECT_AND_REPORT = """
+    import sys
+    import pgflow_py as pf
+    try:
+        pf.connect(sys.argv[-1] if len(sys.argv) > 1 else {path!r}).close()
+    except pf.StoreError as exc:
+        print(type(exc).__name__, exc)
+    else:
+        print("opened")
+"""
+
+
+def test_a_read_only_directory_for_a_new_database_is_named(shared_dir: Path) -> None:
+    ro = shared_dir / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    path = ro / "app.db"
+    done = run_unprivileged(CONNECT_AND_REPORT.format(path=str(path)))
+    assert done.stdout.strip() == (
+        f"UnusableDatabase cannot create database file {str(path)!r}: directory {str(ro)!r} "
+        "is not writable by this user (give it write access, or point pgflow at another "
+        "directory)"
+    ), done.stderr
+
+
+def test_a_read_only_directory_of_an_existing_database_names_the_wal_files(
+    shared_dir: Path,
+) -> None:
+    ro = shared_dir / "ro"
+    ro.mkdir()
+    path = ro / "app.db"
+    pf.connect(path).close()
+    path.chmod(0o666)  # the file itself is writable by anyone: only the directory is not
+    ro.chmod(0o555)
+    done = run_unprivileged(CONNECT_AND_REPORT.format(path=str(path)))
+    assert done.stdout.strip() == (
+        f"UnusableDatabase cannot use the pgflow database {str(path)!r}: directory {str(ro)!r} "
+        "is not writable by this user (SQLite needs to create app.db-wal and app.db-shm beside "
+        "the database; give it write access)"
+    ), done.stderr
+
+
+def test_a_database_file_this_user_cannot_write_is_named(shared_dir: Path) -> None:
+    path = shared_dir / "app.db"
+    pf.connect(path).close()
+    path.chmod(0o444)
+    done = run_unprivileged(CONNECT_AND_REPORT.format(path=str(path)))
+    assert done.stdout.strip() == (
+        f"UnusableDatabase cannot use the pgflow database {str(path)!r}: the file is not "
+        "readable and writable by this user (give it access)"
+    ), done.stderr
+
+
 # --- 5. cancelling keeps when a run started -----------------------------------------------------
 
 
@@ -387,3 +519,60 @@ def test_cancelling_a_retrying_run_keeps_its_first_start(
     started = store.get_run(run.id).started_at
     assert started is not None
     assert store.cancel(run.id).started_at == started
+
+
+# --- 6. files only their owner can read ---------------------------------------------------------
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _modes(path: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode)
+            for p in path.parent.iterdir() if p.name.startswith(path.name)}
+
+
+def test_a_new_database_and_its_wal_files_are_private(tmp_path: Path, umask_022: None) -> None:
+    path = tmp_path / "app.db"
+    with pf.connect(path) as store:
+        store.start(rb_echo, {"card": "4111 1111 1111 1111"})
+        assert _modes(path) == {"app.db": 0o600, "app.db-wal": 0o600, "app.db-shm": 0o600}
+
+
+def test_an_existing_database_keeps_the_permissions_its_owner_gave_it(
+    tmp_path: Path, umask_022: None
+) -> None:
+    path = tmp_path / "shared.db"
+    pf.connect(path).close()
+    path.chmod(0o640)
+    with pf.connect(path) as store:
+        store.start(rb_echo, 1)
+        assert _modes(path) == {"shared.db": 0o640, "shared.db-wal": 0o640, "shared.db-shm": 0o640}
+
+
+# --- 8. a closed store ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda s: s.start(rb_echo, 1), id="start"),
+    pytest.param(lambda s: s.start_many(rb_echo, [1]), id="start_many"),
+    pytest.param(lambda s: s.start("rb_echo", 1), id="start-by-slug"),
+    pytest.param(lambda s: s.get_run("x"), id="get_run"),
+    pytest.param(lambda s: s.runs(), id="runs"),
+    pytest.param(lambda s: s.cancel("x"), id="cancel"),
+    pytest.param(lambda s: s.prune(), id="prune"),
+    pytest.param(lambda s: s.register(rb_echo), id="register"),
+    pytest.param(lambda s: s.backend.claim("w", ["rb_echo"], 1, 60), id="claim"),
+    pytest.param(lambda s: s.backend.data_version(), id="data_version"),
+])
+def test_a_closed_store_says_so(store: pf.Store, call: Callable[[pf.Store], Any]) -> None:
+    store.register(rb_echo)
+    store.close()
+    store.close()  # twice is fine
+    with pytest.raises(pf.StoreError, match=r"^the store .* is closed .*open it again") as caught:
+        call(store)
+    assert caught.value.__cause__ is None

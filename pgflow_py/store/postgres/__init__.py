@@ -18,7 +18,7 @@ from typing import Any
 
 from ...clock import Clock
 from ...definition import FlowDefinition
-from ...errors import SchemaError, StoreError
+from ...errors import SchemaError
 from ..base import NewRun
 from ..sql import SqlBackend
 from ..sql.connection import Conn
@@ -139,7 +139,6 @@ class PostgresBackend(SqlBackend):
         where = f"{_describe(psycopg, url)}, schema {schema}"
         super().__init__(url, clock, where)
         self._max_variables = 65_535
-        self._closed = False
         self._started = 0  # runs started here since the tables were last analyzed
         self._analyzed = 0  # rows of runs then
         self._open()
@@ -161,7 +160,7 @@ class PostgresBackend(SqlBackend):
     def _ensure_open(self) -> None:
         """Reconnect after the server closed the connection (a restart, a failover)."""
         if self._closed:
-            raise StoreError(f"the pgflow database {self._where} was closed by this process")
+            raise self._closed_error()
         if self._db.closed or self._db.broken:
             self._open()
 
