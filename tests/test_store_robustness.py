@@ -7,6 +7,7 @@ Most tests take the ``store`` fixture, so they run on PostgreSQL too with
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pwd
@@ -17,12 +18,14 @@ import sys
 import tempfile
 import textwrap
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import POSTGRES_URL
 
 import pgflow_py as pf
 from pgflow_py.store import base
@@ -552,6 +555,80 @@ def test_an_existing_database_keeps_the_permissions_its_owner_gave_it(
     with pf.connect(path) as store:
         store.start(rb_echo, 1)
         assert _modes(path) == {"shared.db": 0o640, "shared.db-wal": 0o640, "shared.db-shm": 0o640}
+
+
+# --- 7. passwords stay out of errors and logs ---------------------------------------------------
+
+SECRET = "s3cr3tPW"
+
+
+def _texts(exc: BaseException) -> Iterator[str]:
+    """Everything a traceback of ``exc`` could show, and its chain's texts."""
+    yield "".join(traceback.format_exception(exc))
+    seen: set[int] = set()
+    item: BaseException | None = exc
+    while item is not None and id(item) not in seen:
+        seen.add(id(item))
+        yield str(item)
+        yield repr(item)
+        yield from (str(a) for a in item.args)
+        if item.__cause__ is not None:
+            yield from _texts(item.__cause__)
+        item = item.__context__
+
+
+BAD_URLS = [
+    pytest.param(f"postgresql://u:pa%ss{SECRET}@localhost/db", id="bad-percent-in-password"),
+    pytest.param(f"postgresql://u:{SECRET}%@localhost/db", id="bad-percent-at-end"),
+    pytest.param(f"postgresql://u%zz:{SECRET}@localhost/db", id="bad-percent-in-user"),
+    pytest.param(f"postgresql://u:{SECRET}@localhost:abc/db", id="bad-port"),
+    pytest.param(f"postgresql://u:{SECRET}@localhost/db?bogus=1", id="unknown-option"),
+    pytest.param(f"postgresql://u:{SECRET}@[::1", id="unclosed-bracket"),
+    pytest.param(f"postgresql://u:{SECRET}@[::1/db", id="unclosed-bracket-db"),
+    pytest.param(f"postgresql://u:{SECRET}@local@host/db?schema=x", id="two-ats"),
+    pytest.param(f"postgresql://u@localhost/db?password={SECRET}&bogus=1", id="query-password"),
+    pytest.param(f"postgresql://u:{SECRET}@127.0.0.1:1/db?connect_timeout=2", id="refused"),
+    pytest.param(f"postgres://u:{SECRET}@localhost/db?connect_timeout=abc", id="bad-timeout"),
+]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_a_url_that_fails_never_repeats_its_password(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("psycopg")
+    with caplog.at_level(logging.DEBUG), pytest.raises(pf.StoreError) as caught:
+        pf.connect(url)
+    for text in _texts(caught.value):
+        assert SECRET not in text and "pa%ss" not in text, text
+    for record in caplog.records:
+        assert SECRET not in record.getMessage() and SECRET not in str(record.exc_info)
+    assert "failed" in str(caught.value)  # still says what went wrong
+
+
+@pytest.mark.skipif(POSTGRES_URL is None, reason="needs a PostgreSQL server")
+def test_a_refused_login_never_repeats_its_password(caplog: pytest.LogCaptureFixture) -> None:
+    assert POSTGRES_URL is not None
+    url = POSTGRES_URL.replace("postgresql://postgres@", f"postgresql://no_such_role:{SECRET}@")
+    assert SECRET in url
+    with caplog.at_level(logging.DEBUG), pytest.raises(pf.StoreError) as caught:
+        pf.connect(url)
+    assert "no_such_role" in str(caught.value)
+    for text in _texts(caught.value):
+        assert SECRET not in text, text
+    assert all(SECRET not in r.getMessage() for r in caplog.records)
+
+
+def test_redaction_hides_a_quoted_piece_of_a_password() -> None:
+    pytest.importorskip("psycopg")
+    from pgflow_py.store.postgres import _redact, _secrets
+
+    secrets = _secrets("postgresql://u:ab%zzcd@h/db")
+    assert _redact('invalid percent-encoded token: "%zzcd"', secrets) == (
+        'invalid percent-encoded token: "***"'
+    )
+    assert _redact('bad host "h"', secrets) == 'bad host "h"'  # not a piece of it
+    assert _redact("x", _secrets("postgresql://u@h/db")) == "x"
 
 
 # --- 8. a closed store ----------------------------------------------------------------------------
