@@ -275,29 +275,44 @@ def test_the_extreme_priorities_are_stored_on_every_backend(store: pf.Store) -> 
 
 
 SURROGATE = "order-\udc80"
+NUL = "order-\x00"
+
+CALLS_WITH_TEXT = [
+    pytest.param(lambda s, v: s.start(rb_echo, 1, key=v), "key", id="start-key"),
+    pytest.param(lambda s, v: s.start(v, 1), "flow slug", id="start-slug"),
+    pytest.param(lambda s, v: s.start_many(v, [1]), "flow slug", id="start_many-slug"),
+    pytest.param(lambda s, v: s.runs(flow=v), "flow", id="runs-flow"),
+    pytest.param(lambda s, v: s.runs(key=v), "key", id="runs-key"),
+    pytest.param(lambda s, v: s.get_run(v), "run id", id="get_run"),
+    pytest.param(lambda s, v: s.cancel(v), "run id", id="cancel"),
+    pytest.param(lambda s, v: s.retry(v), "run id", id="retry"),
+    pytest.param(lambda s, v: s.wait(v, timeout=1), "run id", id="wait"),
+]
 
 
-@pytest.mark.parametrize(("call", "argument"), [
-    pytest.param(lambda s: s.start(rb_echo, 1, key=SURROGATE), "key", id="start-key"),
-    pytest.param(lambda s: s.start(SURROGATE, 1), "flow slug", id="start-slug"),
-    pytest.param(lambda s: s.start_many(SURROGATE, [1]), "flow slug", id="start_many-slug"),
-    pytest.param(lambda s: s.runs(flow=SURROGATE), "flow", id="runs-flow"),
-    pytest.param(lambda s: s.runs(key=SURROGATE), "key", id="runs-key"),
-    pytest.param(lambda s: s.get_run(SURROGATE), "run id", id="get_run"),
-    pytest.param(lambda s: s.cancel(SURROGATE), "run id", id="cancel"),
-    pytest.param(lambda s: s.retry(SURROGATE), "run id", id="retry"),
-    pytest.param(lambda s: s.wait(SURROGATE, timeout=1), "run id", id="wait"),
-])
+@pytest.mark.parametrize(("call", "argument"), CALLS_WITH_TEXT)
 def test_a_lone_surrogate_in_an_argument_is_an_input_error_naming_it(
-    store: pf.Store, call: Callable[[pf.Store], Any], argument: str
+    store: pf.Store, call: Callable[[pf.Store, str], Any], argument: str
 ) -> None:
     store.register(rb_echo)
     before = row_counts(store)
     with pytest.raises(pf.InputError) as caught:
-        call(store)
+        call(store, SURROGATE)
     message = str(caught.value)
     assert message.startswith(f"{argument} 'order-\\udc80' holds '\\udc80', a lone surrogate")
     message.encode("utf-8")
+    assert row_counts(store) == before
+
+
+@pytest.mark.parametrize(("call", "argument"), CALLS_WITH_TEXT)
+def test_a_nul_in_an_argument_is_an_input_error_on_every_backend(
+    store: pf.Store, call: Callable[[pf.Store, str], Any], argument: str
+) -> None:
+    # PostgreSQL's text cannot hold NUL (a StoreError there before); SQLite refuses it alike.
+    store.register(rb_echo)
+    before = row_counts(store)
+    with pytest.raises(pf.InputError, match=rf"^{argument} 'order-\\x00' holds a NUL character"):
+        call(store, NUL)
     assert row_counts(store) == before
 
 
@@ -604,6 +619,23 @@ def test_a_url_that_fails_never_repeats_its_password(
     for record in caplog.records:
         assert SECRET not in record.getMessage() and SECRET not in str(record.exc_info)
     assert "failed" in str(caught.value)  # still says what went wrong
+
+
+@pytest.mark.parametrize("url", [
+    pytest.param(f"postgresql+psycopg://u:{SECRET}@localhost/db", id="sqlalchemy-scheme"),
+    pytest.param(f"mysql://u:{SECRET}@localhost/db", id="other-scheme"),
+    pytest.param(f"host=localhost user=u password={SECRET} dbname=db", id="libpq-keywords"),
+])
+def test_what_is_not_our_url_is_refused_without_being_taken_for_a_file(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pf.StoreError) as caught:
+        pf.connect(url)
+    assert "postgresql://" in str(caught.value)  # says what to give instead
+    for text in _texts(caught.value):
+        assert SECRET not in text, text
+    assert list(tmp_path.iterdir()) == []  # no file, no directory made of it
 
 
 @pytest.mark.skipif(POSTGRES_URL is None, reason="needs a PostgreSQL server")

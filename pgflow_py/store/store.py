@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 import time
 import urllib.parse
@@ -17,7 +18,7 @@ from .. import _json
 from ..clock import Clock, SystemClock, utc_datetime
 from ..definition import FlowDefinition, StepDefinition
 from ..dsl import Flow
-from ..errors import FlowNotFound, InputError, RunNotFound, WaitTimeout
+from ..errors import FlowNotFound, InputError, RunNotFound, StoreError, WaitTimeout
 from ..models import Run, RunStatus, StepRun
 from .base import Backend, NewRun
 
@@ -34,6 +35,7 @@ def connect(url: str | os.PathLike[str] | None = None, *, clock: Clock | None = 
         url = os.environ.get("PGFLOW_DATABASE") or DEFAULT_PATH
     url = os.fspath(url)
     clock = clock or SystemClock()
+    _check_url(url)
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresBackend
 
@@ -43,6 +45,26 @@ def connect(url: str | os.PathLike[str] | None = None, *, clock: Clock | None = 
 
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
     return Store(SqliteBackend(path, clock))
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_PASSWORD = re.compile(r"\bpassword\s*=", re.IGNORECASE)
+
+
+def _check_url(url: str) -> None:
+    """Refuse what is neither a URL of ours nor a file path, without repeating it: taken for
+    a SQLite path, its password would be quoted in the error about its directory."""
+    scheme = _SCHEME.match(url)
+    if scheme is not None and scheme.group(1).lower() not in ("postgresql", "postgres", "sqlite"):
+        raise StoreError(
+            f"unsupported database URL scheme {scheme.group(1)!r}: give a postgresql:// URL, "
+            "a sqlite:/// URL or a file path"
+        )
+    if scheme is None and _PASSWORD.search(url):
+        raise StoreError(
+            "the database looks like a libpq connection string (it sets password=), which "
+            "pgflow does not take: give a postgresql://user:password@host/db URL"
+        )
 
 
 def _pop_schema(url: str) -> tuple[str, str | None]:
@@ -99,7 +121,8 @@ _PRIORITY_MIN, _PRIORITY_MAX = -(2**31), 2**31 - 1
 
 
 def _check_text(value: str, name: str) -> None:
-    """Refuse a string the databases cannot store: a lone surrogate is not UTF-8."""
+    """Refuse a string the databases cannot store: a lone surrogate is not UTF-8, and
+    PostgreSQL's text holds no NUL (refused on SQLite too, so both behave alike)."""
     if not value.isascii():  # O(1): the common case costs nothing more
         try:
             value.encode("utf-8")
@@ -108,6 +131,8 @@ def _check_text(value: str, name: str) -> None:
                 f"{name} {value!r} holds {value[exc.start:exc.end]!r}, a lone "
                 "surrogate, which is not UTF-8 text (decode bytes with errors='replace')"
             ) from None
+    if "\x00" in value:
+        raise InputError(f"{name} {value!r} holds a NUL character ('\\x00'); remove it")
 
 
 def _too_deep(value: Any) -> bool:
