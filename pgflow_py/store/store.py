@@ -300,8 +300,9 @@ class Store:
     ) -> Run:
         """Start a run of ``flow`` (object or slug) with ``input``; return it.
 
-        ``delay``/``run_at`` schedule it; ``priority`` orders claims (higher first); ``key``
-        makes the start idempotent: the same flow and key return the existing run.
+        ``delay``/``run_at`` schedule it (up to the year 9999); ``priority`` orders claims
+        (higher first; a 32-bit signed integer, what both databases store); ``key`` makes the
+        start idempotent: the same flow and key return the existing run.
         """
         self._check_priority(priority)
         if key is not None:
@@ -418,18 +419,19 @@ class Store:
                     f"unknown status {status!r}; use one of {[s.value for s in RunStatus]}"
                 ) from None
         slug = flow.slug if isinstance(flow, Flow) else flow
-        if slug is not None:
+        if isinstance(slug, str):
             _check_text(slug, "flow")
-        if key is not None:
+        if isinstance(key, str):
             _check_text(key, "key")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 2**63:
             raise InputError(f"limit must be a non-negative integer, got {limit!r}")
         return self.backend.runs(slug, None if status is None else status.value, key, limit)
 
-    def wait(self, run_id: str, timeout: float | None = None) -> Run:
+    def wait(self, run_id: str, timeout: float | timedelta | None = None) -> Run:
         """Block until the run is completed, failed or cancelled; return it.
 
-        Raises :class:`~pgflow_py.WaitTimeout` after ``timeout`` real seconds.
+        Raises :class:`~pgflow_py.WaitTimeout` after ``timeout`` real seconds (a finite,
+        non-negative number or a timedelta; ``None`` waits for good).
         """
         _check_run_id(run_id)
         if timeout is not None:
