@@ -6,8 +6,10 @@ with ``$PGFLOW_TEST_POSTGRES``; on a fake clock) through the
 backend boundary the runtime uses (``claim``, ``finish``, ``heartbeat``, ``reclaim_expired``,
 ``release``) and the public ``Store`` (``start``, ``start_many``, ``cancel``, ``retry``). After
 every step it checks the tables against the model: no task lost, none completed twice, attempts
-never above the maximum, outputs exactly those reported, terminal runs idle. At the end it drains
-everything and checks that every run is completed, failed or cancelled.
+never above the maximum, outputs exactly those reported, terminal runs idle, a run's start
+recorded once an attempt began (and kept by a cancel). Starts the store must refuse change
+nothing; a run input corrupted in the database reaches workers as ``Undecodable``. At the end it
+drains everything and checks that every run is completed, failed or cancelled.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import pgflow_py as pf
 from pgflow_py.backoff import retry_delay
-from pgflow_py.store.base import ClaimedTask, TaskFailure, TaskSuccess
+from pgflow_py.store.base import ClaimedTask, RunFailure, TaskFailure, TaskSuccess, Undecodable
 from pgflow_py.testing import FakeClock
 
 WORKERS = ("w1", "w2")
@@ -74,6 +76,27 @@ CLAIM_TOKENS = "claim" in TaskSuccess._fields
 
 json_values = st.integers(-5, 1000)
 NOT_AN_ARRAY = {"not": "an array"}
+TOO_DEEP = "[" * 5000 + "]" * 5000  # stored by hand: past the decoder's recursion limit
+
+
+def _nested(depth: int) -> object:
+    value: object = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# Starts the store must refuse with InputError, writing nothing: (input, keyword arguments).
+BAD_STARTS: list[tuple[Any, dict[str, Any]]] = [
+    (_nested(300), {}),
+    ({"name": "caf\udce9"}, {}),
+    ({1: "a", "1": "b"}, {}),
+    (1, {"priority": 2**63}),
+    (1, {"priority": -(2**31) - 1}),
+    (1, {"key": "k\udc80"}),
+    (1, {"delay": float("nan")}),
+    (1, {"delay": 1e300}),
+]
 
 
 @dataclass
@@ -87,6 +110,13 @@ class RunModel:
     root_output: Any = None
     root_done: bool = False
     map_outputs: dict[int, Any] = field(default_factory=dict)
+    corrupt: bool = False  # its stored input was overwritten with JSON too deep to decode
+    attempt_ended: bool = False  # since the last retry: then the run's start is recorded
+
+    @property
+    def seen_input(self) -> Any:
+        """The run's input as workers and readers see it."""
+        return Undecodable if self.corrupt else self.input
 
 
 @dataclass
@@ -110,6 +140,13 @@ class Held:
     @property
     def key(self) -> tuple[int, int | None]:
         return (self.attempt, self.claim)
+
+
+def _same(actual: Any, expected: Any) -> bool:
+    """Equal, where ``expected`` may be the class ``Undecodable`` (any instance matches)."""
+    if expected is Undecodable:
+        return isinstance(actual, Undecodable) and actual.error.startswith("RecursionError: ")
+    return bool(actual == expected)
 
 
 def _tracked(fn: Any) -> Any:
@@ -185,7 +222,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     def expected_input(self, task: ClaimedTask, run: RunModel) -> Any:
         if run.kind == "job" or task.step_slug == "split":
-            return run.input
+            return run.seen_input
         if task.step_slug == "each":
             assert run.root_done and isinstance(run.root_output, list)
             assert task.task_index is not None and 0 <= task.task_index < len(run.root_output)
@@ -226,8 +263,8 @@ class StoreMachine(RuleBasedStateMachine):
             assert task.attempt == model.attempts + 1, (task, model)
             assert task.max_attempts == run.max_attempts
             assert task.attempt <= task.max_attempts
-            assert task.flow_input == run.input
-            assert task.input == self.expected_input(task, run)
+            assert _same(task.flow_input, run.seen_input), (task.flow_input, run)
+            assert _same(task.input, self.expected_input(task, run)), (task.input, run)
             (run_at,) = self.sql("SELECT run_at FROM step_tasks WHERE id = ?", (task.id,))[0]
             assert run_at <= now, "claimed a task before it was due"
             claim = getattr(task, "claim", None)
@@ -246,6 +283,7 @@ class StoreMachine(RuleBasedStateMachine):
         run = self.runs[t.run_id]
         finished = self.backend.finish([*late, self.success(task_id, h.key, value)], [])
         self.stale.append((task_id, h.key))
+        run.attempt_ended = True
         t.status = "completed"
         expect_finished: list[str] = []
         if run.kind == "job":
@@ -272,12 +310,19 @@ class StoreMachine(RuleBasedStateMachine):
         h = self.held.pop(task_id)
         t = self.tasks[task_id]
         retry_at = None if retry_in is None else self.clock.now() + retry_in
-        finished = self.backend.finish([], [self.failure(task_id, h.key, "boom", retry_at)])
+        failed: list[RunFailure] = []
+        finished = self.backend.finish(
+            [], [self.failure(task_id, h.key, "boom", retry_at)], failed
+        )
         self.stale.append((task_id, h.key))
+        run = self.runs[t.run_id]
+        run.attempt_ended = True
         if retry_at is None:
             t.status = "failed"
             self.fail_run(t.run_id)
             assert finished == [t.run_id]
+            assert [(f.run_id, f.task_id) for f in failed] == [(run.id, task_id)]
+            assert _same(failed[0].flow_input, run.seen_input), (failed[0], run)
         else:
             t.status = "queued"
             assert finished == []
@@ -386,6 +431,7 @@ class StoreMachine(RuleBasedStateMachine):
             h = self.held.pop(task_id)
             self.stale.append((task_id, h.key))
             t = self.tasks[task_id]
+            self.runs[t.run_id].attempt_ended = True
             if h.attempt < self.runs[t.run_id].max_attempts:
                 t.status = "queued"
                 if t.run_id not in failed_runs:
@@ -456,11 +502,14 @@ class StoreMachine(RuleBasedStateMachine):
     def cancel(self, data: st.DataObject) -> None:
         run_id = self.pick_run(data, "active")
         run = self.runs[run_id]
+        running = any(self.tasks[tid].run_id == run_id for tid in self.held)
         result = self.store.cancel(run_id)
         if run.status == "active":
             run.status = "cancelled"
+            run.attempt_ended = run.attempt_ended or running  # its start is kept
             self.drop_held_of_run(run_id)
         assert result.status.value == run.status
+        assert (result.started_at is not None) == run.attempt_ended, (result, run)
 
     @precondition(lambda self: any(r.status in ("failed", "cancelled") for r in self.runs.values()))
     @rule(data=st.data())
@@ -475,6 +524,7 @@ class StoreMachine(RuleBasedStateMachine):
                 return
             raise AssertionError(f"retry of a {run.status} run was accepted")
         result = self.store.retry(run_id)
+        run.attempt_ended = False
         for t in self.tasks.values():
             if t.run_id == run_id and t.status != "completed":
                 t.status, t.attempts = "queued", 0
@@ -484,7 +534,55 @@ class StoreMachine(RuleBasedStateMachine):
             run.status = "active"
         assert result.status.is_terminal == (run.status != "active"), result.status
 
+    @rule(which=st.integers(0, len(BAD_STARTS) - 1), many=st.booleans())
+    @_tracked
+    def refused_start(self, which: int, many: bool) -> None:
+        """A start the store must refuse: an input that would not read back, or an argument
+        the databases cannot store. Nothing is written."""
+        value, options = BAD_STARTS[which]
+        before = self.snapshot()
+        try:
+            if many and "key" not in options:  # start_many takes no key
+                self.store.start_many(JOBS[1], [1, value], **options)
+            else:
+                self.store.start(FLOWS[1], value, **options)
+        except pf.InputError:
+            pass
+        else:
+            raise AssertionError(f"start({value!r:.60}, {options}) was accepted")
+        assert self.snapshot() == before
+
+    @precondition(lambda self: any(
+        r.status == "active" and not r.corrupt for r in self.runs.values()
+    ))
+    @rule(data=st.data())
+    @_tracked
+    def corrupt_input(self, data: st.DataObject) -> None:
+        """A run's stored input is overwritten with JSON nested too deeply to decode (as an
+        older version could have stored): workers get ``Undecodable``, everything else goes on."""
+        # In the order started: run ids are random, so sorting them would draw differently
+        # when Hypothesis replays the example.
+        run_id = data.draw(st.sampled_from([
+            r.id for r in self.runs.values() if r.status == "active" and not r.corrupt
+        ]), label="run")
+        with self.backend._write() as c:
+            c.execute("UPDATE runs SET input = ? WHERE id = ?", (TOO_DEEP, run_id))
+        self.runs[run_id].corrupt = True
+
     # --- invariants ----------------------------------------------------------------------------
+
+    @invariant()
+    @_tracked
+    def runs_read_back(self) -> None:
+        """Every run reads back, its start recorded once an attempt began (kept by a cancel)."""
+        now = self.clock.now()
+        for run in self.store.runs(limit=10_000):
+            model = self.runs[run.id]
+            held = any(self.tasks[tid].run_id == run.id for tid in self.held)
+            assert (run.started_at is not None) == (model.attempt_ended or held), (run, model)
+            if run.started_at is not None:
+                assert run.created_at <= run.started_at and run.started_at.timestamp() <= now
+            assert _same(run.input, model.seen_input), (run.input, model)
 
     @invariant()
     @_tracked

@@ -17,7 +17,22 @@ from ..clock import Clock
 from ..definition import FlowDefinition
 from ..models import Run
 
-__all__ = ("Backend", "ClaimedTask", "NewRun", "RunFailure", "TaskFailure", "TaskSuccess")
+__all__ = (
+    "Backend", "ClaimedTask", "NewRun", "RunFailure", "TaskFailure", "TaskSuccess", "Undecodable"
+)
+
+
+@attrs.frozen(slots=True)
+class Undecodable:
+    """Stands in for a stored JSON value that could not be decoded (nested too deeply, not
+    JSON: written by an older version or by hand), so that one bad value never aborts the
+    read or claim of others. ``error`` is the one-line ``Type: message`` of what failed."""
+
+    error: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Undecodable:
+        return cls(" ".join(f"{type(exc).__name__}: {exc}".split()))
 
 
 class NewRun(NamedTuple):
@@ -46,7 +61,9 @@ class ClaimedTask(NamedTuple):
     max_attempts: int
     priority: int
     input: Any
+    """The task's input; an :class:`Undecodable` if its stored JSON cannot be read."""
     flow_input: Any
+    """The run's input; an :class:`Undecodable` if its stored JSON cannot be read."""
     flow_version: int = 1
     """The flow definition's version the task was created under (bumped by shape changes)."""
     claim: int | None = None
@@ -87,7 +104,8 @@ class RunFailure:
     """A run that failed for good, as reported by ``finish`` and ``reclaim_expired``.
 
     ``task_id`` is the task whose failure did it, ``None`` when the store failed the run itself
-    (a map step fed something other than an array).
+    (a map step fed something other than an array). ``flow_input`` is an :class:`Undecodable`
+    if the run's stored input cannot be read.
     """
 
     run_id: str

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import attrs
@@ -17,7 +18,7 @@ from .. import _json
 from ..clock import Clock, SystemClock, utc_datetime
 from ..definition import FlowDefinition, StepDefinition
 from ..dsl import Flow
-from ..errors import FlowNotFound, InputError, RunNotFound, WaitTimeout
+from ..errors import FlowNotFound, InputError, RunNotFound, StoreError, WaitTimeout
 from ..models import Run, RunStatus, StepRun
 from .base import Backend, NewRun
 
@@ -34,6 +35,7 @@ def connect(url: str | os.PathLike[str] | None = None, *, clock: Clock | None = 
         url = os.environ.get("PGFLOW_DATABASE") or DEFAULT_PATH
     url = os.fspath(url)
     clock = clock or SystemClock()
+    _check_url(url)
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresBackend
 
@@ -43,6 +45,26 @@ def connect(url: str | os.PathLike[str] | None = None, *, clock: Clock | None = 
 
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
     return Store(SqliteBackend(path, clock))
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_PASSWORD = re.compile(r"\bpassword\s*=", re.IGNORECASE)
+
+
+def _check_url(url: str) -> None:
+    """Refuse what is neither a URL of ours nor a file path, without repeating it: taken for
+    a SQLite path, its password would be quoted in the error about its directory."""
+    scheme = _SCHEME.match(url)
+    if scheme is not None and scheme.group(1).lower() not in ("postgresql", "postgres", "sqlite"):
+        raise StoreError(
+            f"unsupported database URL scheme {scheme.group(1)!r}: give a postgresql:// URL, "
+            "a sqlite:/// URL or a file path"
+        )
+    if scheme is None and _PASSWORD.search(url):
+        raise StoreError(
+            "the database looks like a libpq connection string (it sets password=), which "
+            "pgflow does not take: give a postgresql://user:password@host/db URL"
+        )
 
 
 def _pop_schema(url: str) -> tuple[str, str | None]:
@@ -78,13 +100,59 @@ def new_run_ids(n: int) -> list[str]:
 
 def _seconds(value: float | timedelta, name: str) -> float:
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(
-        seconds
-    ):
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise InputError(f"{name} must be a number of seconds or a timedelta, got {value!r}")
+    try:
+        seconds = float(seconds)
+    except OverflowError:  # an int beyond any float
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise InputError(f"{name} must be a finite number of seconds, got {value!r}")
     if seconds < 0:
         raise InputError(f"{name} must not be negative, got {value!r}")
-    return float(seconds)
+    return seconds
+
+
+# The latest due time a run may have: stored times are read back as datetimes, which end there.
+_LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+
+# What both databases can store (PostgreSQL's priority column is a 32-bit INTEGER).
+_PRIORITY_MIN, _PRIORITY_MAX = -(2**31), 2**31 - 1
+
+
+def _check_text(value: str, name: str) -> None:
+    """Refuse a string the databases cannot store: a lone surrogate is not UTF-8, and
+    PostgreSQL's text holds no NUL (refused on SQLite too, so both behave alike)."""
+    if not value.isascii():  # O(1): the common case costs nothing more
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(
+                f"{name} {value!r} holds {value[exc.start:exc.end]!r}, a lone "
+                "surrogate, which is not UTF-8 text (decode bytes with errors='replace')"
+            ) from None
+    if "\x00" in value:
+        raise InputError(f"{name} {value!r} holds a NUL character ('\\x00'); remove it")
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether ``value`` nests dicts, lists and tuples deeper than the stored JSON may. The
+    encoder recurses, so past Python's recursion limit it reports depth as a cycle."""
+    stack = [(value, 1)]
+    seen: set[int] = set()
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list, tuple)) and id(item) not in seen:
+            if depth > _json.MAX_DEPTH:
+                return True
+            seen.add(id(item))  # a cycle ends here
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _check_run_id(run_id: str) -> None:
+    if isinstance(run_id, str):
+        _check_text(run_id, "run id")
 
 
 @attrs.frozen
@@ -125,6 +193,7 @@ class Store:
             return flow.definition
         if not isinstance(flow, str):
             raise InputError(f"flow must be a pf.Flow, a pf.Job or a flow slug, got {flow!r}")
+        _check_text(flow, "flow slug")
         definition = self.backend.get_definition(flow)
         if definition is None:
             raise FlowNotFound(
@@ -140,7 +209,10 @@ class Store:
         if delay is not None and run_at is not None:
             raise InputError("give either delay or run_at, not both")
         if delay is not None:
-            return now + _seconds(delay, "delay")
+            due = now + _seconds(delay, "delay")
+            if due > _LATEST:
+                raise InputError(f"delay {delay!r} would make the run due after the year 9999")
+            return due
         if run_at is not None:
             if not isinstance(run_at, datetime):
                 raise InputError(f"run_at must be a datetime, got {run_at!r}")
@@ -148,7 +220,10 @@ class Store:
                 raise InputError(
                     f"run_at must be timezone-aware (e.g. datetime.now(timezone.utc)), got {run_at!r}"
                 )
-            return run_at.timestamp()
+            due = run_at.timestamp()
+            if due > _LATEST:
+                raise InputError(f"run_at {run_at!r} is after the year 9999 in UTC")
+            return due
         return now
 
     def _plan(self, definition: FlowDefinition) -> _StartPlan:
@@ -179,19 +254,26 @@ class Store:
     ) -> NewRun:
         try:
             input_json = _json.dumps(input)
+            # Each item is part of the input, so it encodes if the input did.
+            root_items = (
+                None if plan.root_map is None or not isinstance(input, (list, tuple))
+                else tuple(_json.dumps(item) for item in input)
+            )
         except (TypeError, ValueError) as exc:
+            # Anything dumps refuses would not read back as the same value, or at all.
+            problem = str(exc)
+            if problem == "circular reference detected" and _too_deep(input):
+                problem = f"the value nests arrays or objects more than {_json.MAX_DEPTH} levels deep"
             raise InputError(
                 f"input of flow {plan.definition.slug!r} must be JSON-serializable "
-                f"(dicts, lists, str, numbers, bools, None, attrs classes, dataclasses): {exc}"
+                f"(dicts, lists, str, numbers, bools, None, attrs classes, dataclasses): "
+                f"{_json.printable(problem)}"
             ) from None
-        root_items = None
-        if plan.root_map is not None:
-            if not isinstance(input, (list, tuple)):
-                raise InputError(
-                    f"flow {plan.definition.slug!r} starts with map step {plan.root_map.slug!r}, "
-                    f"so its input must be an array (list), got {type(input).__name__}"
-                )
-            root_items = tuple(_json.dumps(item) for item in input)
+        if plan.root_map is not None and root_items is None:
+            raise InputError(
+                f"flow {plan.definition.slug!r} starts with map step {plan.root_map.slug!r}, "
+                f"so its input must be an array (list), got {type(input).__name__}"
+            )
         return NewRun(
             run_id or new_run_ids(1)[0], input_json, due, now, priority, key, root_items
         )
@@ -200,6 +282,11 @@ class Store:
     def _check_priority(priority: int) -> None:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InputError(f"priority must be an integer, got {priority!r}")
+        if not _PRIORITY_MIN <= priority <= _PRIORITY_MAX:
+            raise InputError(
+                f"priority must fit in a signed 32-bit integer (-2**31 to 2**31 - 1), "
+                f"got {priority!r}"
+            )
 
     def start(
         self,
@@ -213,12 +300,15 @@ class Store:
     ) -> Run:
         """Start a run of ``flow`` (object or slug) with ``input``; return it.
 
-        ``delay``/``run_at`` schedule it; ``priority`` orders claims (higher first); ``key``
-        makes the start idempotent: the same flow and key return the existing run.
+        ``delay``/``run_at`` schedule it (up to the year 9999); ``priority`` orders claims
+        (higher first; a 32-bit signed integer, what both databases store); ``key`` makes the
+        start idempotent: the same flow and key return the existing run.
         """
         self._check_priority(priority)
-        if key is not None and not isinstance(key, str):
-            raise InputError(f"key must be a string, got {key!r}")
+        if key is not None:
+            if not isinstance(key, str):
+                raise InputError(f"key must be a string, got {key!r}")
+            _check_text(key, "key")
         due = self._due(delay, run_at)
         definition = self._resolve(flow)
         plan = self._plan(definition)
@@ -300,7 +390,13 @@ class Store:
     # --- reading -------------------------------------------------------------------------------
 
     def get_run(self, run_id: str) -> Run:
-        """The run with this id; raises :class:`~pgflow_py.RunNotFound`."""
+        """The run with this id; raises :class:`~pgflow_py.RunNotFound`.
+
+        An input or output whose stored JSON cannot be decoded (nested too deeply, or not JSON:
+        written by hand or by an older version) reads as a
+        :class:`~pgflow_py.store.Undecodable`, whose ``error`` says what failed.
+        """
+        _check_run_id(run_id)
         run = self.backend.get_run(run_id)
         if run is None:
             raise RunNotFound(f"no run {run_id!r} in {self.backend.location}")
@@ -313,7 +409,8 @@ class Store:
         key: str | None = None,
         limit: int = 100,
     ) -> list[Run]:
-        """Runs, newest first, filtered by flow, status and key."""
+        """Runs, newest first, filtered by flow, status and key (undecodable values read as in
+        :meth:`get_run`)."""
         if status is not None:
             try:
                 status = RunStatus(status)
@@ -322,13 +419,23 @@ class Store:
                     f"unknown status {status!r}; use one of {[s.value for s in RunStatus]}"
                 ) from None
         slug = flow.slug if isinstance(flow, Flow) else flow
+        if isinstance(slug, str):
+            _check_text(slug, "flow")
+        if isinstance(key, str):
+            _check_text(key, "key")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 2**63:
+            raise InputError(f"limit must be a non-negative integer, got {limit!r}")
         return self.backend.runs(slug, None if status is None else status.value, key, limit)
 
-    def wait(self, run_id: str, timeout: float | None = None) -> Run:
+    def wait(self, run_id: str, timeout: float | timedelta | None = None) -> Run:
         """Block until the run is completed, failed or cancelled; return it.
 
-        Raises :class:`~pgflow_py.WaitTimeout` after ``timeout`` real seconds.
+        Raises :class:`~pgflow_py.WaitTimeout` after ``timeout`` real seconds (a finite,
+        non-negative number or a timedelta; ``None`` waits for good).
         """
+        _check_run_id(run_id)
+        if timeout is not None:
+            timeout = _seconds(timeout, "timeout")
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.001
         while True:
@@ -350,6 +457,7 @@ class Store:
 
     def cancel(self, run_id: str) -> Run:
         """Cancel an unfinished run: its queued tasks never start, late results are ignored."""
+        _check_run_id(run_id)
         self.backend.cancel(run_id)
         self._notify("cancelled")
         self.notify_finished()

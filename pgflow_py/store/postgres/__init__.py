@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import urllib.parse
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -53,6 +54,46 @@ def _describe(psycopg: Any, url: str) -> str:
         return "on the PostgreSQL server"
     host = parts.get("host") or "localhost"
     return f"at {host}:{parts.get('port') or 5432}/{parts.get('dbname') or parts.get('user') or ''}"
+
+
+_QUOTED = re.compile(r'"([^"]*)"|\'([^\']*)\'')
+_KEYWORD_PASSWORD = re.compile(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def _secrets(url: str) -> list[str]:
+    """The passwords ``url`` may hold, as written and decoded, found without parsing it the
+    way libpq does (the URL may be malformed: that is when its error quotes it)."""
+    found: list[str] = []
+    _, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        # The password runs from the first ':' of the user info to an '@'; unencoded, it may
+        # itself hold '@', '/' or '?', so take every reading.
+        first, last = rest.find("@"), rest.rfind("@")
+        for end in {first, last}:
+            user_info = rest[:end]
+            if ":" in user_info:
+                found.append(user_info.partition(":")[2])
+    if sep:
+        found += re.findall(r"[?&]password=([^&]*)", url, re.IGNORECASE)
+    else:  # a libpq keyword string: "host=… password=…"
+        found += [m.strip("'") for m in _KEYWORD_PASSWORD.findall(url)]
+    decoded = [urllib.parse.unquote(secret, errors="replace") for secret in found]
+    return sorted({s for s in (*found, *decoded) if s}, key=len, reverse=True)
+
+
+def _redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` without any of ``secrets``, nor any quoted part of one (libpq quotes the
+    token it could not parse, which may be a piece of a password)."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+
+    def hide(match: re.Match[str]) -> str:
+        quoted = match.group(1) if match.group(1) is not None else match.group(2)
+        if quoted and quoted != "***" and any(quoted in secret for secret in secrets):
+            return match.group(0).replace(quoted, "***")
+        return match.group(0)
+
+    return _QUOTED.sub(hide, text) if secrets else text
 
 
 class _Translating:
@@ -135,11 +176,11 @@ class PostgresBackend(SqlBackend):
             )
         self._psycopg = psycopg
         self._schema = schema
+        self._secrets = _secrets(url)
         self._driver_errors = (psycopg.Error,)
         where = f"{_describe(psycopg, url)}, schema {schema}"
         super().__init__(url, clock, where)
         self._max_variables = 65_535
-        self._closed = False
         self._started = 0  # runs started here since the tables were last analyzed
         self._analyzed = 0  # rows of runs then
         self._open()
@@ -150,10 +191,15 @@ class PostgresBackend(SqlBackend):
             raise
 
     def _open(self) -> None:
+        error: StoreError | None = None
         try:
             db = self._psycopg.connect(self.url, autocommit=True)
         except self._psycopg.Error as exc:
-            raise self._store_error(exc) from exc
+            error = self._store_error(exc)
+        if error is not None:
+            # Raised outside the except block, so the driver's error (whose message may quote
+            # the URL, password and all) is neither its cause nor its context.
+            raise error
         db.execute(f"SET search_path TO {self._schema}")
         self._db = db
         self._conn = _Translating(db, self._psycopg.RawCursor)
@@ -161,7 +207,7 @@ class PostgresBackend(SqlBackend):
     def _ensure_open(self) -> None:
         """Reconnect after the server closed the connection (a restart, a failover)."""
         if self._closed:
-            raise StoreError(f"the pgflow database {self._where} was closed by this process")
+            raise self._closed_error()
         if self._db.closed or self._db.broken:
             self._open()
 
@@ -199,6 +245,11 @@ class PostgresBackend(SqlBackend):
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (str(target),),
                 )
+
+    def _store_error(self, exc: Exception) -> StoreError:
+        error = super()._store_error(exc)
+        text = _redact(str(error), self._secrets)
+        return error if text == str(error) else StoreError(text)
 
     def _begin(self) -> None:
         self._ensure_open()

@@ -10,7 +10,7 @@ from typing import Any
 
 from ... import _json
 from ...backoff import retry_delay
-from ..base import ClaimedTask, RunFailure, TaskFailure, TaskSuccess
+from ..base import ClaimedTask, RunFailure, TaskFailure, TaskSuccess, Undecodable
 from .connection import Conn, placeholders
 from .starting import _Starting
 
@@ -87,10 +87,22 @@ class _Claims(_Starting):
         loads = _json.loads
         tasks = []
         for (tid, run_id, flow, step, index, attempt, max_att, prio, inp, version, claim) in rows:
-            flow_input = loads(run_inputs[run_id])
+            # The claim is committed: a value that cannot be decoded (too deep, not JSON) is
+            # handed over as Undecodable, for the runner to fail that task alone.
+            try:
+                flow_input = loads(run_inputs[run_id])
+            except Exception as exc:
+                flow_input = Undecodable.of(exc)
+            if inp is None:
+                task_input = flow_input
+            else:
+                try:
+                    task_input = loads(inp)
+                except Exception as exc:
+                    task_input = Undecodable.of(exc)
             tasks.append(ClaimedTask(
-                tid, run_id, flow, step, index, attempt, max_att, prio,
-                flow_input if inp is None else loads(inp), flow_input, version, claim, now,
+                tid, run_id, flow, step, index, attempt, max_att, prio, task_input, flow_input,
+                version, claim, now,
             ))
         return finished, tasks
 

@@ -57,6 +57,7 @@ class _Connection(abc.ABC):
         self._where = where  # "at /path/app.db", for messages
         self.location = where.removeprefix("at ")
         self._lock = threading.RLock()
+        self._closed = False  # set by close(), under the lock
 
     # --- what a backend provides ---------------------------------------------------------------
 
@@ -90,10 +91,18 @@ class _Connection(abc.ABC):
         if self._in_transaction():
             self._conn.execute("ROLLBACK")
 
+    def _closed_error(self) -> StoreError:
+        return StoreError(
+            f"the store {self._where} is closed (store.close() was called, or its with block "
+            "ended); open it again with pf.connect()"
+        )
+
     @contextmanager
     def _write(self) -> Iterator[Conn]:
         """A write transaction; driver errors become a :class:`StoreError` naming the database."""
         with self._lock:
+            if self._closed:
+                raise self._closed_error()
             try:
                 self._begin()
                 try:
@@ -110,6 +119,8 @@ class _Connection(abc.ABC):
     @contextmanager
     def _read(self) -> Iterator[Conn]:
         with self._lock:
+            if self._closed:
+                raise self._closed_error()
             try:
                 yield self._conn
             except self._driver_errors as exc:

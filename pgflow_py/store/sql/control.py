@@ -13,9 +13,12 @@ class _Control(_Claims):
     def cancel(self, run_id: str) -> bool:
         now = self.clock.now()
         with self._write() as c:
+            # Until an attempt ends, a run's start is read from its running tasks, which
+            # cancelling ends: record it first.
             if not c.execute(
-                "UPDATE runs SET status = 'cancelled', finished_at = ? "
-                "WHERE id = ? AND status = 'started'",
+                "UPDATE runs SET status = 'cancelled', finished_at = ?, started_at = coalesce("
+                "started_at, (SELECT min(t.started_at) FROM step_tasks t WHERE t.run_id = runs.id "
+                "AND t.status = 'started')) WHERE id = ? AND status = 'started'",
                 (now, run_id),
             ).rowcount:
                 return False

@@ -9,6 +9,7 @@ from ... import _json
 from ...clock import utc_datetime
 from ...errors import SchemaError
 from ...models import AttemptRecord, Run, RunStatus, StepRun, TaskRun
+from ..base import Undecodable
 from .connection import placeholders
 from .control import _Control
 
@@ -39,6 +40,16 @@ def _dt(ts: float | None) -> datetime | None:
     return None if ts is None else utc_datetime(ts)
 
 
+def _decode(text: str | None) -> Any:
+    """A stored value, ``None`` for none, or :class:`Undecodable` if it cannot be read (so one
+    bad row, written by hand or by an older version, cannot hide the others)."""
+    if text is None:
+        return None
+    try:
+        return _json.loads(text)
+    except Exception as exc:
+        return Undecodable.of(exc)
+
 
 class _Reading(_Control):
     """Runs read back as :class:`~pgflow_py.models.Run` models."""
@@ -48,6 +59,8 @@ class _Reading(_Control):
     _NEWEST_FIRST = "r.rowid DESC"
 
     def get_run(self, run_id: str) -> Run | None:
+        """The run, or ``None``. An input or output whose stored JSON cannot be decoded reads as
+        an :class:`~pgflow_py.store.base.Undecodable` (as in :meth:`runs`)."""
         runs = self._read_runs(f"SELECT {_RUN_COLUMNS} FROM runs r WHERE r.id = :id", {"id": run_id})
         return runs[0] if runs else None
 
@@ -93,13 +106,14 @@ class _Reading(_Control):
                 ids,
             ).fetchall()
         loads = _json.loads
+        decode = _decode
         tasks: dict[tuple[str, str], list[tuple[TaskRun, float | None]]] = {}
         for run_id, step, index, status, attempts, output, error, history, started in task_rows:
             record = TaskRun(
                 index=index,
                 status=status,
                 attempts=attempts,
-                output=None if output is None else loads(output),
+                output=decode(output),
                 error=error,
                 history=tuple(
                     AttemptRecord(h["attempt"], h["error"], _dt(h["at"]), step, index)  # type: ignore[arg-type]
@@ -114,7 +128,7 @@ class _Reading(_Control):
                 slug=step,
                 status=status,
                 attempts=max((t.attempts for t, _ in step_tasks), default=0),
-                output=None if output is None else loads(output),
+                output=decode(output),
                 error=error,
                 tasks=tuple(t for t, _ in step_tasks),
             )
@@ -143,8 +157,8 @@ class _Reading(_Control):
                 id=run_id,
                 flow_slug=flow_slug,
                 status=RunStatus(status),
-                input=loads(inp),
-                output=None if output is None else loads(output),
+                input=decode(inp),
+                output=decode(output),
                 error=error,
                 key=key,
                 priority=priority,

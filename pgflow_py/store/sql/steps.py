@@ -8,7 +8,7 @@ from typing import Any
 
 from ... import _json
 from ...definition import FlowDefinition, StepDefinition
-from ..base import RunFailure, TaskFailure, TaskSuccess
+from ..base import RunFailure, TaskFailure, TaskSuccess, Undecodable
 from .connection import Conn, placeholders
 from .definitions import _Definitions
 
@@ -269,8 +269,19 @@ class _Steps(_Definitions):
         ).fetchall()
         if step.step_type == "map":
             source, array_json = deps[0]
-            array = _json.loads(array_json)
-            if not isinstance(array, list):
+            try:
+                array = _json.loads(array_json)
+                items = [_json.dumps(item) for item in array] if isinstance(array, list) else None
+            except Exception as exc:
+                # Not raised: that would undo the whole batch of results, again on every try.
+                self._fail_run(
+                    c, run_id, step.slug,
+                    f"map step {step.slug!r} cannot read the output of step {source!r}: "
+                    f"{Undecodable.of(exc).error}",
+                    now,
+                )
+                return None
+            if items is None:
                 self._fail_run(
                     c, run_id, step.slug,
                     f"map step {step.slug!r} expected an array from step {source!r}, "
@@ -278,7 +289,6 @@ class _Steps(_Definitions):
                     now,
                 )
                 return None
-            items = [_json.dumps(item) for item in array]
             return self._start_step(c, d, step, run_id, priority, run_at, now, items)
         deps_json = "{" + ",".join(f"{_json.dumps(slug)}:{out}" for slug, out in deps) + "}"
         return self._start_step(c, d, step, run_id, priority, run_at, now, None, deps_json)
@@ -357,8 +367,12 @@ class _Steps(_Definitions):
             return False
         if self._failed_runs is not None:
             task_id, index, attempt = task if task is not None else (None, None, 0)
+            try:
+                flow_input = _json.loads(row[1])
+            except Exception as exc:  # failing the run must not depend on reading its input
+                flow_input = Undecodable.of(exc)
             self._failed_runs.append(RunFailure(
-                run_id, row[0], step_slug, error, _json.loads(row[1]), task_id, index, attempt
+                run_id, row[0], step_slug, error, flow_input, task_id, index, attempt
             ))
         c.execute(
             "UPDATE step_states SET status = 'failed', error = ?, finished_at = ? "

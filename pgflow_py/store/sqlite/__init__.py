@@ -14,17 +14,83 @@ from importlib import resources
 import sqlite_utils
 
 from ...clock import Clock
-from ...errors import SchemaError
+from ...errors import SchemaError, StoreError
 from ..sql import SqlBackend
 from ..sql.claims import LOST_WORKER
 from ..sql.connection import Conn
 from .checkpoint import Checkpointer
 
-__all__ = ("LOST_WORKER", "SCHEMA_VERSION", "SqliteBackend")
+__all__ = ("LOST_WORKER", "SCHEMA_VERSION", "SqliteBackend", "UnusableDatabase")
 
 SCHEMA_VERSION = 2
 APPLICATION_ID = 0x70666C77  # "pflw": marks a file as a pgflow_py database
 _MIGRATIONS = {1: "sqlite_0001_initial.sql", 2: "sqlite_0002_lean_jobs.sql"}
+
+
+class UnusableDatabase(StoreError, SchemaError):
+    """The database file cannot be opened or used (a missing or read-only directory, a file
+    that is not SQLite). A :class:`SchemaError` too, as it was before it said why."""
+
+
+def _create_private(path: str) -> None:
+    """Create a missing database file readable by this user alone: run inputs can be
+    secrets. SQLite gives the -wal and -shm files the database's permissions, so they follow
+    (and an existing file keeps the permissions its owner chose)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+
+
+def _open_error(path: str, exc: BaseException) -> UnusableDatabase:
+    """Why ``path`` cannot be used, found by looking at it (what SQLite reports, "unable to
+    open database file", says neither which nor what to do)."""
+    full = os.path.abspath(path)
+    directory = os.path.dirname(full)
+    name = os.path.basename(full)
+    text = str(exc).strip()
+    if not os.path.exists(full):
+        problem = f"cannot create database file {full!r}: "
+        if not os.path.isdir(directory):
+            problem += (
+                f"directory {directory!r} does not exist (create it first)"
+                if not os.path.exists(directory) else f"{directory!r} is not a directory"
+            )
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            problem += (
+                f"directory {directory!r} is not writable by this user (give it write access, "
+                "or point pgflow at another directory)"
+            )
+        else:
+            problem += f"{text}; check the path and its directory"
+        return UnusableDatabase(problem)
+    prefix = f"cannot use the pgflow database {full!r}: "
+    if os.path.isdir(full):
+        return UnusableDatabase(prefix + "it is a directory; point pgflow at a file path")
+    if not os.access(full, os.R_OK | os.W_OK):
+        return UnusableDatabase(
+            prefix + "the file is not readable and writable by this user (give it access)"
+        )
+    if not os.access(directory, os.W_OK | os.X_OK) and not all(
+        os.access(full + suffix, os.R_OK | os.W_OK) for suffix in ("-wal", "-shm")
+    ):
+        return UnusableDatabase(
+            prefix + f"directory {directory!r} is not writable by this user (SQLite needs to "
+            f"create {name}-wal and {name}-shm beside the database; give it write access)"
+        )
+    lowered = text.lower()
+    if "not a database" in lowered:
+        return UnusableDatabase(
+            prefix + "the file is not an SQLite database (or is encrypted); point pgflow at "
+            "another path"
+        )
+    if "malformed" in lowered:
+        return UnusableDatabase(prefix + "the file is corrupt; restore it from a backup")
+    if isinstance(exc, StoreError):  # already says what and where
+        return UnusableDatabase(text)
+    return UnusableDatabase(prefix + text)
 
 
 class SqliteBackend(SqlBackend):
@@ -42,14 +108,17 @@ class SqliteBackend(SqlBackend):
     )
 
     def __init__(self, path: str, clock: Clock, *, busy_timeout: float = 10.0) -> None:
-        where = "in memory" if path == ":memory:" else f"at {os.path.abspath(path)}"
+        on_disk = path not in (":memory:", "")
+        where = f"at {os.path.abspath(path)}" if on_disk else "in memory"
         super().__init__(path, clock, where)
+        if on_disk:
+            _create_private(path)
         try:
             self._db = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
             )
         except sqlite3.Error as exc:
-            raise SchemaError(f"cannot open the pgflow database {where}: {exc}") from exc
+            raise _open_error(path, exc) from None
         self._conn: Conn = self._db
         self._checkpointer: Checkpointer | None = None
         # Bound parameters per statement (999 before SQLite 3.32; Python < 3.11 cannot ask).
@@ -59,12 +128,9 @@ class SqliteBackend(SqlBackend):
         try:
             self._configure(busy_timeout)
             self._migrate()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, StoreError) as exc:
             self._db.close()
-            raise SchemaError(
-                f"the file {where} is not a usable pgflow database ({exc}); "
-                "point pgflow at another path or restore the file"
-            ) from exc
+            raise _open_error(path, exc) from None
         except BaseException:
             self._db.close()
             raise
@@ -139,4 +205,5 @@ class SqliteBackend(SqlBackend):
         if self._checkpointer is not None:
             self._checkpointer.close()
         with self._lock:
+            self._closed = True
             self._db.close()
