@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import attrs
@@ -27,7 +27,7 @@ from .definition import (
 )
 from .errors import DefinitionError, InputError, PgflowError
 
-__all__ = ("Flow", "Hook", "Job", "Step", "flow", "job", "perform")
+__all__ = ("Flow", "Hook", "Job", "Step", "distinct_flows", "flow", "job", "perform")
 
 Handler = Callable[..., Any]
 Hook = Callable[[Context, BaseException], Any]
@@ -587,3 +587,34 @@ def flow(
         on_failure=on_failure, on_dead=on_dead, cron=cron, cron_input=cron_input,
         concurrency=concurrency, isolation=isolation,
     )
+
+
+def distinct_flows(flows: Iterable[Flow]) -> list[Flow]:
+    """``flows`` without repeats of one object, in order; two different objects with one slug
+    raise :class:`DefinitionError`, as a runner could serve only one of them."""
+    found: dict[str, Flow] = {}
+    for candidate in flows:
+        kept = found.setdefault(candidate.slug, candidate)
+        if kept is candidate:
+            continue
+        first, second = _origin(kept), _origin(candidate)
+        hint = (
+            f"; both come from {first}, so its module was imported twice under different names "
+            "(e.g. as a script and as a module): import it one way"
+            if first == second
+            else "; give one of them another slug, or import the same object in both places"
+        )
+        raise DefinitionError(
+            f"two different jobs or flows have the slug {candidate.slug!r}: {kept._kind} "
+            f"{first} and {candidate._kind} {second}{hint}"
+        )
+    return list(found.values())
+
+
+def _origin(flow: Flow) -> str:
+    """Where a job or flow was defined: its (first) handler's import path."""
+    handlers = list(flow._handlers.values())
+    path = import_path(handlers[0]) if handlers else None
+    if path is None:
+        return repr(flow)
+    return path if flow._kind == "job" or len(handlers) == 1 else f"with first step {path}"

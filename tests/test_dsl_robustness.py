@@ -16,6 +16,7 @@ from _helpers import drain
 import pgflow_py as pf
 from pgflow_py.definition import FlowDefinition as FD
 from pgflow_py.definition import StepDefinition as SD
+from pgflow_py.dsl import distinct_flows
 
 YEAR = 365 * 24 * 3600
 
@@ -383,3 +384,58 @@ def test_root_map_items_are_copies_of_the_flow_input(store: pf.Store) -> None:
     assert served == {"each": [[2, 1], [2, 1]]}
     assert f.perform(data) == served
     assert data == [[1], [2]]
+
+
+# --- 4. distinct_flows ---------------------------------------------------------------------------
+
+
+def send(input: Any, ctx: pf.Context) -> Any:
+    return input
+
+
+def other_send(input: Any, ctx: pf.Context) -> Any:
+    return input
+
+
+def test_distinct_flows_drops_repeats_of_one_object_and_keeps_the_order() -> None:
+    a = pf.job(queue="a")(send)
+    b = pf.flow("b")
+    b.step()(send)
+    assert distinct_flows([a, b, a, b, a]) == [a, b]
+    assert distinct_flows(iter([b])) == [b]
+    assert distinct_flows([]) == []
+
+
+def test_distinct_flows_refuses_two_jobs_with_one_slug_naming_both_handlers() -> None:
+    first = pf.job(queue="same")(send)
+    second = pf.job(queue="same")(other_send)
+    with pytest.raises(pf.DefinitionError) as info:
+        distinct_flows([first, second])
+    message = str(info.value)
+    assert "'same'" in message
+    assert f"{__name__}:send" in message and f"{__name__}:other_send" in message
+
+
+def test_distinct_flows_names_a_flow_by_its_first_step() -> None:
+    job = pf.job(queue="clash")(send)
+    f = pf.flow("clash")
+    f.step()(other_send)
+    f.step(depends_on=["other_send"])(send)
+    with pytest.raises(pf.DefinitionError) as info:
+        distinct_flows([job, f])
+    message = str(info.value)
+    assert f"job {__name__}:send" in message
+    assert f"flow with first step {__name__}:other_send" in message
+
+
+def test_distinct_flows_explains_a_module_imported_twice() -> None:
+    # What `python app.py` plus `import app` produce: the same function, two job objects.
+    with pytest.raises(pf.DefinitionError, match="imported twice"):
+        distinct_flows([pf.job(queue="twice")(send), pf.job(queue="twice")(send)])
+
+
+def test_distinct_flows_is_exported_by_dsl_only() -> None:
+    import pgflow_py.dsl
+
+    assert "distinct_flows" in pgflow_py.dsl.__all__
+    assert not hasattr(pf, "distinct_flows")
