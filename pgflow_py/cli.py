@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import click
 
-from .dsl import Flow
+from .dsl import Flow, distinct_flows
+from .errors import PgflowError
 from .runtime import run_flows
 from .store import connect
 
@@ -19,20 +20,30 @@ __all__ = ("flows_in_modules", "main")
 
 
 def flows_in_modules(names: Sequence[str]) -> list[Flow]:
-    """Import each module and return the jobs and flows defined at its top level."""
+    """Import each module and return the jobs and flows defined at their top level.
+
+    A module that defines none is an error (a worker given a helper module by mistake would
+    otherwise serve nothing, or everything); so are two different jobs or flows with one slug.
+    """
     # Like `python -m`, let modules next to where the worker starts be importable.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    found: dict[str, Flow] = {}
+    found: list[Flow] = []
     for name in names:
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
             raise click.ClickException(f"cannot import module {name!r}: {exc}") from exc
-        for value in vars(module).values():
-            if isinstance(value, Flow) and value.slug not in found:
-                found[value.slug] = value
-    return list(found.values())
+        except PgflowError as exc:  # e.g. an invalid definition, refused at decoration
+            raise click.ClickException(f"importing module {name!r}: {exc}") from exc
+        defined = [value for value in vars(module).values() if isinstance(value, Flow)]
+        if not defined:
+            raise click.ClickException(
+                f"module {name!r} defines no pgflow job or flow at its top level; give the "
+                "module that defines them (or no module at all to serve every stored flow)"
+            )
+        found.extend(defined)
+    return distinct_flows(found)
 
 
 @click.group()
@@ -66,7 +77,7 @@ def worker(
     shutdown_timeout: float,
     log_level: str,
 ) -> None:
-    """Serve the flows defined in MODULES (or, if they define none, every flow in the store).
+    """Serve the jobs and flows defined in MODULES (with none given, every flow in the store).
 
     SIGTERM or SIGINT stops claiming and lets running tasks finish (up to the shutdown
     timeout); a second signal stops at once.
@@ -75,7 +86,38 @@ def worker(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     log = logging.getLogger("pgflow_py.worker")
-    flows: list[Flow] | None = flows_in_modules(modules) or None
+    try:
+        _serve(modules, database, concurrency, flow_slugs, lease, shutdown_timeout, log)
+    except PgflowError as exc:
+        # Library errors name the problem and the fix: one line says it better than a
+        # traceback, which --log-level DEBUG still shows.
+        log.debug("stopped by an error", exc_info=True)
+        raise click.ClickException(" ".join(str(exc).split())) from exc
+    lingering = [
+        t for t in threading.enumerate()
+        if t is not threading.main_thread() and t.is_alive() and not t.daemon
+    ]
+    if lingering:
+        # Threads a handler started itself (the runner's own are daemons) would keep Python
+        # waiting at exit; the tasks are released or reclaimed already.
+        log.warning("exiting with %d non-daemon thread(s) still running", len(lingering))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _serve(
+    modules: tuple[str, ...],
+    database: str,
+    concurrency: int,
+    flow_slugs: str | None,
+    lease: float,
+    shutdown_timeout: float,
+    log: logging.Logger,
+) -> None:
+    """Import the modules (or load the stored flows), connect, and serve until stopped."""
+    flows = flows_in_modules(modules) if modules else None
     with connect(database) as store:
         if flows is None:
             from .runtime.loader import load_stored_flows
@@ -100,15 +142,3 @@ def worker(
             shutdown_timeout=shutdown_timeout,
         )
         log.info("stopped: %s", stats)
-    lingering = [
-        t for t in threading.enumerate()
-        if t is not threading.main_thread() and t.is_alive() and not t.daemon
-    ]
-    if lingering:
-        # Threads a handler started itself (the runner's own are daemons) would keep Python
-        # waiting at exit; the tasks are released or reclaimed already.
-        log.warning("exiting with %d non-daemon thread(s) still running", len(lingering))
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)

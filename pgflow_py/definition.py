@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 import re
+import reprlib
 from collections.abc import Iterable
 from typing import Any, Literal
 
 import attrs
 import cattrs
 
+from . import _json
 from .errors import DefinitionError
 
 __all__ = (
@@ -48,61 +49,63 @@ def validate_slug(slug: object, what: str = "slug") -> str:
     return slug
 
 
-def _check_number(name: str, value: object, *, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DefinitionError(f"{name} must be a number of seconds, got {value!r}")
-    try:
-        number = float(value)
-    except OverflowError:
-        raise DefinitionError(f"{name} is too large: {value!r}") from None
-    if math.isnan(number) or math.isinf(number):
-        raise DefinitionError(f"{name} must be a finite number of seconds, got {value!r}")
+YEAR = 365 * 24 * 3600
 
 
-class _NotGiven:
-    pass
+@attrs.frozen
+class OptionRange:
+    """The values a numeric option accepts: ``low`` to ``high`` (``low`` itself unless ``above``)."""
+
+    low: int
+    high: int
+    integer: bool = False
+    above: bool = False
+    hint: str = ""
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number of seconds"
+        return f"{kind} {'>' if self.above else '>='} {self.low} and <= {self.high}{self.hint}"
+
+    def admits(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        try:
+            number = float(value)
+        except OverflowError:
+            return False
+        # NaN fails every comparison, infinity the upper bound.
+        low_ok = number > self.low if self.above else number >= self.low
+        return low_ok and number <= self.high
 
 
-_NOT_GIVEN: Any = _NotGiven()
+OPTION_RANGES: dict[str, OptionRange] = {
+    # Bounded so that every accepted value can be served: deadlines and due times stay
+    # representable datetimes, and counts fit a 32-bit database column.
+    "max_attempts": OptionRange(1, 1_000_000, integer=True, hint=" (1 = no retry)"),
+    "concurrency": OptionRange(1, 1_000_000, integer=True, hint=" (or None for no limit)"),
+    "timeout": OptionRange(0, YEAR, above=True, hint=" (one year)"),
+    "base_delay": OptionRange(0, 10 * YEAR, hint=" (ten years)"),
+    "max_delay": OptionRange(0, 10 * YEAR, hint=" (ten years)"),
+    "start_delay": OptionRange(0, 10 * YEAR, hint=" (ten years)"),
+}
+"""Every numeric option of flows and steps, declared once."""
+
+_INHERITED = frozenset({"max_attempts", "base_delay", "timeout"})
+"""Step options whose ``None`` means "the flow's value"."""
 
 
-def check_options(
-    where: str,
-    *,
-    max_attempts: object = _NOT_GIVEN,
-    base_delay: object = _NOT_GIVEN,
-    timeout: object = _NOT_GIVEN,
-    start_delay: object = _NOT_GIVEN,
-    max_delay: object = _NOT_GIVEN,
-    allow_none: bool = False,
-) -> None:
-    """Validate the options given; ``None`` means "inherit" for step options when ``allow_none``.
+def check_options(where: str, *, allow_none: bool = False, **options: object) -> None:
+    """Check numeric options against :data:`OPTION_RANGES`; raise :class:`DefinitionError`.
 
-    ``start_delay`` and ``max_delay`` are never inherited, so they must always be numbers.
+    With ``allow_none`` (step options) ``None`` means "inherit" for the options a step inherits;
+    ``concurrency=None`` always means no limit.
     """
-    if max_attempts is not _NOT_GIVEN and not (max_attempts is None and allow_none):
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
-            raise DefinitionError(f"{where}: max_attempts must be an integer, got {max_attempts!r}")
-        if max_attempts < 1:
-            raise DefinitionError(
-                f"{where}: max_attempts must be at least 1 (1 = no retry), got {max_attempts}"
-            )
-    for name, value, may_be_none in (
-        ("base_delay", base_delay, allow_none),
-        ("start_delay", start_delay, False),
-        ("max_delay", max_delay, False),
-    ):
-        if value is _NOT_GIVEN:
+    for name, value in options.items():
+        if value is None and (name == "concurrency" or (allow_none and name in _INHERITED)):
             continue
-        _check_number(f"{where}: {name}", value, allow_none=may_be_none)
-        if value is not None and value < 0:  # type: ignore[operator]
-            raise DefinitionError(f"{where}: {name} must be >= 0 seconds, got {value!r}")
-    if timeout is not _NOT_GIVEN and not (timeout is None and allow_none):
-        _check_number(f"{where}: timeout", timeout, allow_none=False)
-        if timeout <= 0:  # type: ignore[operator]
-            raise DefinitionError(f"{where}: timeout must be > 0 seconds, got {timeout!r}")
+        rule = OPTION_RANGES[name]
+        if not rule.admits(value):
+            raise DefinitionError(f"{where}: {name} must be {rule.describe()}, got {reprlib.repr(value)}")
 
 
 @attrs.frozen
@@ -307,24 +310,17 @@ def validate_flow_options(
     where = f"flow {slug!r}"
     check_options(
         where, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
-        max_delay=max_delay,
+        max_delay=max_delay, concurrency=concurrency,
     )
     if backoff not in ("exponential", "fixed"):
         raise DefinitionError(f"{where}: backoff must be 'exponential' or 'fixed', got {backoff!r}")
     if not isinstance(jitter, bool):
         raise DefinitionError(f"{where}: jitter must be True or False, got {jitter!r}")
     check_isolation(isolation, where, allow_none=False)
-    if concurrency is not None and (
-        isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
-    ):
-        raise DefinitionError(
-            f"{where}: concurrency must be a positive integer (or None for no limit), "
-            f"got {concurrency!r}"
-        )
     if cron is not None:
         validate_cron(cron, where)
         try:
-            json.dumps(cron_input, allow_nan=False)
+            _json.dumps(cron_input)
         except (TypeError, ValueError) as exc:
             raise DefinitionError(f"{where}: cron_input must be JSON-serializable: {exc}") from None
     elif cron_input is not None:

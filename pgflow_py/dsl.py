@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import attrs
 
+from . import _json
 from .context import Context
 from .definition import (
     EffectiveOptions,
@@ -26,7 +27,7 @@ from .definition import (
 )
 from .errors import DefinitionError, InputError, PgflowError
 
-__all__ = ("Flow", "Hook", "Job", "Step", "flow", "job", "perform")
+__all__ = ("Flow", "Hook", "Job", "Step", "distinct_flows", "flow", "job", "perform")
 
 Handler = Callable[..., Any]
 Hook = Callable[[Context, BaseException], Any]
@@ -289,54 +290,68 @@ class Flow:
         )
 
     # The DAG walk is written once, as generators that yield (handler, value, ctx) calls; the
-    # sync and async entry points only differ in how they make each call.
+    # sync and async entry points only differ in how they make each call. Values travel as the
+    # JSON the runtime stores, each task decoding its own copy, so a handler sees what it would
+    # see in a runner and may mutate its input without changing what another step sees.
 
     def _step_calls(
-        self, step_slug: str, value: Any, flow_input: Any, ctx: Context | None
-    ) -> Generator[_Call, Any, Any]:
+        self, step_slug: str, value_json: str | None, input_json: str, ctx: Context | None
+    ) -> Generator[_Call, Any, str]:
+        """Run one step on ``value_json`` (``None``: the flow input); return its output JSON."""
         fn = self.handler(step_slug)
         step = self.definition.step(step_slug)
+        where = self._where(step_slug)
+        loads = _json.loads
         if step.step_type == "single":
-            return (yield fn, value, self._step_context(step_slug, flow_input, ctx, None))
-        if not isinstance(value, list):
+            flow_input = loads(input_json)
+            value = flow_input if value_json is None else loads(value_json)
+            output = yield fn, value, self._step_context(step_slug, flow_input, ctx, None)
+            return _output_json(output, where)
+        array = loads(input_json if value_json is None else value_json)
+        if not isinstance(array, list):
             source = step.depends_on[0] if step.depends_on else "the flow input"
             raise PgflowError(
                 f"map step {step_slug!r} expected an array from {source}, "
-                f"got {type(value).__name__}"
+                f"got {type(array).__name__}"
             )
         outputs = []
-        for i, item in enumerate(value):
-            outputs.append((yield fn, item, self._step_context(step_slug, flow_input, ctx, i)))
-        return outputs
+        for i, item in enumerate(array):
+            task_ctx = self._step_context(step_slug, loads(input_json), ctx, i)
+            outputs.append(_output_json((yield fn, item, task_ctx), f"{where}, task {i}"))
+        return f"[{','.join(outputs)}]"
 
     def _run_calls(self, input: Any, ctx: Context | None) -> Generator[_Call, Any, Any]:
         definition = self.definition
-        if ctx is None:
-            # One run id for the whole run, as in the runtime.
-            ctx = Context(flow_slug=self.slug, step_slug=definition.steps[0].slug, flow_input=input)
+        input_json = _input_json(input, f"flow {self.slug!r}")
         for root in definition.root_steps:
-            if root.step_type == "map" and not isinstance(input, list):
+            if root.step_type == "map" and not isinstance(input, (list, tuple)):
                 raise InputError(
                     f"flow {self.slug!r} starts with map step {root.slug!r}, so its input must "
                     f"be an array (list), got {type(input).__name__}"
                 )
-        outputs: dict[str, Any] = {}
+        if ctx is None:
+            # One run id for the whole run, as in the runtime.
+            ctx = Context(flow_slug=self.slug, step_slug=definition.steps[0].slug)
+        outputs: dict[str, str] = {}
         for step in definition.steps:
             if not step.depends_on:
-                value = input
+                value_json = None
             elif step.step_type == "map":
-                value = outputs[step.depends_on[0]]
+                value_json = outputs[step.depends_on[0]]
             else:
-                value = {dep: outputs[dep] for dep in step.depends_on}
-            outputs[step.slug] = yield from self._step_calls(step.slug, value, input, ctx)
+                deps = ",".join(f"{_json.dumps(d)}:{outputs[d]}" for d in step.depends_on)
+                value_json = f"{{{deps}}}"
+            outputs[step.slug] = yield from self._step_calls(step.slug, value_json, input_json, ctx)
         if definition.kind == "job":
-            return outputs[definition.steps[0].slug]
-        return {leaf.slug: outputs[leaf.slug] for leaf in definition.leaf_steps}
+            return _json.loads(outputs[definition.steps[0].slug])
+        return {leaf.slug: _json.loads(outputs[leaf.slug]) for leaf in definition.leaf_steps}
 
     async def aperform(self, input: Any = None, ctx: Context | None = None) -> Any:
         """Run the whole flow in this event loop, step by step, and return the run output.
 
-        Each step runs once (no retries); a handler's exception propagates unchanged.
+        Each step runs once (no retries); a handler's exception propagates unchanged. Inputs and
+        outputs go through the runtime's JSON round trip: an input it cannot store raises
+        :class:`InputError`, an output it cannot store ``TypeError``/``ValueError``.
         """
         return await _drive_async(self._run_calls(input, ctx))
 
@@ -344,15 +359,27 @@ class Flow:
         """Run the whole flow in this thread, step by step, and return the run output.
 
         Sync handlers are called directly; an async handler is run to completion (outside a
-        running event loop; inside one, use :meth:`aperform`).
+        running event loop; inside one, use :meth:`aperform`). Values go through JSON as in
+        :meth:`aperform`.
         """
         return _drive_sync(self._run_calls(input, ctx), "perform")
+
+    def _where(self, step_slug: str) -> str:
+        if self._kind == "job":
+            return f"job {self.slug!r}"
+        return f"flow {self.slug!r}, step {step_slug!r}"
 
     def _one_step(
         self, step_slug: str, input: Any, ctx: Context | None
     ) -> Generator[_Call, Any, Any]:
-        flow_input = ctx.flow_input if ctx is not None and ctx.flow_input is not None else input
-        return self._step_calls(step_slug, input, flow_input, ctx)
+        where = self._where(step_slug)
+        input_json = _input_json(input, where)
+        if ctx is None or ctx.flow_input is None:
+            output_json = yield from self._step_calls(step_slug, None, input_json, ctx)
+        else:
+            flow_input_json = _input_json(ctx.flow_input, f"{where}: ctx.flow_input")
+            output_json = yield from self._step_calls(step_slug, input_json, flow_input_json, ctx)
+        return _json.loads(output_json)
 
     async def aperform_step(self, step_slug: str, input: Any = None, ctx: Context | None = None) -> Any:
         """Run one step: ``input`` is the flow input (root), ``{dep: output}``, or a map's array."""
@@ -381,10 +408,34 @@ class Job(Flow):
         return self.fn(*args, **kwargs)
 
     def _run_calls(self, input: Any, ctx: Context | None) -> Generator[_Call, Any, Any]:
-        return (yield self.fn, input, self._step_context(self.step_slug, input, ctx, None))
+        input_json = _input_json(input, f"job {self.slug!r}")
+        output_json = yield from self._step_calls(self.step_slug, None, input_json, ctx)
+        return _json.loads(output_json)
 
 
 _Call = tuple[Handler, Any, Context]
+
+
+def _input_json(value: Any, where: str) -> str:
+    """``value`` as the store would record it, or the :class:`InputError` ``start`` raises."""
+    try:
+        return _json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"{where}: the input must be JSON-serializable (dicts, lists, str, numbers, bools, "
+            f"None, attrs classes, dataclasses): {exc}"
+        ) from None
+
+
+def _output_json(output: Any, where: str) -> str:
+    """A handler's output as the runner records it; what the runner fails the run with if not."""
+    try:
+        return _json.dumps(output)
+    except (TypeError, ValueError) as exc:
+        error = TypeError if isinstance(exc, TypeError) else ValueError
+        raise error(
+            f"{where}: the handler returned a value that is not JSON-serializable: {exc}"
+        ) from None
 
 
 async def _drive_async(calls: Generator[_Call, Any, Any]) -> Any:
@@ -536,3 +587,34 @@ def flow(
         on_failure=on_failure, on_dead=on_dead, cron=cron, cron_input=cron_input,
         concurrency=concurrency, isolation=isolation,
     )
+
+
+def distinct_flows(flows: Iterable[Flow]) -> list[Flow]:
+    """``flows`` without repeats of one object, in order; two different objects with one slug
+    raise :class:`DefinitionError`, as a runner could serve only one of them."""
+    found: dict[str, Flow] = {}
+    for candidate in flows:
+        kept = found.setdefault(candidate.slug, candidate)
+        if kept is candidate:
+            continue
+        first, second = _origin(kept), _origin(candidate)
+        hint = (
+            f"; both come from {first}, so its module was imported twice under different names "
+            "(e.g. as a script and as a module): import it one way"
+            if first == second
+            else "; give one of them another slug, or import the same object in both places"
+        )
+        raise DefinitionError(
+            f"two different jobs or flows have the slug {candidate.slug!r}: {kept._kind} "
+            f"{first} and {candidate._kind} {second}{hint}"
+        )
+    return list(found.values())
+
+
+def _origin(flow: Flow) -> str:
+    """Where a job or flow was defined: its (first) handler's import path."""
+    handlers = list(flow._handlers.values())
+    path = import_path(handlers[0]) if handlers else None
+    if path is None:
+        return repr(flow)
+    return path if flow._kind == "job" or len(handlers) == 1 else f"with first step {path}"

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import pgflow_py as pf
-from pgflow_py.cli import main
+from pgflow_py.cli import flows_in_modules, main
 
 JOBS = textwrap.dedent("""
     import time
@@ -181,3 +181,113 @@ def test_second_signal_exits_even_with_a_sync_handler_still_running(project):
         back = store.get_run(run.id)
     assert back.status is pf.RunStatus.QUEUED
     assert back.attempts == 0
+
+
+# --- what the worker refuses, in one line --------------------------------------------------------
+
+
+def _worker_fails(project: Path, *args: str) -> str:
+    """Run a worker expected to refuse to start; return its one-line error."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgflow_py", "worker", *args], cwd=project, text=True,
+        capture_output=True, timeout=30,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: "), proc.stderr
+    assert not [line for line in lines[:-1] if "Error" in line], proc.stderr
+    return lines[-1]
+
+
+def _job_module(queue: str, function: str) -> str:
+    return textwrap.dedent(f"""
+        import pgflow_py as pf
+
+        @pf.job(queue={queue!r})
+        def {function}(input, ctx):
+            return {function!r}
+    """)
+
+
+def test_two_different_jobs_with_one_slug_are_an_error_naming_both(project):
+    (project / "same_a.py").write_text(_job_module("same", "send_a"))
+    (project / "same_b.py").write_text(_job_module("same", "send_b"))
+    err = _worker_fails(project, "same_a", "same_b", "--database", str(project / "x.db"))
+    assert "'same'" in err
+    assert "same_a:send_a" in err and "same_b:send_b" in err
+
+
+def test_one_job_imported_into_two_modules_is_served_once(project, monkeypatch):
+    (project / "shared_job.py").write_text(_job_module("shared", "shared"))
+    (project / "uses_shared_a.py").write_text("from shared_job import shared\n")
+    (project / "uses_shared_b.py").write_text("from shared_job import shared as again\n")
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(str(project))
+    (found,) = flows_in_modules(["uses_shared_a", "uses_shared_b", "shared_job"])
+    assert found.slug == "shared"
+
+    db = project / "shared.db"
+    with pf.connect(db) as store:
+        run = store.start(found, None)
+    proc = _start(project, "uses_shared_a", "uses_shared_b", "--database", str(db))
+    try:
+        (done,) = _wait_terminal(db, [run.id])
+    finally:
+        code, err = _stop(proc)
+    assert done.output == "shared"
+    assert code == 0, err
+
+
+def test_a_module_that_defines_no_job_is_an_error_naming_it(project):
+    (project / "only_helpers.py").write_text("def helper():\n    return 1\n")
+    db = str(project / "x.db")
+    for modules in (["only_helpers"], ["cli_jobs", "only_helpers"]):
+        err = _worker_fails(project, *modules, "--database", db)
+        assert "module 'only_helpers' defines no pgflow job or flow" in err
+
+
+def test_database_in_a_missing_directory_is_a_one_line_error(project):
+    db = project / "no_such_directory" / "app.db"
+    err = _worker_fails(project, "cli_jobs", "--database", str(db))
+    assert str(db) in err
+    err = _worker_fails(project, "--database", str(db))
+    assert str(db) in err
+
+
+def test_a_shape_mismatch_is_a_one_line_error(project):
+    @pf.job(queue="reshaped")
+    def reshaped(input, ctx):
+        return input
+
+    db = project / "shape.db"
+    with pf.connect(db) as store:
+        store.start(reshaped, 1)  # unfinished: the shape may not change
+    (project / "reshaped_v2.py").write_text(textwrap.dedent("""
+        import pgflow_py as pf
+
+        reshaped = pf.flow("reshaped")
+
+        @reshaped.step()
+        def first(input, ctx):
+            return input
+
+        @reshaped.step(depends_on=["first"])
+        def second(deps, ctx):
+            return deps
+    """))
+    err = _worker_fails(project, "reshaped_v2", "--database", str(db))
+    assert "'reshaped' changed shape" in err
+
+
+def test_an_invalid_definition_is_a_one_line_error_naming_the_module(project):
+    (project / "too_long.py").write_text(textwrap.dedent("""
+        import pgflow_py as pf
+
+        @pf.job(queue="too_long", timeout=10**12)
+        def too_long(input, ctx):
+            return input
+    """))
+    err = _worker_fails(project, "too_long", "--database", str(project / "x.db"))
+    assert "module 'too_long'" in err
+    assert "timeout must be" in err and "31536000" in err

@@ -301,26 +301,26 @@ def test_step_of_another_flow_is_refused_as_dependency() -> None:
 # --- options -------------------------------------------------------------------------------------
 
 BAD_FLOW_OPTIONS: list[tuple[str, object, str]] = [
-    ("max_attempts", 0, "max_attempts must be at least 1"),
-    ("max_attempts", -3, "max_attempts must be at least 1"),
+    ("max_attempts", 0, "max_attempts must be an integer >= 1"),
+    ("max_attempts", -3, "max_attempts must be an integer >= 1"),
     ("max_attempts", 1.5, "max_attempts must be an integer"),
     ("max_attempts", 2.0, "max_attempts must be an integer"),
     ("max_attempts", True, "max_attempts must be an integer"),
     ("max_attempts", False, "max_attempts must be an integer"),
     ("max_attempts", "3", "max_attempts must be an integer"),
     ("max_attempts", None, "max_attempts must be an integer"),
-    ("base_delay", -1, "base_delay must be >= 0"),
-    ("base_delay", -0.001, "base_delay must be >= 0"),
+    ("base_delay", -1, "base_delay must be a finite number of seconds >= 0"),
+    ("base_delay", -0.001, "base_delay must be a finite number of seconds >= 0"),
     ("base_delay", math.nan, "base_delay"),
     ("base_delay", math.inf, "base_delay"),
     ("base_delay", "5", "base_delay"),
     ("base_delay", True, "base_delay"),
-    ("max_delay", -1, "max_delay must be >= 0"),
+    ("max_delay", -1, "max_delay must be a finite number of seconds >= 0"),
     ("max_delay", math.nan, "max_delay"),
     ("max_delay", "10", "max_delay"),
-    ("timeout", 0, "timeout must be > 0"),
-    ("timeout", 0.0, "timeout must be > 0"),
-    ("timeout", -5, "timeout must be > 0"),
+    ("timeout", 0, "timeout must be a finite number of seconds > 0"),
+    ("timeout", 0.0, "timeout must be a finite number of seconds > 0"),
+    ("timeout", -5, "timeout must be a finite number of seconds > 0"),
     ("timeout", None, "timeout"),
     ("timeout", math.inf, "timeout"),
     ("timeout", "30", "timeout"),
@@ -370,18 +370,18 @@ def test_unrepresentably_large_delay_is_a_definition_error() -> None:
 
 
 BAD_STEP_OPTIONS: list[tuple[str, object, str]] = [
-    ("max_attempts", 0, "max_attempts must be at least 1"),
-    ("max_attempts", -1, "max_attempts must be at least 1"),
+    ("max_attempts", 0, "max_attempts must be an integer >= 1"),
+    ("max_attempts", -1, "max_attempts must be an integer >= 1"),
     ("max_attempts", 2.5, "max_attempts must be an integer"),
     ("max_attempts", True, "max_attempts must be an integer"),
-    ("base_delay", -1, "base_delay must be >= 0"),
+    ("base_delay", -1, "base_delay must be a finite number of seconds >= 0"),
     ("base_delay", math.nan, "base_delay"),
     ("base_delay", "1", "base_delay"),
-    ("start_delay", -1, "start_delay must be >= 0"),
-    ("start_delay", -0.5, "start_delay must be >= 0"),
+    ("start_delay", -1, "start_delay must be a finite number of seconds >= 0"),
+    ("start_delay", -0.5, "start_delay must be a finite number of seconds >= 0"),
     ("start_delay", math.inf, "start_delay"),
-    ("timeout", 0, "timeout must be > 0"),
-    ("timeout", -1, "timeout must be > 0"),
+    ("timeout", 0, "timeout must be a finite number of seconds > 0"),
+    ("timeout", -1, "timeout must be a finite number of seconds > 0"),
     ("timeout", math.nan, "timeout"),
 ]
 
@@ -441,18 +441,19 @@ def test_default_options_are_those_of_pgflow_job() -> None:
     assert (j.max_attempts, j.base_delay, j.timeout) == (1, 1, 30)
 
 
+YEAR = 365 * 24 * 3600
 finite_nonneg = st.one_of(
-    st.integers(min_value=0, max_value=10**9),
-    st.floats(min_value=0, max_value=1e12, allow_nan=False, allow_infinity=False),
+    st.integers(min_value=0, max_value=10 * YEAR),
+    st.floats(min_value=0, max_value=10 * YEAR, allow_nan=False, allow_infinity=False),
 )
 positive = st.one_of(
-    st.integers(min_value=1, max_value=10**9),
-    st.floats(min_value=0, max_value=1e12, exclude_min=True, allow_nan=False,
+    st.integers(min_value=1, max_value=YEAR),
+    st.floats(min_value=0, max_value=YEAR, exclude_min=True, allow_nan=False,
               allow_infinity=False),
 )
 flow_options = st.fixed_dictionaries(
     {
-        "max_attempts": st.integers(min_value=1, max_value=10**9),
+        "max_attempts": st.integers(min_value=1, max_value=10**6),
         "base_delay": finite_nonneg,
         "timeout": positive,
         "backoff": st.sampled_from(["exponential", "fixed"]),
@@ -463,7 +464,7 @@ flow_options = st.fixed_dictionaries(
 step_options = st.fixed_dictionaries(
     {},
     optional={
-        "max_attempts": st.integers(min_value=1, max_value=10**9),
+        "max_attempts": st.integers(min_value=1, max_value=10**6),
         "base_delay": finite_nonneg,
         "timeout": positive,
         "start_delay": finite_nonneg,
@@ -492,11 +493,14 @@ def test_random_valid_options_are_stored_exactly(
 
 
 bad_attempts = st.one_of(
-    st.integers(max_value=0), st.booleans(), st.floats(), st.text(max_size=3), st.none()
+    st.integers(max_value=0), st.integers(min_value=10**6 + 1), st.booleans(), st.floats(),
+    st.text(max_size=3), st.none()
 )
 bad_seconds = st.one_of(
     st.floats(max_value=-1e-9, allow_nan=False),
+    st.floats(min_value=10 * YEAR, exclude_min=True),
     st.integers(max_value=-1),
+    st.integers(min_value=10 * YEAR + 1),
     st.just(math.nan),
     st.just(math.inf),
     st.just(-math.inf),
@@ -507,7 +511,9 @@ bad_seconds = st.one_of(
 )
 bad_timeout = st.one_of(
     st.floats(max_value=0, allow_nan=False),
+    st.floats(min_value=YEAR, exclude_min=True),
     st.integers(max_value=0),
+    st.integers(min_value=YEAR + 1),
     st.just(math.nan),
     st.just(math.inf),
     st.booleans(),
@@ -866,9 +872,9 @@ def test_from_json_with_malformed_data_raises_definition_error(mutate: Any) -> N
         FD.from_json(json.dumps(data))
 
 
-json_floats = st.floats(min_value=0, max_value=1e12, allow_nan=False, allow_infinity=False)
+json_floats = st.floats(min_value=0, max_value=10 * YEAR, allow_nan=False, allow_infinity=False)
 json_positive = st.floats(
-    min_value=0, max_value=1e12, exclude_min=True, allow_nan=False, allow_infinity=False
+    min_value=0, max_value=YEAR, exclude_min=True, allow_nan=False, allow_infinity=False
 )
 
 
