@@ -37,6 +37,9 @@ _c_encoder = (
 )
 
 
+UNSTORABLE_OUTPUT = "the handler returned a value that cannot be stored as JSON"
+"""How the runtime, and ``perform`` alike, begin the error for such an output."""
+
 MAX_DEPTH = 256
 """How deeply arrays and objects may nest in a stored value. Decoding recurses once per level,
 and a value must decode wherever it is read back (a runner's claim, ``get_run``), so the limit

@@ -434,7 +434,7 @@ def _output_json(output: Any, where: str) -> str:
     except (TypeError, ValueError) as exc:
         error = TypeError if isinstance(exc, TypeError) else ValueError
         raise error(
-            f"{where}: the handler returned a value that is not JSON-serializable: {exc}"
+            f"{where}: {_json.UNSTORABLE_OUTPUT}: {exc}"
         ) from None
 
 

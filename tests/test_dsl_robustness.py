@@ -221,7 +221,7 @@ NOT_STORABLE: list[tuple[Any, type[Exception], str]] = [
 def test_an_output_the_runtime_cannot_store_makes_perform_raise(
     store: pf.Store, output: Any, error: type[Exception], detail: str
 ) -> None:
-    message = "the handler returned a value that is not JSON-serializable"
+    message = "the handler returned a value that cannot be stored as JSON"
 
     @pf.job(queue="bad_output")
     def bad_output(input: Any, ctx: pf.Context) -> Any:

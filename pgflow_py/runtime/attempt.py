@@ -121,9 +121,7 @@ async def attempt(
         return Completed(_json.dumps(output))
     except Exception as exc:
         # The handler did its work (an e-mail sent is sent): running it again would repeat it.
-        return Failed(TypeError(
-            f"the handler returned a value that cannot be stored as JSON: {exc}"
-        ), permanent=True)
+        return Failed(TypeError(f"{_json.UNSTORABLE_OUTPUT}: {exc}"), permanent=True)
 
 
 def _runner_cancelled(worker: asyncio.Task[Any]) -> bool:
