@@ -55,6 +55,9 @@ class PermanentFailure(PgflowError):
     """Raise in a handler to fail the run for good now, without further attempts."""
 
 
+_MAX_RETRY_DELAY = 10 * 365 * 86400.0  # as a step's start_delay
+
+
 class Retry(PgflowError):
     """Raise in a handler to fail this attempt and retry after exactly ``delay`` seconds.
 
@@ -62,8 +65,13 @@ class Retry(PgflowError):
     """
 
     def __init__(self, delay: float, reason: str = "") -> None:
-        if delay < 0:
-            raise ValueError(f"Retry delay must be >= 0 seconds, got {delay!r}")
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not (
+            0 <= delay <= _MAX_RETRY_DELAY  # also refuses NaN
+        ):
+            raise ValueError(
+                f"Retry delay must be a number of seconds from 0 to {_MAX_RETRY_DELAY:g} "
+                f"(10 years), got {delay!r}"
+            )
         super().__init__(reason or f"retry requested in {delay:g}s")
         self.delay = float(delay)
         self.reason = reason

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import math
 import os
+import sqlite3
 import threading
 import time
 from datetime import datetime, timezone
@@ -17,6 +18,9 @@ import pytest
 from _helpers import drain
 
 import pgflow_py as pf
+from pgflow_py import _json
+from pgflow_py.runtime import attempt as attempt_module
+from pgflow_py.runtime import runner as runner_module
 from pgflow_py.runtime.runner import _Runner
 from pgflow_py.runtime.threads import HandlerThreads
 from pgflow_py.testing import FakeClock
@@ -221,3 +225,155 @@ def test_stopping_ends_within_the_shutdown_timeout_while_the_database_fails(tmp_
         assert took < 10
     with pf.connect(tmp_path / "db") as store:
         assert store.get_run(run.id).status == "running"  # its lease will expire: not lost
+
+
+# --- inputs and definitions -------------------------------------------------------------------
+
+
+def test_an_input_that_cannot_be_read_fails_that_run_alone(tmp_path) -> None:
+    calls: list[Any] = []
+
+    @pf.job(queue="echo", max_attempts=3)
+    def echo(input, ctx):
+        calls.append(input)
+        return input
+
+    with pf.connect(tmp_path / "db", clock=FakeClock()) as store:
+        bad = store.start(echo, "will be garbled")
+        goods = store.start_many(echo, [1, 2, 3])
+    with sqlite3.connect(tmp_path / "db") as db:  # as a hand edit or an old bug might leave it
+        db.execute("UPDATE runs SET input = ? WHERE id = ?", ("[" * 100_000 + "]" * 100_000, bad.id))
+    with pf.connect(tmp_path / "db", clock=FakeClock()) as store:
+        stats = drain(store, echo)
+        run = store.get_run(bad.id)
+        assert run.status == "failed" and run.attempts == 1  # permanent: it would never read
+        assert run.error is not None and "cannot be read: RecursionError" in run.error
+        assert sorted(calls) == [1, 2, 3]  # the handler never saw it
+        assert [store.get_run(r.id).output for r in goods] == [1, 2, 3]
+        assert (stats.completed, stats.failed) == (3, 1)
+
+
+def test_two_different_jobs_with_one_slug_are_refused_by_run_flows(tmp_path) -> None:
+    @pf.job(queue="same")
+    def first(input, ctx):
+        return 1
+
+    @pf.job(queue="same")
+    def second(input, ctx):
+        return 2
+
+    with pf.connect(tmp_path / "db") as store:
+        with pytest.raises(pf.DefinitionError, match=r"'same'.*first.*second"):
+            drain(store, first, second)
+        assert store.backend.definitions() == []  # refused before anything was written
+        drain(store, first, first)  # the same object twice is served once
+
+
+@pytest.mark.parametrize("delay", [-1, math.nan, math.inf, 10**12, True, "5"], ids=repr)
+def test_a_retry_delay_that_cannot_be_served_is_refused(delay) -> None:
+    with pytest.raises(ValueError, match="Retry delay"):
+        pf.Retry(delay)
+
+
+# --- a fault anywhere around one attempt fails that attempt only ------------------------------
+
+
+def _fault_points() -> list[Any]:
+    """(name, how to inject the fault, the error text expected on the poisoned run)."""
+
+    def context(mp: pytest.MonkeyPatch) -> None:
+        real = _Runner._context
+
+        def failing(self: _Runner, task: Any, step: Any, handle: Any) -> pf.Context:
+            if task.input == "poison":
+                raise RuntimeError("injected: context")
+            return real(self, task, step, handle)
+
+        mp.setattr(_Runner, "_context", failing)
+
+    def encoding(mp: pytest.MonkeyPatch) -> None:
+        real = _json.dumps
+
+        def failing(value: Any) -> str:
+            if value == "poison!":
+                raise RuntimeError("injected: encoding")
+            return real(value)
+
+        mp.setattr(_json, "dumps", failing)
+
+    def retry_policy(mp: pytest.MonkeyPatch) -> None:
+        def failing(*args: Any, **kwargs: Any) -> float:
+            raise RuntimeError("injected: retry policy")
+
+        mp.setattr(attempt_module, "retry_delay", failing)
+
+    def hook_machinery(mp: pytest.MonkeyPatch) -> None:
+        async def failing(*args: Any) -> None:
+            raise RuntimeError("injected: hook machinery")
+
+        mp.setattr(runner_module, "call_hook", failing)
+
+    def recording(mp: pytest.MonkeyPatch) -> None:
+        # The backend cannot take one result (a bug, a value its driver refuses): the batch it
+        # is in must not be lost, and only that task fails.
+        def guard(real: Any) -> Any:
+            def call(successes: Any, failures: Any, *args: Any, **kwargs: Any) -> Any:
+                if any(s.output_json == '"poison!"' for s in successes):
+                    raise RuntimeError("injected: recording")
+                return real(successes, failures, *args, **kwargs)
+            return call
+
+        def patch(store: pf.Store) -> None:
+            backend: Any = store.backend
+            mp.setattr(backend, "finish_and_claim", guard(backend.finish_and_claim))
+            mp.setattr(backend, "finish", guard(backend.finish))
+
+        return patch
+
+    return [
+        ("context", context, "failed", "RuntimeError: injected: context"),
+        ("encoding", encoding, "failed", "injected: encoding"),
+        ("retry-policy", retry_policy, "failed", "RuntimeError: injected: retry policy"),
+        # A hook's failure changes nothing: the retry runs and succeeds.
+        ("hook-machinery", hook_machinery, "completed", "ValueError: poisoned"),
+        ("recording", recording, "failed", "RuntimeError: injected: recording"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("inject", "status", "expected"), [p[1:] for p in _fault_points()],
+    ids=[p[0] for p in _fault_points()],
+)
+def test_a_fault_around_one_attempt_fails_that_attempt_and_the_runner_serves_on(
+    tmp_path, monkeypatch, inject, status, expected
+) -> None:
+    seen: list[Any] = []
+
+    def on_failure(ctx, error):
+        seen.append(("on_failure", ctx.attempt))
+
+    @pf.job(queue="work", max_attempts=2, base_delay=0, on_failure=on_failure)
+    def work(input, ctx):
+        seen.append(input)
+        if input == "poison":
+            if ctx.attempt == 1:
+                raise ValueError("poisoned")
+            return "poison!"
+        return input * 2
+
+    patch = inject(monkeypatch)
+    with pf.connect(tmp_path / "db", clock=FakeClock()) as store:
+        if patch is not None:
+            patch(store)
+        bad = store.start(work, "poison")
+        goods = store.start_many(work, [1, 2, 3, 4])
+        drain(store, work, concurrency=3)
+        later = store.start(work, 5)  # the runner is still whole: a new runner serves it too
+        drain(store, work)
+        run = store.get_run(bad.id)
+        assert run.status == status
+        assert any(expected in h.error for h in run.history), run.history
+        assert 1 <= run.attempts <= 2
+        assert [store.get_run(r.id).output for r in goods] == [2, 4, 6, 8]
+        assert store.get_run(later.id).output == 10
+        assert seen.count(1) == 1  # results gathered beside the fault were not run again

@@ -15,7 +15,7 @@ from .. import _json
 from ..backoff import retry_delay
 from ..context import CancelFlag, Context
 from ..errors import IsolatedError, PermanentFailure, Retry, StepTimeout
-from ..store import ClaimedTask, TaskFailure
+from ..store import ClaimedTask, TaskFailure, Undecodable
 from .executor import StepRuntime, run_attempt
 from .threads import HandlerThreads
 
@@ -91,6 +91,9 @@ async def attempt(
     """Run one attempt of ``task`` and say how it ended."""
     output: Any = None
     error: BaseException | None = None
+    for value, what in ((task.input, "input"), (task.flow_input, "flow input")):
+        if type(value) is Undecodable:  # written around start's checks; it would never read
+            return Failed(PermanentFailure(f"the task's {what} cannot be read: {value.error}"))
     try:
         if step.is_async:
             output = await step.handler(task.input, ctx)

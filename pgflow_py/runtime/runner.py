@@ -30,7 +30,7 @@ import attrs
 from .. import _json
 from ..clock import utc_datetime
 from ..context import Context
-from ..dsl import Flow
+from ..dsl import Flow, distinct_flows
 from ..errors import InputError, PgflowError, StepTimeout, StoreError
 from ..store import ClaimedTask, RunFailure, Store, TaskFailure, TaskSuccess, connect
 from .attempt import DROPPED, Attempt, Completed, Failed, Outcome, attempt, error_text, failure_record
@@ -700,6 +700,7 @@ def _steps_for(
     for flow in flows:
         if not isinstance(flow, Flow):
             raise TypeError(f"run_flows takes pf.Job / pf.Flow objects, got {flow!r}")
+    for flow in distinct_flows(flows):
         versions[flow.slug] = store.register(flow)
         for runtime in step_runtimes(flow):
             steps[(runtime.flow_slug, runtime.step_slug)] = runtime
