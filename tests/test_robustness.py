@@ -7,7 +7,11 @@ import asyncio
 import logging
 import math
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from datetime import datetime, timezone
@@ -377,3 +381,46 @@ def test_a_fault_around_one_attempt_fails_that_attempt_and_the_runner_serves_on(
         assert [store.get_run(r.id).output for r in goods] == [2, 4, 6, 8]
         assert store.get_run(later.id).output == 10
         assert seen.count(1) == 1  # results gathered beside the fault were not run again
+
+
+@pytest.mark.acceptance
+def test_a_worker_whose_database_is_garbled_honours_sigterm(tmp_path) -> None:
+    (tmp_path / "garbled_jobs.py").write_text(textwrap.dedent('''
+        import pathlib, time
+        import pgflow_py as pf
+
+        @pf.job(queue="slow", timeout=60)
+        def slow(input, ctx):
+            pathlib.Path(f"started-{input}").touch()
+            time.sleep(2)
+            return input
+    '''))
+    db = tmp_path / "app.db"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    subprocess.run(
+        [sys.executable, "-c", "import pgflow_py as pf, garbled_jobs as j; "
+         f"pf.connect({str(db)!r}).start_many(j.slow, list(range(40)))"],
+        cwd=tmp_path, env=env, check=True,
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pgflow_py", "worker", "garbled_jobs", "--database", str(db),
+         "--concurrency", "4", "--shutdown-timeout", "1"],
+        cwd=tmp_path, env=env, text=True, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not list(tmp_path.glob("started-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for name in ("app.db", "app.db-wal", "app.db-shm"):  # garbled mid-drain
+            path = tmp_path / name
+            if path.exists():
+                path.write_bytes(os.urandom(max(path.stat().st_size, 4096)))
+        time.sleep(3)  # the worker meets the garbled file and keeps retrying
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=20)  # a hang, not a speed: it took minutes before
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    assert worker.returncode == 0, err
+    assert "not a SQLite database" in err  # said what is wrong
