@@ -62,7 +62,10 @@ def dumps(value: Any) -> str:
         try:
             text = "".join(_c_encoder(value, 0))
         except RecursionError:
-            raise ValueError("circular reference detected") from None
+            raise ValueError(
+                f"the value nests arrays or objects more than {MAX_DEPTH} levels deep"
+                if _too_deep(value) else "circular reference detected"
+            ) from None
     if not text.isascii():
         try:
             text.encode("utf-8")
@@ -73,9 +76,23 @@ def dumps(value: Any) -> str:
             ) from None
     if text.count("[") + text.count("{") > MAX_DEPTH:  # cheap bound first: most values pass
         _check_depth(text)
-    if type(value) in (dict, list, tuple):
+    if isinstance(value, _CONTAINERS):
         _check_keys(value)
     return text
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether ``value`` nests deeper than :data:`MAX_DEPTH` (a cycle ends a branch)."""
+    stack = [(value, 1)]
+    seen: set[int] = set()
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, _CONTAINERS) and id(item) not in seen:
+            if depth > MAX_DEPTH:
+                return True
+            seen.add(id(item))
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _check_depth(text: str) -> None:
@@ -114,14 +131,14 @@ def _check_keys(value: Any) -> None:
     pop, push = stack.pop, stack.append
     while stack:
         item = pop()
-        if type(item) is dict:
+        if isinstance(item, dict):
             for key in item:
                 if type(key) is not str:
                     _check_dict_keys(item)
                     break
             item = item.values()
         for v in item:
-            if type(v) in _CONTAINERS:
+            if isinstance(v, _CONTAINERS):
                 push(v)
 
 
@@ -137,7 +154,7 @@ def _check_dict_keys(item: dict[Any, Any]) -> None:
         seen[name] = key
 
 
-_CONTAINERS = frozenset((dict, list, tuple))
+_CONTAINERS = (dict, list, tuple)
 
 
 def roundtrip(value: Any) -> Any:

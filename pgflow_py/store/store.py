@@ -135,21 +135,6 @@ def _check_text(value: str, name: str) -> None:
         raise InputError(f"{name} {value!r} holds a NUL character ('\\x00'); remove it")
 
 
-def _too_deep(value: Any) -> bool:
-    """Whether ``value`` nests dicts, lists and tuples deeper than the stored JSON may. The
-    encoder recurses, so past Python's recursion limit it reports depth as a cycle."""
-    stack = [(value, 1)]
-    seen: set[int] = set()
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list, tuple)) and id(item) not in seen:
-            if depth > _json.MAX_DEPTH:
-                return True
-            seen.add(id(item))  # a cycle ends here
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return False
-
-
 def _check_run_id(run_id: str) -> None:
     if isinstance(run_id, str):
         _check_text(run_id, "run id")
@@ -262,8 +247,6 @@ class Store:
         except (TypeError, ValueError) as exc:
             # Anything dumps refuses would not read back as the same value, or at all.
             problem = str(exc)
-            if problem == "circular reference detected" and _too_deep(input):
-                problem = f"the value nests arrays or objects more than {_json.MAX_DEPTH} levels deep"
             raise InputError(
                 f"input of flow {plan.definition.slug!r} must be JSON-serializable "
                 f"(dicts, lists, str, numbers, bools, None, attrs classes, dataclasses): "
