@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -177,10 +178,11 @@ class _Runner:
                         for running in self._running.values():
                             running.flag.set()
                         tg.cancel_scope.cancel()
-            if not self._past_stop_deadline():
-                self._exchange(0)
-                for call in self._dead.take():
-                    await call_hook("on_dead", *call)
+            if self._outbox and not self._past_stop_deadline():
+                with contextlib.suppress(StoreError):  # logged below, with what is left
+                    self._exchange(0)
+            for call in self._dead.take():
+                await call_hook("on_dead", *call)
         finally:
             self.store.remove_listener(wake_from_anywhere)
             self._threads.close()
