@@ -61,6 +61,49 @@ def test_fixed_backoff_waits_base_delay_each_time(store, clock):
     assert [round(b - a, 6) for a, b in itertools.pairwise(seen)] == [10, 10, 10]
 
 
+def test_the_runner_caps_its_waits_at_max_delay(store, clock):
+    seen: list[float] = []
+
+    @pf.job(queue="capped", max_attempts=4, base_delay=60, max_delay=90)
+    def capped(input, ctx):
+        seen.append(clock.now())
+        raise RuntimeError(f"attempt {ctx.attempt}")
+
+    run = store.start(capped)
+    drain(store, capped)
+    # 60 * 2**(n-1) = 60, 120, 240, each capped at 90.
+    assert [round(b - a, 6) for a, b in itertools.pairwise(seen)] == [60, 90, 90]
+    failed = store.get_run(run.id)
+    assert failed.status is pf.RunStatus.FAILED
+    # The store recorded each failed attempt at those times too.
+    assert [round((b.at - a.at).total_seconds(), 3) for a, b in itertools.pairwise(failed.history)] \
+        == [60, 90, 90]
+
+
+def test_the_runner_spreads_its_waits_with_jitter(store, clock):
+    seen: dict[str, list[float]] = {}
+
+    @pf.job(queue="jittered", max_attempts=4, base_delay=60, max_delay=200, jitter=True)
+    def jittered(input, ctx):
+        seen.setdefault(ctx.run_id, []).append(clock.now())
+        raise RuntimeError("again")
+
+    runs = store.start_many(jittered, range(8))
+    drain(store, jittered)
+    assert sorted(seen) == sorted(r.id for r in runs)
+    nominal = [60, 120, 200]  # 60 * 2**(n-1), capped at 200
+    ratios = []
+    for times in seen.values():
+        assert len(times) == 4
+        waits = [b - a for a, b in itertools.pairwise(times)]
+        ratios += [wait / full for wait, full in zip(waits, nominal, strict=True)]
+    # Each wait lies in [0.5, 1.0] of its nominal value (DESIGN section 2) ...
+    assert all(0.5 - 1e-6 <= r <= 1.0 + 1e-6 for r in ratios), ratios
+    # ... and is drawn at random: 24 draws are not all the full delay, nor all alike.
+    assert min(ratios) < 0.99
+    assert len({round(r, 6) for r in ratios}) > 12
+
+
 def test_always_failing_ends_failed_with_last_error(store):
     @pf.job(queue="doomed", max_attempts=3, base_delay=1)
     def doomed(input, ctx):
