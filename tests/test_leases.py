@@ -6,6 +6,8 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 import pgflow_py as pf
 from pgflow_py.store.sqlite import LOST_WORKER
 
@@ -228,6 +230,79 @@ def test_a_stale_result_in_a_batch_of_flow_results_is_ignored_and_the_rest_recor
     backend.finish([pf.store.TaskSuccess(again.id, again.attempt, '"from w2"', b.id, "first",
                                          False, again.claim)], [])
     assert {s.slug: s.output for s in store.get_run(b.id).steps}["first"] == "from w2"
+
+
+def _job_or_flow(kind: str) -> tuple[pf.Flow, str]:
+    """A job, or a two-step flow; and the slug of the (first) step whose task is raced."""
+    if kind == "job":
+
+        @pf.job(queue="raced_job")
+        def raced_job(input, ctx):
+            return input
+
+        return raced_job, "raced_job"
+    flow = pf.flow("raced_flow")
+
+    @flow.step()
+    def first(input, ctx):
+        return input
+
+    @flow.step(depends_on=[first])
+    def second(deps, ctx):
+        return deps
+
+    return flow, "first"
+
+
+@pytest.mark.parametrize("kind", ["job", "flow"])
+@pytest.mark.parametrize("stale", ["success", "final failure", "retryable failure"])
+def test_a_stale_result_arriving_before_the_current_claims_result_is_ignored(
+    store, clock, kind, stale
+):
+    """Worker A claims a task; the run is cancelled and retried, so the task's attempts start
+    over and worker B claims it again at the same attempt number. A's late result, arriving
+    while B still runs the task, must change nothing: only the claim tells the two apart."""
+    flow, step = _job_or_flow(kind)
+    run = store.start(flow, "in")
+    backend = store.backend
+    (a,) = backend.claim("A", [flow.slug], 1, 30)
+    store.cancel(run.id)
+    store.retry(run.id)
+    (b,) = backend.claim("B", [flow.slug], 1, 30)
+    assert (b.id, b.attempt, b.step_slug) == (a.id, a.attempt, step)
+    assert b.claim != a.claim
+
+    if stale == "success":
+        backend.finish([pf.store.TaskSuccess(
+            a.id, a.attempt, '"from A"', run.id, step, kind == "job", a.claim, a.started_at
+        )], [])
+    else:
+        retry_at = clock.now() if stale == "retryable failure" else None
+        backend.finish([], [pf.store.TaskFailure(a.id, a.attempt, "RuntimeError: A", retry_at,
+                                                 a.claim)])
+
+    during = store.get_run(run.id)
+    assert during.status is pf.RunStatus.RUNNING
+    assert (during.output, during.error) == (None, None)
+    assert during.step(step).status == "started"
+    assert [t.status for t in during.step(step).tasks] == ["started"]
+    assert not [h for h in during.history if h.error == "RuntimeError: A"]
+    assert backend.claim("C", [flow.slug], 10, 30) == []  # nothing was queued again
+    assert backend.heartbeat("B", [flow.slug], [b.id], 30) == []  # B still holds the task
+
+    # B's result, arriving after, is the one recorded.
+    backend.finish([pf.store.TaskSuccess(
+        b.id, b.attempt, '"from B"', run.id, step, kind == "job", b.claim, b.started_at
+    )], [])
+    after = store.get_run(run.id)
+    assert after.step(step).status == "completed"
+    assert after.step(step).output == "from B"
+    if kind == "job":
+        assert after.status is pf.RunStatus.COMPLETED
+        assert after.output == "from B"
+    else:
+        (nxt,) = backend.claim("B", [flow.slug], 1, 30)
+        assert (nxt.step_slug, nxt.input) == ("second", {"first": "from B"})
 
 
 def _map_flow(slug: str) -> pf.Flow:
