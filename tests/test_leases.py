@@ -180,6 +180,58 @@ def test_a_run_failing_for_good_stops_its_other_running_attempts(store):
     assert [t.status for t in failed.step("item").tasks] == ["failed", "cancelled"]
 
 
+def test_a_step_failing_for_good_stops_the_runs_other_attempts_at_once(store):
+    """Stopped promptly, not at the next regular heartbeat: with a 300 s lease that comes only
+    after 100 s, long after the async sibling's 10 s sleep would have ended by itself."""
+    started = {"sleeper": threading.Event(), "poller": threading.Event()}
+    sleeper_cancelled = threading.Event()
+    poller_saw_cancel = threading.Event()
+    ran_to_the_end: list[str] = []
+    f = pf.flow("fail_stops_siblings", timeout=60)
+
+    @f.step()
+    def boom(input, ctx):
+        for event in started.values():  # both siblings are running before this fails
+            assert event.wait(10)
+        raise pf.PermanentFailure("bad input")
+
+    @f.step()
+    async def sleeper(input, ctx):
+        started["sleeper"].set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            sleeper_cancelled.set()
+            raise
+        ran_to_the_end.append("sleeper")
+
+    @f.step()
+    def poller(input, ctx):
+        started["poller"].set()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if ctx.cancelled:
+                poller_saw_cancel.set()
+                return None
+            time.sleep(0.005)
+        ran_to_the_end.append("poller")
+        return None
+
+    run = store.start(f)
+    stats = pf.run_flows([f], store=store, until_idle=True, concurrency=3, lease=300)
+
+    assert sleeper_cancelled.is_set()
+    assert poller_saw_cancel.wait(10)  # its thread notices the flag on its next look
+    assert ran_to_the_end == []
+    assert (stats.failed, stats.cancelled, stats.completed) == (1, 2, 0)
+    failed = store.get_run(run.id)
+    assert failed.status is pf.RunStatus.FAILED
+    assert failed.error == "PermanentFailure: bad input"
+    assert {s.slug: [t.status for t in s.tasks] for s in failed.steps} == {
+        "boom": ["failed"], "sleeper": ["cancelled"], "poller": ["cancelled"],
+    }
+
+
 def test_heartbeat_registers_the_worker_and_forgets_it_on_exit(store):
     seen: list[list[str]] = []
 
