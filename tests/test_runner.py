@@ -493,6 +493,60 @@ def test_start_from_another_thread_wakes_the_runner(tmp_path):
     assert results[0].output == 42
 
 
+class _WakeOnlyCondition(threading.Condition):
+    """A condition whose ``wait`` ignores its timeout: only a notify ends it (until released),
+    so ``store.wait`` cannot fall back on polling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+        self.released = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting.set()
+        return super().wait(timeout if self.released else None)
+
+    def release_waiters(self) -> None:
+        with self:
+            self.released = True
+            self.notify_all()
+
+
+def test_wait_is_woken_when_a_runner_in_this_process_finishes_the_run(store, monkeypatch):
+    @pf.job(queue="awaited")
+    def awaited(input, ctx):
+        return input * 2
+
+    run = store.start(awaited, 21)
+    condition = _WakeOnlyCondition()
+    monkeypatch.setattr(store, "_finished", condition)  # store.wait's timed poll, made endless
+    outcome: list[object] = []
+
+    def waiter() -> None:
+        try:
+            outcome.append(store.wait(run.id, timeout=60))
+        except Exception as exc:  # reported below instead of lost in the thread
+            outcome.append(exc)
+
+    waiting = threading.Thread(target=waiter, daemon=True)
+    waiting.start()
+    try:
+        assert condition.waiting.wait(10)  # it saw the run unfinished and sleeps on the condition
+        serving = threading.Thread(target=lambda: drain(store, awaited, handle_signals=False))
+        serving.start()
+        serving.join(30)
+        assert not serving.is_alive()
+        waiting.join(10)  # generous: only a missing wake-up leaves it waiting
+        assert not waiting.is_alive(), "store.wait was not woken when the run finished"
+    finally:
+        condition.release_waiters()
+        waiting.join(10)
+    (done,) = outcome
+    assert isinstance(done, pf.Run), done
+    assert done.status is pf.RunStatus.COMPLETED
+    assert done.output == 42
+
+
 def test_retrying_status_while_waiting_out_a_backoff(store, clock):
     @pf.job(queue="backing_off", max_attempts=2, base_delay=30)
     def backing_off(input, ctx):
