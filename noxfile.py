@@ -12,7 +12,11 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 def tests(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     # coverage must start before pytest loads the pgflow_py plugin, hence `coverage run`.
+    # Subprocesses (workers, isolation children) are measured too, each into a .coverage.*
+    # file of its own (see [tool.coverage.run] in pyproject.toml): combine them, then report.
+    session.run("coverage", "erase")
     session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    session.run("coverage", "combine", "--quiet")
     session.run("coverage", "report", "-m")
 
 
