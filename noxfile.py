@@ -15,9 +15,11 @@ def tests(session: nox.Session) -> None:
     # Subprocesses (workers, isolation children) are measured too, each into a .coverage.*
     # file of its own (see [tool.coverage.run] in pyproject.toml): combine them, then report.
     session.run("coverage", "erase")
-    session.run("coverage", "run", "-m", "pytest", *session.posargs)
-    session.run("coverage", "combine", "--quiet")
-    session.run("coverage", "report", "-m")
+    try:
+        session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    finally:  # a report even when tests fail, and no .coverage.* files left behind
+        session.run("coverage", "combine", "--quiet")
+        session.run("coverage", "report", "-m")
 
 
 @nox.session
