@@ -190,10 +190,13 @@ def test_a_step_failing_for_good_stops_the_runs_other_attempts_at_once(store):
     f = pf.flow("fail_stops_siblings", timeout=60)
 
     @f.step()
-    def boom(input, ctx):
-        for event in started.values():  # both siblings are running before this fails
-            assert event.wait(10)
-        raise pf.PermanentFailure("bad input")
+    async def boom(input, ctx):
+        # Async, so the one sync sibling has the handler threads to itself.
+        for _ in range(2000):  # up to 10 s, to detect a hang only
+            if all(event.is_set() for event in started.values()):  # both siblings are running
+                raise pf.PermanentFailure("bad input")
+            await asyncio.sleep(0.005)
+        raise AssertionError("the sibling steps never started")
 
     @f.step()
     async def sleeper(input, ctx):
