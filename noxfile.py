@@ -12,8 +12,14 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 def tests(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     # coverage must start before pytest loads the pgflow_py plugin, hence `coverage run`.
-    session.run("coverage", "run", "-m", "pytest", *session.posargs)
-    session.run("coverage", "report", "-m")
+    # Subprocesses (workers, isolation children) are measured too, each into a .coverage.*
+    # file of its own (see [tool.coverage.run] in pyproject.toml): combine them, then report.
+    session.run("coverage", "erase")
+    try:
+        session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    finally:  # a report even when tests fail, and no .coverage.* files left behind
+        session.run("coverage", "combine", "--quiet")
+        session.run("coverage", "report", "-m")
 
 
 @nox.session

@@ -587,6 +587,69 @@ def test_changed_shape_with_unfinished_runs_is_refused_until_they_are_cancelled(
     assert store.get_run(old.id).status is pf.RunStatus.CANCELLED
 
 
+@pytest.mark.parametrize("second_step", ["queued", "running"])
+def test_changed_shape_is_refused_while_a_run_is_halfway_through(store, second_step):
+    """Not only runs still waiting for their first attempt are unfinished: a run whose first step
+    completed and whose second is queued or running holds the old shape too."""
+    v1 = pf.flow("halfway")
+
+    @v1.step()
+    def fetch(input, ctx):
+        return {"n": input["n"]}
+
+    @v1.step(depends_on=[fetch])
+    def report(deps, ctx):
+        return deps["fetch"]["n"]
+
+    v2 = pf.flow("halfway")
+
+    @v2.step("fetch")
+    def fetch2(input, ctx):
+        return {"n": input["n"]}
+
+    @v2.step(depends_on=["fetch"])
+    def enrich(deps, ctx):
+        return deps["fetch"]["n"] + 1
+
+    @v2.step(depends_on=["enrich"])
+    def report2(deps, ctx):
+        return deps["enrich"]
+
+    run = store.start(v1, {"n": 1})
+    backend = store.backend
+    (first,) = backend.claim("w", ["halfway"], 10, 30)
+    assert first.step_slug == "fetch"
+    backend.finish(
+        [pf.store.TaskSuccess(first.id, first.attempt, '{"n": 1}', run.id, "fetch", False,
+                              first.claim)], [],
+    )
+    if second_step == "running":
+        (second,) = backend.claim("w", ["halfway"], 10, 30)
+        assert second.step_slug == "report"
+    halfway = store.get_run(run.id)
+    assert halfway.status is pf.RunStatus.RUNNING
+    assert [(s.slug, s.status) for s in halfway.steps] == [("fetch", "completed"),
+                                                         ("report", "started")]
+
+    with pytest.raises(pf.ShapeMismatch, match="unfinished"):
+        store.register(v2)
+    with pytest.raises(pf.ShapeMismatch):
+        store.start(v2, {"n": 2})
+    assert store.backend.get_definition("halfway") == v1.definition
+    assert [r.id for r in store.runs(flow="halfway")] == [run.id]
+
+    # Once that run has finished, the new shape is accepted.
+    if second_step == "queued":
+        (second,) = backend.claim("w", ["halfway"], 10, 30)
+    backend.finish(
+        [pf.store.TaskSuccess(second.id, second.attempt, "1", run.id, "report", False,
+                              second.claim)], [],
+    )
+    assert store.get_run(run.id).output == {"report": 1}
+    store.register(v2)
+    assert store.backend.get_definition("halfway") == v2.definition
+
+
 def test_a_process_holding_the_old_version_cannot_serve_it_over_a_changed_shape(tmp_path, clock):
     """Two stores on one file are two processes: one still has v1 loaded, the other deployed v2.
 

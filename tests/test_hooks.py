@@ -214,14 +214,21 @@ def test_async_hooks_are_awaited_to_completion(store):
 
 
 def test_mixed_sync_and_async_hooks(store):
+    # The sync on_failure of attempt 1 runs in a thread beside attempt 2 (base_delay=0): the two
+    # on_failure calls may finish in either order. The async on_dead comes once, after the
+    # last attempt's on_failure finished.
     events: list[str] = []
+    lock = threading.Lock()
 
     def on_failure(ctx, error):
-        events.append(f"sync failure {ctx.attempt}")
+        time.sleep(0.01)  # some work: an on_dead that did not wait for it would come first
+        with lock:
+            events.append(f"sync failure {ctx.attempt}")
 
     async def on_dead(ctx, error):
         await asyncio.sleep(0)
-        events.append(f"async dead {ctx.attempt}")
+        with lock:
+            events.append(f"async dead {ctx.attempt}")
 
     @pf.job(queue="mixed", max_attempts=2, base_delay=0, on_failure=on_failure, on_dead=on_dead)
     def mixed(input, ctx):
@@ -229,7 +236,8 @@ def test_mixed_sync_and_async_hooks(store):
 
     store.start(mixed)
     drain(store, mixed)
-    assert events == ["sync failure 1", "sync failure 2", "async dead 2"]
+    assert sorted(events) == ["async dead 2", "sync failure 1", "sync failure 2"]
+    assert events.index("async dead 2") > events.index("sync failure 2")
 
 
 def test_on_dead_waits_for_the_last_attempts_on_failure_when_attempts_overlap(store):

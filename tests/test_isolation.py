@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
 import textwrap
 import threading
@@ -25,10 +27,12 @@ HANDLERS = textwrap.dedent("""
         return {"square": input * input, "pid": os.getpid(), "attempt": ctx.attempt,
                 "run_id": ctx.run_id}
 
-    @pf.job(queue="iso_spin", isolation="process", timeout=0.5, max_attempts=2, base_delay=0)
+    # The timeout counts from the claim, so it includes starting the child's interpreter
+    # (seconds on a loaded machine): 5 s leaves room for that, then the handler spins forever.
+    @pf.job(queue="iso_spin", isolation="process", timeout=5, max_attempts=2, base_delay=0)
     def iso_spin(input, ctx):
         if ctx.attempt == 1:
-            with open(MARKS, "a") as f:
+            with open(MARKS, "a") as f:  # the handler is running: a kill now proves the point
                 f.write(f"{os.getpid()}\\n")
             while True:  # CPU-bound and never checks anything: only a kill stops it
                 pass
@@ -45,6 +49,20 @@ HANDLERS = textwrap.dedent("""
         with open(MARKS, "a") as f:
             f.write(f"{os.getpid()}\\n")
         time.sleep(60)
+
+    @pf.job(queue="iso_retry", isolation="process", max_attempts=2)
+    def iso_retry(input, ctx):
+        if ctx.attempt == 1:
+            raise pf.Retry(delay=7, reason="not ready yet")
+        raise pf.PermanentFailure(f"gave up at attempt {ctx.attempt}")
+
+    @pf.job(queue="iso_output", isolation="process", max_attempts=2, base_delay=0)
+    def iso_output(input, ctx):
+        return {"a set": {1, 2}} if input == "set" else {"nan": float("nan")}
+
+    @pf.job(queue="iso_exit", isolation="process", max_attempts=2, base_delay=0)
+    def iso_exit(input, ctx):
+        os._exit(3)  # dies without reporting
 
     flow = pf.flow("iso_flow")
 
@@ -97,11 +115,13 @@ def test_timeout_kills_cpu_bound_child_and_retries(handlers, tmp_path):
         run = store.start(handlers.iso_spin)
         stats = pf.run_flows([handlers.iso_spin], store=store, until_idle=True)
         done = store.get_run(run.id)
-    assert done.status is pf.RunStatus.COMPLETED
+    marks = tmp_path / "marks.txt"
+    assert marks.exists(), "the first attempt timed out before its handler started"
+    (pid,) = [int(p) for p in marks.read_text().split()]
+    assert done.status is pf.RunStatus.COMPLETED, done.history
     assert done.output == "second attempt"
     assert stats.timed_out == 1
-    assert done.history[0].error.startswith("StepTimeout:")
-    (pid,) = [int(p) for p in (tmp_path / "marks.txt").read_text().split()]
+    assert [h.error.split(":")[0] for h in done.history] == ["StepTimeout"]
     assert not _alive(pid)
 
 
@@ -117,6 +137,91 @@ def test_exceptions_cross_with_type_name_and_message(handlers, tmp_path):
     assert failing.attempts == 3
     assert permanent.error == "PermanentFailure: no way"
     assert permanent.attempts == 1
+
+
+def test_retry_raised_in_the_child_waits_its_delay(handlers, tmp_path):
+    clock = pf.testing.FakeClock(1_800_000_000)
+    with pf.connect(tmp_path / "retry.db", clock=clock) as store:
+        run = store.start(handlers.iso_retry)
+        stats = pf.run_flows([handlers.iso_retry], store=store, until_idle=True)
+        failed = store.get_run(run.id)
+    assert (stats.retried, stats.failed) == (1, 1)
+    assert failed.status is pf.RunStatus.FAILED
+    assert [(h.attempt, h.error) for h in failed.history] == [
+        (1, "Retry: not ready yet"),
+        (2, "PermanentFailure: gave up at attempt 2"),
+    ]
+    # Exactly the Retry's delay, not the job's backoff (base_delay 1 s).
+    assert (failed.history[1].at - failed.history[0].at).total_seconds() == pytest.approx(7)
+
+
+@pytest.mark.parametrize(("output", "error"), [
+    ("set", r"^TypeError: .*set.* not JSON serializable"),
+    ("nan", r"^ValueError: Out of range float values are not JSON compliant"),
+])
+def test_output_that_is_not_json_fails_the_attempt_in_the_child(handlers, tmp_path, output, error):
+    with pf.connect(tmp_path / "output.db") as store:
+        run = store.start(handlers.iso_output, output)
+        stats = pf.run_flows([handlers.iso_output], store=store, until_idle=True)
+        failed = store.get_run(run.id)
+    assert (stats.completed, stats.retried, stats.failed) == (0, 1, 1)  # a failed attempt, retried
+    assert failed.status is pf.RunStatus.FAILED
+    assert failed.output is None
+    assert re.match(error, failed.error or ""), failed.error
+
+
+def test_a_child_that_dies_without_reporting_is_a_failed_attempt(handlers, tmp_path):
+    with pf.connect(tmp_path / "exit.db") as store:
+        run = store.start(handlers.iso_exit)
+        stats = pf.run_flows([handlers.iso_exit], store=store, until_idle=True)
+        failed = store.get_run(run.id)
+    assert (stats.retried, stats.failed) == (1, 1)
+    assert failed.status is pf.RunStatus.FAILED
+    assert [h.error for h in failed.history] == [
+        "ChildProcessDied: the handler's process exited with code 3 before reporting"
+    ] * 2
+
+
+GONE = textwrap.dedent("""
+    import pgflow_py as pf
+
+    @pf.job(queue="iso_gone", isolation="process")
+    def iso_gone(input, ctx):
+        return "never"
+""")
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    ("module deleted", "ModuleNotFoundError: No module named 'iso_gone'"),
+    ("handler renamed", "AttributeError: module 'iso_gone' has no attribute 'iso_gone'"),
+])
+def test_a_handler_the_child_cannot_import_fails_the_attempt(
+    tmp_path, monkeypatch, change, error
+):
+    # The child imports the handler by its path: code deployed after this process imported it
+    # (a module removed, a function renamed) fails the attempt with the import's error.
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "iso_gone.py").write_text(GONE)
+    monkeypatch.syspath_prepend(str(code))
+    sys.modules.pop("iso_gone", None)
+    import iso_gone
+
+    try:
+        shutil.rmtree(code / "__pycache__", ignore_errors=True)
+        if change == "module deleted":
+            (code / "iso_gone.py").unlink()
+        else:
+            (code / "iso_gone.py").write_text(GONE.replace("def iso_gone(", "def iso_renamed("))
+        with pf.connect(tmp_path / "gone.db") as store:
+            run = store.start(iso_gone.iso_gone)
+            stats = pf.run_flows([iso_gone.iso_gone], store=store, until_idle=True)
+            failed = store.get_run(run.id)
+    finally:
+        sys.modules.pop("iso_gone", None)
+    assert (stats.completed, stats.failed) == (0, 1)
+    assert failed.status is pf.RunStatus.FAILED
+    assert failed.error == error
 
 
 def test_cancel_kills_the_child(handlers, tmp_path):

@@ -6,6 +6,8 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 import pgflow_py as pf
 from pgflow_py.store.sqlite import LOST_WORKER
 
@@ -178,6 +180,61 @@ def test_a_run_failing_for_good_stops_its_other_running_attempts(store):
     assert [t.status for t in failed.step("item").tasks] == ["failed", "cancelled"]
 
 
+def test_a_step_failing_for_good_stops_the_runs_other_attempts_at_once(store):
+    """Stopped promptly, not at the next regular heartbeat: with a 300 s lease that comes only
+    after 100 s, long after the async sibling's 10 s sleep would have ended by itself."""
+    started = {"sleeper": threading.Event(), "poller": threading.Event()}
+    sleeper_cancelled = threading.Event()
+    poller_saw_cancel = threading.Event()
+    ran_to_the_end: list[str] = []
+    f = pf.flow("fail_stops_siblings", timeout=60)
+
+    @f.step()
+    async def boom(input, ctx):
+        # Async, so the one sync sibling has the handler threads to itself.
+        for _ in range(2000):  # up to 10 s, to detect a hang only
+            if all(event.is_set() for event in started.values()):  # both siblings are running
+                raise pf.PermanentFailure("bad input")
+            await asyncio.sleep(0.005)
+        raise AssertionError("the sibling steps never started")
+
+    @f.step()
+    async def sleeper(input, ctx):
+        started["sleeper"].set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            sleeper_cancelled.set()
+            raise
+        ran_to_the_end.append("sleeper")
+
+    @f.step()
+    def poller(input, ctx):
+        started["poller"].set()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if ctx.cancelled:
+                poller_saw_cancel.set()
+                return None
+            time.sleep(0.005)
+        ran_to_the_end.append("poller")
+        return None
+
+    run = store.start(f)
+    stats = pf.run_flows([f], store=store, until_idle=True, concurrency=3, lease=300)
+
+    assert sleeper_cancelled.is_set()
+    assert poller_saw_cancel.wait(10)  # its thread notices the flag on its next look
+    assert ran_to_the_end == []
+    assert (stats.failed, stats.cancelled, stats.completed) == (1, 2, 0)
+    failed = store.get_run(run.id)
+    assert failed.status is pf.RunStatus.FAILED
+    assert failed.error == "PermanentFailure: bad input"
+    assert {s.slug: [t.status for t in s.tasks] for s in failed.steps} == {
+        "boom": ["failed"], "sleeper": ["cancelled"], "poller": ["cancelled"],
+    }
+
+
 def test_heartbeat_registers_the_worker_and_forgets_it_on_exit(store):
     seen: list[list[str]] = []
 
@@ -228,6 +285,79 @@ def test_a_stale_result_in_a_batch_of_flow_results_is_ignored_and_the_rest_recor
     backend.finish([pf.store.TaskSuccess(again.id, again.attempt, '"from w2"', b.id, "first",
                                          False, again.claim)], [])
     assert {s.slug: s.output for s in store.get_run(b.id).steps}["first"] == "from w2"
+
+
+def _job_or_flow(kind: str) -> tuple[pf.Flow, str]:
+    """A job, or a two-step flow; and the slug of the (first) step whose task is raced."""
+    if kind == "job":
+
+        @pf.job(queue="raced_job")
+        def raced_job(input, ctx):
+            return input
+
+        return raced_job, "raced_job"
+    flow = pf.flow("raced_flow")
+
+    @flow.step()
+    def first(input, ctx):
+        return input
+
+    @flow.step(depends_on=[first])
+    def second(deps, ctx):
+        return deps
+
+    return flow, "first"
+
+
+@pytest.mark.parametrize("kind", ["job", "flow"])
+@pytest.mark.parametrize("stale", ["success", "final failure", "retryable failure"])
+def test_a_stale_result_arriving_before_the_current_claims_result_is_ignored(
+    store, clock, kind, stale
+):
+    """Worker A claims a task; the run is cancelled and retried, so the task's attempts start
+    over and worker B claims it again at the same attempt number. A's late result, arriving
+    while B still runs the task, must change nothing: only the claim tells the two apart."""
+    flow, step = _job_or_flow(kind)
+    run = store.start(flow, "in")
+    backend = store.backend
+    (a,) = backend.claim("A", [flow.slug], 1, 30)
+    store.cancel(run.id)
+    store.retry(run.id)
+    (b,) = backend.claim("B", [flow.slug], 1, 30)
+    assert (b.id, b.attempt, b.step_slug) == (a.id, a.attempt, step)
+    assert b.claim != a.claim
+
+    if stale == "success":
+        backend.finish([pf.store.TaskSuccess(
+            a.id, a.attempt, '"from A"', run.id, step, kind == "job", a.claim, a.started_at
+        )], [])
+    else:
+        retry_at = clock.now() if stale == "retryable failure" else None
+        backend.finish([], [pf.store.TaskFailure(a.id, a.attempt, "RuntimeError: A", retry_at,
+                                                 a.claim)])
+
+    during = store.get_run(run.id)
+    assert during.status is pf.RunStatus.RUNNING
+    assert (during.output, during.error) == (None, None)
+    assert during.step(step).status == "started"
+    assert [t.status for t in during.step(step).tasks] == ["started"]
+    assert not [h for h in during.history if h.error == "RuntimeError: A"]
+    assert backend.claim("C", [flow.slug], 10, 30) == []  # nothing was queued again
+    assert backend.heartbeat("B", [flow.slug], [b.id], 30) == []  # B still holds the task
+
+    # B's result, arriving after, is the one recorded.
+    backend.finish([pf.store.TaskSuccess(
+        b.id, b.attempt, '"from B"', run.id, step, kind == "job", b.claim, b.started_at
+    )], [])
+    after = store.get_run(run.id)
+    assert after.step(step).status == "completed"
+    assert after.step(step).output == "from B"
+    if kind == "job":
+        assert after.status is pf.RunStatus.COMPLETED
+        assert after.output == "from B"
+    else:
+        (nxt,) = backend.claim("B", [flow.slug], 1, 30)
+        assert (nxt.step_slug, nxt.input) == ("second", {"first": "from B"})
 
 
 def _map_flow(slug: str) -> pf.Flow:

@@ -61,6 +61,49 @@ def test_fixed_backoff_waits_base_delay_each_time(store, clock):
     assert [round(b - a, 6) for a, b in itertools.pairwise(seen)] == [10, 10, 10]
 
 
+def test_the_runner_caps_its_waits_at_max_delay(store, clock):
+    seen: list[float] = []
+
+    @pf.job(queue="capped", max_attempts=4, base_delay=60, max_delay=90)
+    def capped(input, ctx):
+        seen.append(clock.now())
+        raise RuntimeError(f"attempt {ctx.attempt}")
+
+    run = store.start(capped)
+    drain(store, capped)
+    # 60 * 2**(n-1) = 60, 120, 240, each capped at 90.
+    assert [round(b - a, 6) for a, b in itertools.pairwise(seen)] == [60, 90, 90]
+    failed = store.get_run(run.id)
+    assert failed.status is pf.RunStatus.FAILED
+    # The store recorded each failed attempt at those times too.
+    assert [round((b.at - a.at).total_seconds(), 3) for a, b in itertools.pairwise(failed.history)] \
+        == [60, 90, 90]
+
+
+def test_the_runner_spreads_its_waits_with_jitter(store, clock):
+    seen: dict[str, list[float]] = {}
+
+    @pf.job(queue="jittered", max_attempts=4, base_delay=60, max_delay=200, jitter=True)
+    def jittered(input, ctx):
+        seen.setdefault(ctx.run_id, []).append(clock.now())
+        raise RuntimeError("again")
+
+    runs = store.start_many(jittered, range(8))
+    drain(store, jittered)
+    assert sorted(seen) == sorted(r.id for r in runs)
+    nominal = [60, 120, 200]  # 60 * 2**(n-1), capped at 200
+    ratios = []
+    for times in seen.values():
+        assert len(times) == 4
+        waits = [b - a for a, b in itertools.pairwise(times)]
+        ratios += [wait / full for wait, full in zip(waits, nominal, strict=True)]
+    # Each wait lies in [0.5, 1.0] of its nominal value (DESIGN section 2) ...
+    assert all(0.5 - 1e-6 <= r <= 1.0 + 1e-6 for r in ratios), ratios
+    # ... and is drawn at random: 24 draws are not all the full delay, nor all alike.
+    assert min(ratios) < 0.99
+    assert len({round(r, 6) for r in ratios}) > 12
+
+
 def test_always_failing_ends_failed_with_last_error(store):
     @pf.job(queue="doomed", max_attempts=3, base_delay=1)
     def doomed(input, ctx):
@@ -353,13 +396,21 @@ def test_flows_none_skips_unimportable_handlers(store, caplog):
 
 
 def test_failure_hooks_every_attempt_and_once_dead(store):
+    # With base_delay=0 a sync on_failure hook runs in a thread beside the next attempt, so the
+    # hooks of different attempts may finish in any order. What is promised: on_failure once
+    # per failed attempt with its ctx, and on_dead once, after the last attempt's on_failure
+    # has finished.
     events: list[tuple[str, int, bool, str]] = []
+    lock = threading.Lock()
 
     def on_failure(ctx, error):
-        events.append(("failure", ctx.attempt, ctx.will_retry, str(error)))
+        time.sleep(0.01)  # some work: an on_dead that did not wait for it would come first
+        with lock:
+            events.append(("failure", ctx.attempt, ctx.will_retry, str(error)))
 
     async def on_dead(ctx, error):
-        events.append(("dead", ctx.attempt, ctx.will_retry, str(error)))
+        with lock:
+            events.append(("dead", ctx.attempt, ctx.will_retry, str(error)))
 
     @pf.job(queue="hooked", max_attempts=3, base_delay=0, on_failure=on_failure, on_dead=on_dead)
     def hooked(input, ctx):
@@ -367,12 +418,13 @@ def test_failure_hooks_every_attempt_and_once_dead(store):
 
     store.start(hooked)
     drain(store, hooked)
-    assert events == [
+    assert sorted(e for e in events if e[0] == "failure") == [
         ("failure", 1, True, "x"),
         ("failure", 2, True, "x"),
         ("failure", 3, False, "x"),
-        ("dead", 3, False, "x"),
     ]
+    assert [e for e in events if e[0] == "dead"] == [("dead", 3, False, "x")]
+    assert events.index(("dead", 3, False, "x")) > events.index(("failure", 3, False, "x"))
 
 
 def test_raising_hook_changes_nothing(store, caplog):
@@ -448,6 +500,60 @@ def test_start_from_another_thread_wakes_the_runner(tmp_path):
     asyncio.run(main())
     store.close()
     assert results[0].output == 42
+
+
+class _WakeOnlyCondition(threading.Condition):
+    """A condition whose ``wait`` ignores its timeout: only a notify ends it (until released),
+    so ``store.wait`` cannot fall back on polling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+        self.released = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting.set()
+        return super().wait(timeout if self.released else None)
+
+    def release_waiters(self) -> None:
+        with self:
+            self.released = True
+            self.notify_all()
+
+
+def test_wait_is_woken_when_a_runner_in_this_process_finishes_the_run(store, monkeypatch):
+    @pf.job(queue="awaited")
+    def awaited(input, ctx):
+        return input * 2
+
+    run = store.start(awaited, 21)
+    condition = _WakeOnlyCondition()
+    monkeypatch.setattr(store, "_finished", condition)  # store.wait's timed poll, made endless
+    outcome: list[object] = []
+
+    def waiter() -> None:
+        try:
+            outcome.append(store.wait(run.id, timeout=60))
+        except Exception as exc:  # reported below instead of lost in the thread
+            outcome.append(exc)
+
+    waiting = threading.Thread(target=waiter, daemon=True)
+    waiting.start()
+    try:
+        assert condition.waiting.wait(10)  # it saw the run unfinished and sleeps on the condition
+        serving = threading.Thread(target=lambda: drain(store, awaited, handle_signals=False))
+        serving.start()
+        serving.join(30)
+        assert not serving.is_alive()
+        waiting.join(10)  # generous: only a missing wake-up leaves it waiting
+        assert not waiting.is_alive(), "store.wait was not woken when the run finished"
+    finally:
+        condition.release_waiters()
+        waiting.join(10)
+    (done,) = outcome
+    assert isinstance(done, pf.Run), done
+    assert done.status is pf.RunStatus.COMPLETED
+    assert done.output == 42
 
 
 def test_retrying_status_while_waiting_out_a_backoff(store, clock):
