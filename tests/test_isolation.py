@@ -58,7 +58,9 @@ HANDLERS = textwrap.dedent("""
 
     @pf.job(queue="iso_output", isolation="process", max_attempts=2, base_delay=0)
     def iso_output(input, ctx):
-        return {"a set": {1, 2}} if input == "set" else {"nan": float("nan")}
+        return {
+            "set": {"a set": {1, 2}}, "nan": {"nan": float("nan")}, "keys": {1: "a", "1": "b"},
+        }[input]
 
     @pf.job(queue="iso_exit", isolation="process", max_attempts=2, base_delay=0)
     def iso_exit(input, ctx):
@@ -156,16 +158,19 @@ def test_retry_raised_in_the_child_waits_its_delay(handlers, tmp_path):
 
 
 @pytest.mark.parametrize(("output", "error"), [
-    ("set", r"^TypeError: .*set.* not JSON serializable"),
-    ("nan", r"^ValueError: Out of range float values are not JSON compliant"),
+    ("set", r"^TypeError: the handler returned a value that cannot be stored as JSON: .*set"),
+    ("nan", r"^TypeError: the handler returned a value that cannot be stored as JSON: Out of range"),
+    ("keys", r"^TypeError: .*keys 1 and '1' are both '1' in JSON"),
 ])
-def test_output_that_is_not_json_fails_the_attempt_in_the_child(handlers, tmp_path, output, error):
+def test_output_that_cannot_be_stored_fails_for_good_in_the_child(handlers, tmp_path, output, error):
+    # As in a thread: the handler did its work, so it is not run again, and the output is
+    # checked before it crosses as JSON (colliding keys would otherwise be merged on the way).
     with pf.connect(tmp_path / "output.db") as store:
         run = store.start(handlers.iso_output, output)
         stats = pf.run_flows([handlers.iso_output], store=store, until_idle=True)
         failed = store.get_run(run.id)
-    assert (stats.completed, stats.retried, stats.failed) == (0, 1, 1)  # a failed attempt, retried
-    assert failed.status is pf.RunStatus.FAILED
+    assert (stats.completed, stats.retried, stats.failed) == (0, 0, 1)
+    assert failed.status is pf.RunStatus.FAILED and failed.attempts == 1
     assert failed.output is None
     assert re.match(error, failed.error or ""), failed.error
 

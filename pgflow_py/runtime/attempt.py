@@ -16,7 +16,7 @@ from ..backoff import retry_delay
 from ..context import CancelFlag, Context
 from ..errors import IsolatedError, PermanentFailure, Retry, StepTimeout
 from ..store import ClaimedTask, TaskFailure, Undecodable
-from .executor import StepRuntime, run_attempt
+from .executor import StepRuntime, StoredOutput, UnstorableOutput, run_attempt
 from .threads import HandlerThreads
 
 __all__ = (
@@ -117,9 +117,13 @@ async def attempt(
             f"(attempt {ctx.attempt} of {ctx.max_attempts})"
         ))
     if error is not None:
+        if isinstance(error, UnstorableOutput):  # as below, found by a child process
+            return Failed(TypeError(str(error)), permanent=True)
         return Failed(error)
     if output is None:
         return _NULL
+    if type(output) is StoredOutput:
+        return Completed(output.json)
     try:
         return Completed(_json.dumps(output))
     except Exception as exc:

@@ -1,7 +1,8 @@
 """The child side of ``isolation="process"``: run one attempt of a sync handler, report as JSON.
 
 The parent writes ``{"handler", "input", "ctx"}`` to stdin and reads one JSON object from
-stdout: ``{"ok": true, "output": ...}`` or ``{"ok": false, "type", "message", "kind", "delay"}``.
+stdout: ``{"ok": true, "output_json": "<the output, encoded>"}`` or ``{"ok": false, "type",
+"message", "kind", "delay"}`` (``kind`` ``"unstorable"``: the output cannot be stored).
 The handler's own prints go to stderr, so they cannot corrupt the result.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 
 def _outcome(payload: dict[str, Any]) -> dict[str, Any]:
+    from .. import _json
     from ..context import Context
     from ..dsl import Flow, Step
     from ..errors import PermanentFailure, Retry
@@ -30,8 +32,6 @@ def _outcome(payload: dict[str, Any]) -> dict[str, Any]:
         if fields.get("deadline"):
             fields["deadline"] = datetime.fromisoformat(fields["deadline"])
         output = target(payload["input"], Context(**fields))
-        json.dumps(output, allow_nan=False)
-        return {"ok": True, "output": output}
     except BaseException as exc:
         kind = "permanent" if isinstance(exc, PermanentFailure) else (
             "retry" if isinstance(exc, Retry) else "error"
@@ -43,6 +43,12 @@ def _outcome(payload: dict[str, Any]) -> dict[str, Any]:
             "kind": kind,
             "delay": exc.delay if isinstance(exc, Retry) else None,
         }
+    try:
+        # Encoded here, by the rules of the parent's store: decoded there, colliding keys or
+        # nesting would be lost before anything could check them.
+        return {"ok": True, "output_json": _json.dumps(output)}
+    except Exception as exc:
+        return {"ok": False, "kind": "unstorable", "message": f"{_json.UNSTORABLE_OUTPUT}: {exc}"}
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from ..dsl import Hook, import_path
 from ..errors import IsolatedError, PermanentFailure, Retry
 from .threads import HandlerThreads
 
-__all__ = ("StepRuntime", "call_hook", "run_attempt")
+__all__ = ("StepRuntime", "StoredOutput", "UnstorableOutput", "call_hook", "run_attempt")
 
 log = logging.getLogger("pgflow_py.runner")
 
@@ -41,6 +41,19 @@ class StepRuntime:
     @is_async.default
     def _is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.handler)
+
+
+class StoredOutput:
+    """An output already encoded as the store keeps it (by a child process)."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, json: str) -> None:
+        self.json = json
+
+
+class UnstorableOutput(TypeError):
+    """A child process's handler returned a value the store cannot keep."""
 
 
 async def run_attempt(step: StepRuntime, value: Any, ctx: Context, threads: HandlerThreads) -> Any:
@@ -94,7 +107,9 @@ async def _run_in_child(step: StepRuntime, value: Any, ctx: Context) -> Any:
         )
     result = json.loads(b"".join(chunks))
     if result["ok"]:
-        return result["output"]
+        return StoredOutput(result["output_json"])
+    if result["kind"] == "unstorable":
+        raise UnstorableOutput(result["message"])
     if result["kind"] == "permanent":
         raise PermanentFailure(result["message"])
     if result["kind"] == "retry":
