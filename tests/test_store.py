@@ -893,7 +893,7 @@ def test_context_manager_closes(tmp_path: Path) -> None:
         run = s.start(echo, 1)
     # The last connection to a WAL database checkpoints and removes the -wal file on close.
     assert not Path(f"{path}-wal").exists()
-    with pytest.raises(Exception):  # noqa: B017 - any error, as long as it does not work
+    with pytest.raises(pf.StoreError, match="closed"):
         s.get_run(run.id)
     with pf.connect(path, clock=pf.testing.FakeClock()) as again:
         assert again.get_run(run.id).input == 1
