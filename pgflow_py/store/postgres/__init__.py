@@ -249,6 +249,11 @@ class PostgresBackend(SqlBackend):
     def _store_error(self, exc: Exception) -> StoreError:
         error = super()._store_error(exc)
         text = _redact(str(error), self._secrets)
+        if "percent-encoded" in text:
+            text += (
+                " (in a URL, a user name or password holding one of : / ? # [ ] @ % must "
+                "percent-encode it, e.g. % as %25: urllib.parse.quote(password, safe=''))"
+            )
         return error if text == str(error) else StoreError(text)
 
     def _begin(self) -> None:
