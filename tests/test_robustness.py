@@ -25,7 +25,7 @@ import pgflow_py as pf
 from pgflow_py import _json
 from pgflow_py.runtime import attempt as attempt_module
 from pgflow_py.runtime import runner as runner_module
-from pgflow_py.runtime.runner import _Runner
+from pgflow_py.runtime.runner import Runner
 from pgflow_py.runtime.threads import HandlerThreads
 from pgflow_py.testing import FakeClock
 
@@ -197,7 +197,7 @@ def test_stopping_ends_within_the_shutdown_timeout_while_the_database_fails(tmp_
         raise pf.StoreError("the pgflow database is malformed")
 
     async def main(store: pf.Store) -> tuple[pf.RunnerStats, float]:
-        runner = _Runner(
+        runner = Runner(
             store, [slow], concurrency=2, until_idle=False, resources={}, lease=1.0,
             poll_interval=0.05, shutdown_timeout=0.5,
         )
@@ -286,14 +286,14 @@ def _fault_points() -> list[Any]:
     """(name, how to inject the fault, the error text expected on the poisoned run)."""
 
     def context(mp: pytest.MonkeyPatch) -> None:
-        real = _Runner._context
+        real = Runner._context
 
-        def failing(self: _Runner, task: Any, step: Any, handle: Any) -> pf.Context:
+        def failing(self: Runner, task: Any, step: Any, handle: Any) -> pf.Context:
             if task.input == "poison":
                 raise RuntimeError("injected: context")
             return real(self, task, step, handle)
 
-        mp.setattr(_Runner, "_context", failing)
+        mp.setattr(Runner, "_context", failing)
 
     def encoding(mp: pytest.MonkeyPatch) -> None:
         real = _json.dumps

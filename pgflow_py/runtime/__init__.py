@@ -1,5 +1,6 @@
 """The runtime: the runner, attempt execution and handler loading."""
 
-from .runner import RunnerStats, arun_flows, run_flows
+from .entry import arun_flows, run_flows
+from .runner import RunnerStats
 
 __all__ = ("RunnerStats", "arun_flows", "run_flows")

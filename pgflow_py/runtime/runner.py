@@ -1,4 +1,4 @@
-"""``run_flows``: claim due tasks in batches, run them on a fixed pool of workers, record results.
+"""The runner: claim due tasks in batches, run them on a fixed pool of workers, record results.
 
 One dispatcher coroutine makes every database call of the runner, on the event loop thread, so
 there is no thread hop at all: each pass records the results gathered since the last one and
@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import socket
 import threading
 import time
@@ -32,17 +31,17 @@ from .. import _json
 from ..clock import utc_datetime
 from ..context import Context
 from ..dsl import Flow, distinct_flows
-from ..errors import InputError, PgflowError, StepTimeout, StoreError
-from ..store import ClaimedTask, RunFailure, Store, TaskFailure, TaskSuccess, connect
+from ..errors import PgflowError, StepTimeout, StoreError
+from ..store import ClaimedTask, RunFailure, Store, TaskFailure, TaskSuccess
 from .attempt import DROPPED, Attempt, Completed, Failed, Outcome, attempt, error_text, failure_record
 from .executor import StepRuntime, call_hook
 from .hooks import DeadCall, DeadHooks
-from .loader import load_stored_flows, step_runtimes
+from .loader import step_runtimes
 from .outbox import Outbox
 from .scheduler import CronScheduler
 from .threads import HandlerThreads
 
-__all__ = ("RunnerStats", "arun_flows", "run_flows")
+__all__ = ("Runner", "RunnerStats")
 
 log = logging.getLogger("pgflow_py.runner")
 
@@ -75,7 +74,7 @@ _TIMEOUT_GRAIN = 0.005  # seconds: attempts whose timeouts end this close share 
 _PEEK = 0.05  # seconds between looks at whether another process wrote to the store
 
 
-class _Runner:
+class Runner:
     def __init__(
         self,
         store: Store,
@@ -134,6 +133,11 @@ class _Runner:
         self._threads = HandlerThreads(concurrency)
 
     # --- control -------------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stopping
 
     def stop(self) -> None:
         """Stop claiming; running tasks finish (up to the shutdown timeout)."""
@@ -660,41 +664,6 @@ class _Runner:
             self._record_failure(step, task, handle, failed)
 
 
-_MAX_CONCURRENCY = 10_000
-_MAX_SECONDS = 366 * 86400.0  # a year: beyond it a lease or timeout is a mistake, not a choice
-
-
-def _seconds(name: str, value: object, low: float, fix: str) -> None:
-    if (
-        isinstance(value, bool) or not isinstance(value, (int, float))
-        or not low <= value <= _MAX_SECONDS  # also refuses NaN
-    ):
-        raise InputError(
-            f"{name} must be a number of seconds from {low:g} to {_MAX_SECONDS:g}, "
-            f"got {value!r}{fix}"
-        )
-
-
-def _check_arguments(
-    concurrency: object, lease: object, poll_interval: object, shutdown_timeout: object,
-    resources: object,
-) -> None:
-    """Refuse arguments a runner cannot serve with, before it touches the store."""
-    if (
-        isinstance(concurrency, bool) or not isinstance(concurrency, int)
-        or not 1 <= concurrency <= _MAX_CONCURRENCY
-    ):
-        raise InputError(
-            f"concurrency must be an integer from 1 to {_MAX_CONCURRENCY}, got {concurrency!r}"
-        )
-    # A lease shorter than a heartbeat's round trip would hand live tasks to other workers.
-    _seconds("lease", lease, 0.1, " (how long a claimed task stays taken between heartbeats)")
-    _seconds("poll_interval", poll_interval, 0.001, "")
-    _seconds("shutdown_timeout", shutdown_timeout, 0.0, "")
-    if resources is not None and not isinstance(resources, Mapping):
-        raise InputError(f"resources must be a mapping of names to objects, got {resources!r}")
-
-
 def _steps_for(
     flows: Sequence[Flow], store: Store, versions: dict[str, int]
 ) -> dict[tuple[str, str], StepRuntime]:
@@ -707,98 +676,3 @@ def _steps_for(
         for runtime in step_runtimes(flow):
             steps[(runtime.flow_slug, runtime.step_slug)] = runtime
     return steps
-
-
-async def arun_flows(
-    flows: Sequence[Flow] | None = None,
-    *,
-    store: Store | str | None = None,
-    concurrency: int = 10,
-    until_idle: bool = False,
-    resources: Mapping[str, Any] | None = None,
-    lease: float = 30.0,
-    poll_interval: float = 0.1,
-    shutdown_timeout: float = 30.0,
-    handle_signals: bool = True,
-) -> RunnerStats:
-    """Serve ``flows`` (default: every flow in the store) inside a running event loop.
-
-    Returns when idle (``until_idle=True``) or after SIGINT/SIGTERM: running tasks get up to
-    ``shutdown_timeout`` seconds to finish; a second signal stops at once.
-    """
-    _check_arguments(concurrency, lease, poll_interval, shutdown_timeout, resources)
-    own_store = not isinstance(store, Store)
-    the_store = store if isinstance(store, Store) else connect(store)
-    try:
-        if flows is None:
-            flows = load_stored_flows(the_store.backend.definitions())
-        runner = _Runner(
-            the_store,
-            list(flows),
-            concurrency=concurrency,
-            until_idle=until_idle,
-            resources=dict(resources or {}),
-            lease=lease,
-            poll_interval=poll_interval,
-            shutdown_timeout=shutdown_timeout,
-        )
-        if not (handle_signals and threading.current_thread() is threading.main_thread()):
-            return await runner.run()
-        return await _with_signals(runner)
-    finally:
-        if own_store:
-            the_store.close()
-
-
-async def _with_signals(runner: _Runner) -> RunnerStats:
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    signals = (signal.SIGINT, signal.SIGTERM)
-
-    def on_signal(signum: int) -> None:
-        if runner._stopping:
-            log.warning("second %s: stopping now", signal.Signals(signum).name)
-            if main is not None:
-                main.cancel()
-        else:
-            log.info("%s: finishing running tasks, then stopping", signal.Signals(signum).name)
-            runner.stop()
-
-    installed = []
-    for sig in signals:
-        try:
-            loop.add_signal_handler(sig, on_signal, sig)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):  # e.g. Windows
-            pass
-    try:
-        return await runner.run()
-    except asyncio.CancelledError:
-        if not runner._stopping:
-            raise
-        return runner.counts.stats()
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-
-
-def run_flows(
-    flows: Sequence[Flow] | None = None,
-    *,
-    store: Store | str | None = None,
-    concurrency: int = 10,
-    until_idle: bool = False,
-    resources: Mapping[str, Any] | None = None,
-    lease: float = 30.0,
-    poll_interval: float = 0.1,
-    shutdown_timeout: float = 30.0,
-    handle_signals: bool = True,
-) -> RunnerStats:
-    """Serve ``flows`` until idle or until SIGINT/SIGTERM; blocking (see :func:`arun_flows`)."""
-    return anyio.run(
-        lambda: arun_flows(
-            flows, store=store, concurrency=concurrency, until_idle=until_idle,
-            resources=resources, lease=lease, poll_interval=poll_interval,
-            shutdown_timeout=shutdown_timeout, handle_signals=handle_signals,
-        )
-    )
