@@ -91,9 +91,13 @@ async def attempt(
     """Run one attempt of ``task`` and say how it ended."""
     output: Any = None
     error: BaseException | None = None
-    for value, what in ((task.input, "input"), (task.flow_input, "flow input")):
-        if type(value) is Undecodable:  # written around start's checks; it would never read
-            return Failed(PermanentFailure(f"the task's {what} cannot be read: {value.error}"))
+    if type(task.input) is Undecodable or type(task.flow_input) is Undecodable:
+        # Written around start's checks (by hand, by an old version): it would never read.
+        bad, what = (
+            (task.input, "input") if type(task.input) is Undecodable
+            else (task.flow_input, "flow input")
+        )
+        return Failed(PermanentFailure(f"the task's {what} cannot be read: {bad.error}"))
     try:
         if step.is_async:
             output = await step.handler(task.input, ctx)
