@@ -30,6 +30,26 @@ class CancelFlag:
         return self._raised
 
 
+def attempt_label(
+    flow_slug: str, step_slug: str, task_index: int | None, run_id: str, attempt: int,
+    max_attempts: int,
+) -> str:
+    """How log lines name an attempt: ``flow.step[index] run <id> attempt n/max``."""
+    index = "" if task_index is None else f"[{task_index}]"
+    return f"{flow_slug}.{step_slug}{index} run {run_id} attempt {attempt}/{max_attempts}"
+
+
+class _AttemptLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        ids: Any = self.extra
+        label = attempt_label(
+            ids["flow_slug"], ids["step_slug"], ids["task_index"], ids["run_id"], ids["attempt"],
+            ids["max_attempts"],
+        )
+        kwargs["extra"] = {**ids, **kwargs.get("extra", {})}
+        return f"{label}: {msg}", kwargs
+
+
 @attrs.frozen(kw_only=True)
 class Context:
     """What a handler knows about the attempt it runs in.
@@ -50,11 +70,15 @@ class Context:
     will_retry: bool = False
     cancel_flag: CancelFlag = attrs.field(factory=CancelFlag, eq=False, repr=False)
     """Raised by the runner when this attempt must stop (run cancelled or failed, lease lost)."""
+    shutdown_flag: CancelFlag = attrs.field(factory=CancelFlag, eq=False, repr=False)
+    """Raised by the runner when its worker begins a graceful shutdown."""
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger (``pgflow_py.handler``) whose records carry this attempt's ids."""
-        return logging.LoggerAdapter(
+        """A logger (``pgflow_py.handler``) whose lines begin with this attempt's ids, as the
+        runner's own do (``send_email.send[3] run 0192… attempt 2/3: …``), whatever the log
+        format; the ids are also record attributes (``record.run_id``, …) for formatters."""
+        return _AttemptLogger(
             _handler_logger,
             {
                 "run_id": self.run_id,
@@ -62,8 +86,16 @@ class Context:
                 "step_slug": self.step_slug,
                 "task_index": self.task_index,
                 "attempt": self.attempt,
+                "max_attempts": self.max_attempts,
             },
         )
+
+    @property
+    def shutting_down(self) -> bool:
+        """Whether the worker began a graceful shutdown: a long-running handler can save its
+        progress and return (it has until the shutdown timeout; then it is cancelled and the
+        task goes back to the queue)."""
+        return self.shutdown_flag.is_set()
 
     @property
     def cancelled(self) -> bool:

@@ -29,7 +29,7 @@ import attrs
 
 from .. import _json
 from ..clock import utc_datetime
-from ..context import Context
+from ..context import CancelFlag, Context, attempt_label
 from ..dsl import Flow, distinct_flows
 from ..errors import PgflowError, StepTimeout, StoreError
 from ..store import ClaimedTask, RunFailure, Store, TaskFailure, TaskSuccess
@@ -116,6 +116,8 @@ class Runner:
         self._beat_due: float | None = None  # when the regular heartbeat is due
         self._stopping = False
         self._stop_deadline = math.inf
+        self._shutdown_flag = CancelFlag()  # what handlers see as ctx.shutting_down
+        self._debug = log.isEnabledFor(logging.DEBUG)  # looked at again at each heartbeat
         self._pause = 0.005  # adaptive poll for work from other processes
         self._must_claim = True
         self._tg: anyio.abc.TaskGroup
@@ -143,6 +145,7 @@ class Runner:
         """Stop claiming; running tasks finish (up to the shutdown timeout)."""
         if not self._stopping:
             self._stopping = True
+            self._shutdown_flag.set()
             # The loop's clock is time.monotonic(); the deadline holds whatever the store does.
             self._stop_deadline = time.monotonic() + self.shutdown_timeout
         self._wake.set()
@@ -232,6 +235,7 @@ class Runner:
                 now - self._beat_due, self.lease,
             )
         self._next_beat = self._beat_due = now + self._beat_interval
+        self._debug = log.isEnabledFor(logging.DEBUG)
         lost = self.backend.heartbeat(
             self.worker_id, self.flow_slugs, list(self._running), self.lease
         )
@@ -544,6 +548,7 @@ class Runner:
             resources=self.resources,
             deadline=utc_datetime(time.time() + step.options.timeout),
             cancel_flag=handle.flag,
+            shutdown_flag=self._shutdown_flag,
         )
 
     async def _execute(self, task: ClaimedTask, handle: Attempt) -> None:
@@ -553,6 +558,10 @@ class Runner:
             return
         step = self.steps[(task.flow_slug, task.step_slug)]
         ctx = self._context(task, step, handle)
+        debug = self._debug
+        if debug:
+            started = time.perf_counter()
+            log.debug("%s: started", _label(task))
         self._watch(handle, step.options.timeout)
         self._running[task.id] = handle
         try:
@@ -569,10 +578,16 @@ class Runner:
                 task.id, task.attempt, outcome.output_json, task.run_id, task.step_slug,
                 step.is_job, task.claim, task.started_at,
             ))
+            if debug:
+                log.debug("%s: completed in %.1f ms", _label(task),
+                          (time.perf_counter() - started) * 1000)
         elif outcome is DROPPED:
             # The task was cancelled, its run failed, or its lease was lost: nothing to record.
             self.counts.cancelled += 1
             handle.recorded = True
+            if debug:
+                log.debug("%s: stopped (run cancelled or failed, or lease lost); not recorded",
+                          _label(task))
         else:
             assert isinstance(outcome, Failed)
             await self._failed(step, task, ctx, handle, outcome)
@@ -602,22 +617,18 @@ class Runner:
             delay = None
         if isinstance(failed.error, StepTimeout):
             self.counts.timed_out += 1
+        # The traceback at every failed attempt, not only the last: that is when it is looked
+        # for. Timeouts and deliberate permanent failures have none worth reading.
+        exc_info = (
+            None if failed.permanent or isinstance(failed.error, StepTimeout) else failed.error
+        )
         if delay is not None:
             self.counts.retried += 1
-            log.info(
-                "%s.%s failed (run %s, attempt %d of %d), retrying in %.3gs: %s",
-                task.flow_slug, task.step_slug, task.run_id, task.attempt, task.max_attempts,
-                delay, record.error,
-            )
+            log.warning("%s: failed, retrying in %.3gs: %s", _label(task), delay, record.error,
+                        exc_info=exc_info)
         else:
             self.counts.failed += 1
-            log.warning(
-                "%s.%s failed for good (run %s, attempt %d of %d): %s",
-                task.flow_slug, task.step_slug, task.run_id, task.attempt, task.max_attempts,
-                record.error,
-                exc_info=None if failed.permanent or isinstance(failed.error, StepTimeout)
-                else failed.error,
-            )
+            log.warning("%s: failed for good: %s", _label(task), record.error, exc_info=exc_info)
         handle.recorded = True
         self._outbox.failures.append(record)
         self._wake.set()
@@ -646,10 +657,7 @@ class Runner:
     def _fault(self, task: ClaimedTask, handle: Attempt, exc: BaseException) -> None:
         """Something failed around the attempt (building its context, recording its outcome):
         the attempt fails with that error, and the runner serves on."""
-        log.error(
-            "unexpected error handling task %d of %s.%s (run %s)", task.id, task.flow_slug,
-            task.step_slug, task.run_id, exc_info=exc,
-        )
+        log.error("%s: unexpected error around the attempt", _label(task), exc_info=exc)
         if handle.recorded:
             return
         step = self.steps.get((task.flow_slug, task.step_slug))
@@ -662,6 +670,13 @@ class Runner:
             self._wake.set()
         else:
             self._record_failure(step, task, handle, failed)
+
+
+def _label(task: ClaimedTask) -> str:
+    return attempt_label(
+        task.flow_slug, task.step_slug, task.task_index, task.run_id, task.attempt,
+        task.max_attempts,
+    )
 
 
 def _steps_for(

@@ -1,0 +1,116 @@
+"""What a person following a worker's log sees, and what a handler learns of a shutdown."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import anyio
+import pytest
+from _helpers import drain
+
+import pgflow_py as pf
+from pgflow_py.runtime.runner import Runner
+from pgflow_py.testing import FakeClock
+
+
+def _lines(caplog: pytest.LogCaptureFixture, logger: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == logger]
+
+
+def test_each_attempt_logs_its_start_and_end_at_debug_with_its_ids(tmp_path, caplog) -> None:
+    flow = pf.flow("logged")
+
+    @flow.step()
+    def split(input, ctx):
+        return [1, 2]
+
+    @flow.map(array="split")
+    def double(item, ctx):
+        return item * 2
+
+    with pf.connect(tmp_path / "db") as store:
+        run = store.start(flow, {})
+        with caplog.at_level(logging.DEBUG, logger="pgflow_py.runner"):
+            drain(store, flow)
+    messages = [r.getMessage() for r in _lines(caplog, "pgflow_py.runner")]
+    for step in ("logged.split", "logged.double[0]", "logged.double[1]"):
+        label = f"{step} run {run.id} attempt 1/1"
+        assert f"{label}: started" in messages, messages
+        assert any(m.startswith(f"{label}: completed in ") and m.endswith(" ms") for m in messages)
+
+
+def test_every_failed_attempt_is_a_warning_with_its_traceback(tmp_path, caplog) -> None:
+    @pf.job(queue="flaky", max_attempts=2, base_delay=0)
+    def flaky(input, ctx):
+        raise ValueError(f"card declined at attempt {ctx.attempt}")
+
+    with pf.connect(tmp_path / "db", clock=FakeClock()) as store:
+        run = store.start(flaky, {})
+        with caplog.at_level(logging.INFO, logger="pgflow_py.runner"):
+            drain(store, flaky)
+    failures = [r for r in _lines(caplog, "pgflow_py.runner") if "failed" in r.getMessage()]
+    assert [r.levelno for r in failures] == [logging.WARNING, logging.WARNING]
+    assert failures[0].getMessage() == (
+        f"flaky.flaky run {run.id} attempt 1/2: failed, retrying in 0s: "
+        "ValueError: card declined at attempt 1"
+    )
+    assert failures[1].getMessage() == (
+        f"flaky.flaky run {run.id} attempt 2/2: failed for good: "
+        "ValueError: card declined at attempt 2"
+    )
+    for record in failures:  # the handler's frame is in each traceback
+        assert record.exc_info is not None and record.exc_info[1] is not None
+        assert "in flaky" in logging.Formatter().formatException(record.exc_info)
+
+
+def test_a_handlers_log_lines_carry_the_attempts_ids(tmp_path, caplog) -> None:
+    @pf.job(queue="chatty")
+    def chatty(input, ctx):
+        ctx.logger.info("sending to %s", input["to"])
+        return True
+
+    with pf.connect(tmp_path / "db") as store:
+        run = store.start(chatty, {"to": "ada@example.com"})
+        with caplog.at_level(logging.INFO, logger="pgflow_py.handler"):
+            drain(store, chatty)
+    (record,) = _lines(caplog, "pgflow_py.handler")
+    # In the message itself, so the worker's default format shows them.
+    assert record.getMessage() == f"chatty.chatty run {run.id} attempt 1/1: sending to ada@example.com"
+    assert (record.run_id, record.flow_slug, record.attempt) == (run.id, "chatty", 1)
+
+
+def test_a_handler_sees_the_shutdown_and_can_return_early(tmp_path) -> None:
+    looping = threading.Event()
+
+    @pf.job(queue="batch", timeout=60)
+    async def batch(input, ctx):
+        done = 0
+        while not ctx.shutting_down:
+            done += 1
+            looping.set()
+            await anyio.sleep(0.01)
+        return {"saved_after": done}
+
+    async def main(store: pf.Store) -> pf.RunnerStats:
+        runner = Runner(
+            store, [batch], concurrency=2, until_idle=False, resources={}, lease=30.0,
+            poll_interval=0.05, shutdown_timeout=20,
+        )
+        async with anyio.create_task_group() as tg:
+            result: list[pf.RunnerStats] = []
+
+            async def serve() -> None:
+                result.append(await runner.run())
+
+            tg.start_soon(serve)
+            await anyio.to_thread.run_sync(looping.wait, 10)
+            runner.stop()
+        return result[0]
+
+    with pf.connect(tmp_path / "db") as store:
+        run = store.start(batch, {})
+        stats = anyio.run(main, store)
+        done = store.get_run(run.id)
+    assert stats.completed == 1
+    assert done.status == "completed" and done.output["saved_after"] >= 1
