@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pgflow_py as pf
 
@@ -107,13 +108,17 @@ def start_many(directory: Path, n: int) -> float:
         return n / (time.perf_counter() - began)
 
 
-def drain(job: pf.Flow, concurrency: int) -> Callable[[Path, int], float]:
+def drain(
+    job: pf.Flow, concurrency: int, telemetry: Callable[[], Any] | None = None
+) -> Callable[[Path, int], float]:
     def measure(directory: Path, n: int) -> float:
         with _fresh_store(directory, f"drain_{job.slug}") as store:
             for chunk in range(0, n, 1000):
                 store.start_many(job, [{"i": i} for i in range(chunk, min(n, chunk + 1000))])
+            hooks = None if telemetry is None else telemetry()
             began = time.perf_counter()
-            stats = pf.run_flows([job], store=store, until_idle=True, concurrency=concurrency)
+            stats = pf.run_flows([job], store=store, until_idle=True, concurrency=concurrency,
+                                 telemetry=hooks)
             elapsed = time.perf_counter() - began
             assert stats.completed == n * len(job.definition.steps), stats
             return n / elapsed
@@ -178,6 +183,17 @@ def _backlog(directory: Path, args: argparse.Namespace) -> Rows:
     return [(f"10,000 jobs from {args.backlog:,} queued vs from 10,000", "x", ratio)]
 
 
+def _telemetry(directory: Path, args: argparse.Namespace) -> Rows:
+    from . import otel  # ImportError without the SDK
+
+    off, on = [], []
+    for _ in range(args.repeat):  # interleaved, so the machine's phase moves both alike
+        off.append(drain(bench_async, 100)(directory, args.jobs))
+        on.append(drain(bench_async, 100, otel.telemetry)(directory, args.jobs))
+    return [("async jobs (concurrency 100), telemetry off", "jobs/s", statistics.median(off)),
+            ("the same with OpenTelemetry spans and metrics", "jobs/s", statistics.median(on))]
+
+
 def _huey(directory: Path, args: argparse.Namespace) -> Rows:
     theirs, workers = huey_compare.best(directory, args.jobs)  # ImportError without huey
     ours = drain(bench_async, 100)(directory, args.jobs)
@@ -192,6 +208,7 @@ SINGLE_FIGURES: list[tuple[str, Callable[[Path, argparse.Namespace], Rows]]] = [
     ("peak RSS", _rss),
     ("backlog ratio", _backlog),
     ("huey side by side", _huey),
+    ("telemetry off and on", _telemetry),
 ]
 
 
@@ -249,7 +266,7 @@ def main() -> None:
             try:
                 rows = measure(Path(tmp), args)
             except ImportError as exc:
-                print(f"{key}: skipped ({exc}; pip install -e '.[bench]')", flush=True)
+                print(f"{key}: skipped ({exc}; pip install -e '.[bench,test]')", flush=True)
                 continue
             for name, unit, value in rows:
                 results.append({"benchmark": name, "unit": unit, "value": round(value, 2)})

@@ -15,6 +15,7 @@ import anyio
 from ..dsl import Flow
 from ..errors import InputError
 from ..store import Store, connect
+from ..telemetry import Telemetry
 from .loader import load_stored_flows
 from .runner import Runner, RunnerStats
 
@@ -68,6 +69,7 @@ async def arun_flows(
     poll_interval: float = 0.1,
     shutdown_timeout: float = 30.0,
     handle_signals: bool = True,
+    telemetry: Telemetry | None = None,
 ) -> RunnerStats:
     """Serve ``flows`` (default: every flow in the store) inside a running event loop.
 
@@ -89,6 +91,7 @@ async def arun_flows(
             lease=lease,
             poll_interval=poll_interval,
             shutdown_timeout=shutdown_timeout,
+            telemetry=telemetry,
         )
         if not (handle_signals and threading.current_thread() is threading.main_thread()):
             return await runner.run()
@@ -141,6 +144,7 @@ def run_flows(
     poll_interval: float = 0.1,
     shutdown_timeout: float = 30.0,
     handle_signals: bool = True,
+    telemetry: Telemetry | None = None,
 ) -> RunnerStats:
     """Serve ``flows`` until idle or until SIGINT/SIGTERM; blocking (see :func:`arun_flows`)."""
     return anyio.run(
@@ -148,5 +152,6 @@ def run_flows(
             flows, store=store, concurrency=concurrency, until_idle=until_idle,
             resources=resources, lease=lease, poll_interval=poll_interval,
             shutdown_timeout=shutdown_timeout, handle_signals=handle_signals,
+            telemetry=telemetry,
         )
     )

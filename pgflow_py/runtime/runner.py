@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -33,6 +33,8 @@ from ..context import CancelFlag, Context, attempt_label
 from ..dsl import Flow, distinct_flows
 from ..errors import PgflowError, StepTimeout, StoreError
 from ..store import ClaimedTask, RunFailure, Store, TaskFailure, TaskSuccess
+from ..telemetry import AttemptInfo, Telemetry
+from ..telemetry import Outcome as TelemetryOutcome
 from .attempt import DROPPED, Attempt, Completed, Failed, Outcome, attempt, error_text, failure_record
 from .executor import StepRuntime, call_hook
 from .hooks import DeadCall, DeadHooks
@@ -86,6 +88,7 @@ class Runner:
         lease: float,
         poll_interval: float,
         shutdown_timeout: float,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
         self.backend = store.backend
@@ -118,6 +121,8 @@ class Runner:
         self._stop_deadline = math.inf
         self._shutdown_flag = CancelFlag()  # what handlers see as ctx.shutting_down
         self._debug = log.isEnabledFor(logging.DEBUG)  # looked at again at each heartbeat
+        self._telemetry = telemetry
+        self._telemetry_failed = False
         self._pause = 0.005  # adaptive poll for work from other processes
         self._must_claim = True
         self._tg: anyio.abc.TaskGroup
@@ -559,9 +564,17 @@ class Runner:
         step = self.steps[(task.flow_slug, task.step_slug)]
         ctx = self._context(task, step, handle)
         debug = self._debug
-        if debug:
+        telemetry = self._telemetry
+        if debug or telemetry is not None:
             started = time.perf_counter()
-            log.debug("%s: started", _label(task))
+            if debug:
+                log.debug("%s: started", _label(task))
+            if telemetry is not None:
+                info = AttemptInfo(
+                    task.flow_slug, task.step_slug, task.task_index, task.run_id, task.attempt,
+                    task.max_attempts, self.worker_id,
+                )
+                token = self._instrument(telemetry.attempt_started, info)
         self._watch(handle, step.options.timeout)
         self._running[task.id] = handle
         try:
@@ -571,6 +584,8 @@ class Runner:
             if bucket is not None:  # None once its timer has fired
                 bucket.discard(handle)
             del self._running[task.id]
+        error: str | None = None
+        failed: Failed | None = None
         if type(outcome) is Completed:
             self.counts.completed += 1
             handle.recorded = True
@@ -578,6 +593,7 @@ class Runner:
                 task.id, task.attempt, outcome.output_json, task.run_id, task.step_slug,
                 step.is_job, task.claim, task.started_at,
             ))
+            ended: TelemetryOutcome = "completed"
             if debug:
                 log.debug("%s: completed in %.1f ms", _label(task),
                           (time.perf_counter() - started) * 1000)
@@ -585,12 +601,30 @@ class Runner:
             # The task was cancelled, its run failed, or its lease was lost: nothing to record.
             self.counts.cancelled += 1
             handle.recorded = True
+            ended = "cancelled"
             if debug:
                 log.debug("%s: stopped (run cancelled or failed, or lease lost); not recorded",
                           _label(task))
         else:
             assert isinstance(outcome, Failed)
-            await self._failed(step, task, ctx, handle, outcome)
+            failed = outcome
+            will_retry, error = self._record_failure(step, task, handle, failed)
+            ended = "retried" if will_retry else "failed"
+        if telemetry is not None:
+            self._instrument(
+                telemetry.attempt_ended, token, info, ended, time.perf_counter() - started, error
+            )
+        if failed is not None:
+            await self._hooks(step, task, ctx, failed, ended == "retried")
+
+    def _instrument(self, method: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return method(*args)
+        except Exception:
+            if not self._telemetry_failed:  # once: it would fail for every attempt
+                self._telemetry_failed = True
+                log.exception("telemetry %r raised; ignored", method)
+            return None
 
     def _outdated(self, task: ClaimedTask) -> None:
         """Another process deployed a new shape of this flow: hand its tasks back, stop serving it."""
@@ -606,9 +640,9 @@ class Runner:
 
     def _record_failure(
         self, step: StepRuntime, task: ClaimedTask, handle: Attempt, failed: Failed
-    ) -> bool:
-        """Count and log a failed attempt and put its record in the outbox; ``True`` if it will
-        be retried."""
+    ) -> tuple[bool, str]:
+        """Count and log a failed attempt and put its record in the outbox; return whether it
+        will be retried, and its error as recorded."""
         try:
             record, delay = failure_record(step, task, failed, self.clock.now())
         except Exception as exc:  # the retry policy could not be applied: fail for good
@@ -632,12 +666,12 @@ class Runner:
         handle.recorded = True
         self._outbox.failures.append(record)
         self._wake.set()
-        return delay is not None
+        return delay is not None, record.error
 
-    async def _failed(
-        self, step: StepRuntime, task: ClaimedTask, ctx: Context, handle: Attempt, failed: Failed
+    async def _hooks(
+        self, step: StepRuntime, task: ClaimedTask, ctx: Context, failed: Failed, will_retry: bool
     ) -> None:
-        will_retry = self._record_failure(step, task, handle, failed)
+        """Run the failure hooks of a failed attempt, whose record is in the outbox already."""
         if step.on_failure is None and step.on_dead is None:
             return
         key = (task.id, task.attempt)

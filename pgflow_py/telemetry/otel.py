@@ -1,0 +1,78 @@
+"""OpenTelemetry for pgflow_py attempts (``pip install 'pgflow_py[otel]'``).
+
+    from pgflow_py.telemetry.otel import OpenTelemetry
+    pf.run_flows(flows, telemetry=OpenTelemetry())
+
+Each attempt is a span (``pgflow <flow>.<step>``, kind CONSUMER) that is current while the
+handler runs, so the handler's own spans are its children. Its attributes name the run, flow,
+step, task index, attempt and outcome; a failed attempt's span has status ERROR with the
+recorded error. Metrics: ``pgflow.attempts`` (a counter by flow, step and outcome) and
+``pgflow.attempt.duration`` (a histogram, seconds). The global tracer and meter providers are
+used unless others are given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from . import AttemptInfo, Outcome
+
+__all__ = ("OpenTelemetry",)
+
+_SCOPE = "pgflow_py"
+
+
+class OpenTelemetry:
+    """A span per attempt, plus counters and a histogram of durations."""
+
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        self._tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
+        meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
+        self._attempts = meter.create_counter(
+            "pgflow.attempts", unit="{attempt}", description="Task attempts, by outcome"
+        )
+        self._durations = meter.create_histogram(
+            "pgflow.attempt.duration", unit="s", description="How long attempts took"
+        )
+
+    def attempt_started(self, attempt: AttemptInfo) -> Any:
+        attributes: dict[str, Any] = {
+            "pgflow.run_id": attempt.run_id,
+            "pgflow.flow": attempt.flow_slug,
+            "pgflow.step": attempt.step_slug,
+            "pgflow.attempt": attempt.attempt,
+            "pgflow.max_attempts": attempt.max_attempts,
+            "pgflow.worker_id": attempt.worker_id,
+        }
+        if attempt.task_index is not None:
+            attributes["pgflow.task_index"] = attempt.task_index
+        span = self._tracer.start_span(
+            f"pgflow {attempt.flow_slug}.{attempt.step_slug}", kind=SpanKind.CONSUMER,
+            attributes=attributes,
+        )
+        return span, otel_context.attach(trace.set_span_in_context(span))
+
+    def attempt_ended(
+        self, token: Any, attempt: AttemptInfo, outcome: Outcome, duration: float,
+        error: str | None,
+    ) -> None:
+        span, attached = token
+        span.set_attribute("pgflow.outcome", outcome)
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
+        otel_context.detach(attached)
+        labels = {
+            "pgflow.flow": attempt.flow_slug, "pgflow.step": attempt.step_slug,
+            "pgflow.outcome": outcome,
+        }
+        self._attempts.add(1, labels)
+        self._durations.record(duration, labels)
