@@ -14,7 +14,7 @@ returns comes back as ``token``. ``outcome`` is ``"completed"``, ``"retried"``, 
 logged once and changes nothing. Without ``telemetry=`` the runner makes no call at all.
 
 :class:`pgflow_py.telemetry.otel.OpenTelemetry` (``pip install 'pgflow_py[otel]'``) is one such
-object: a span per attempt, a counter and a histogram of durations.
+object: a span per attempt and a histogram of durations.
 """
 
 from __future__ import annotations
