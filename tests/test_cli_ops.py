@@ -153,6 +153,11 @@ def test_runs_filters_by_flow_and_status_and_says_when_the_limit_cut_the_list(ru
     assert len(out.splitlines()) == 4
     assert out.splitlines()[-1] == "2 runs shown (limit 2; use --limit)"
     assert ok("runs", "--flow", "nothing_here", *db).strip() == "no runs (flow nothing_here)"
+    out = ok("runs", "--key", "order-42", *db)
+    assert [line.split()[0] for line in out.splitlines()[1:-1]] == [runs.failed.id]
+    assert ok("runs", "--key", "k", "--status", "failed", *db).strip() == (
+        "no runs (status failed, key k)"
+    )
     assert "'bogus' is not one of" in fails("runs", "--status", "bogus", *db, code=2).stderr
 
 
@@ -724,3 +729,14 @@ def test_runs_and_show_processes_against_a_live_worker(tmp_path, monkeypatch):
     assert data["output"] == {"fetch": [0, 1, 2]}
     assert data["status"] == "completed"
     assert [item["id"] for item in listed] == [bad.id]
+
+
+def test_a_url_of_another_database_is_refused_without_quoting_it(tmp_path):
+    err = one_error_line(fails("runs", "--database", "mysql://user:secret@host/db"))
+    assert "secret" not in err
+    assert "unsupported database URL scheme 'mysql'" in err
+    db = tmp_path / "url.db"
+    pf.connect(db).close()
+    assert ok("runs", "--database", f"sqlite:///{db}").strip() == "no runs"
+    err = one_error_line(fails("runs", "--database", f"sqlite:///{tmp_path / 'nope.db'}"))
+    assert "no pgflow database at" in err

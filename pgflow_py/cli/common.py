@@ -4,6 +4,7 @@ library errors reported in one line."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -37,10 +38,17 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _sqlite_path(database: str) -> str | None:
-    if database.startswith(("postgresql://", "postgres://")) or "://" in database.split("/", 1)[0]:
+    """The file a SQLite ``database`` names; ``None`` for ``:memory:`` and for URLs, which
+    :func:`pgflow_py.connect` checks (never quoting one: it may hold a password)."""
+    if database.startswith("sqlite:///"):
+        database = database.removeprefix("sqlite:///")
+    elif _SCHEME.match(database):
         return None
-    path = database.removeprefix("sqlite:///") if database.startswith("sqlite:///") else database
+    path = database
     return None if path == ":memory:" else path
 
 

@@ -27,7 +27,10 @@ def _call(store: Store, method: str) -> list[Any]:
 @json_option
 @database_option
 def stats(as_json: bool, database: str) -> None:
-    """Per flow: runs by status, the age of the oldest queued run, live workers."""
+    """Runs by status, per flow.
+
+    Also the age of the oldest queued run and the workers serving each flow.
+    """
     with open_store(database) as store:
         found = _call(store, "stats")
     if as_json:
@@ -60,7 +63,10 @@ def stats(as_json: bool, database: str) -> None:
 @json_option
 @database_option
 def workers(as_json: bool, database: str) -> None:
-    """Workers that have served this database: host, pid, flows, heartbeat, running tasks."""
+    """Workers serving this database.
+
+    Each with its host, pid, flows, last heartbeat and running tasks.
+    """
     with open_store(database) as store:
         found = _call(store, "workers")
     if as_json:

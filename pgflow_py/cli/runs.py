@@ -38,19 +38,27 @@ STATUSES = [s.value for s in RunStatus]
 @click.command()
 @click.option("--flow", "flow_slug", default=None, help="Only runs of this flow (its slug).")
 @click.option("--status", type=click.Choice(STATUSES), default=None, help="Only runs in this status.")
+@click.option("--key", default=None, help="Only the run started with this idempotency key.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
               help="Show at most this many runs.")
 @json_option
 @database_option
-def runs(flow_slug: str | None, status: str | None, limit: int, as_json: bool, database: str) -> None:
+def runs(
+    flow_slug: str | None,
+    status: str | None,
+    key: str | None,
+    limit: int,
+    as_json: bool,
+    database: str,
+) -> None:
     """List runs, newest first."""
     with open_store(database) as store:
-        found = store.runs(flow=flow_slug, status=status, limit=limit)
+        found = store.runs(flow=flow_slug, status=status, key=key, limit=limit)
     if as_json:
         echo_json([run_to_json(r) for r in found])
         return
     if not found:
-        echo("no runs" + _filters(flow_slug, status))
+        echo("no runs" + _filters(flow_slug, status, key))
         return
     now = datetime.now(timezone.utc)
     headers = ["ID", "FLOW", "STATUS", "ATTEMPTS", "CREATED", "FINISHED", "ERROR"]
@@ -74,9 +82,10 @@ def runs(flow_slug: str | None, status: str | None, limit: int, as_json: bool, d
         echo(count)
 
 
-def _filters(flow_slug: str | None, status: str | None) -> str:
+def _filters(flow_slug: str | None, status: str | None, key: str | None) -> str:
     parts = [f"flow {flow_slug}"] if flow_slug else []
     parts += [f"status {status}"] if status else []
+    parts += [f"key {key}"] if key is not None else []
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -90,7 +99,11 @@ MAX_TASKS_SHOWN = 50
 @json_option
 @database_option
 def show(run_id: str, as_json: bool, database: str) -> None:
-    """Show one run: its steps, tasks and failed attempts (with tracebacks)."""
+    """Show one run.
+
+    Its header, input and output, steps (with the tasks of map steps) and failed attempts
+    (with tracebacks).
+    """
     with open_store(database) as store:
         run = store.get_run(run_id)
     if as_json:
@@ -205,8 +218,11 @@ def start(
     as_json: bool,
     database: str,
 ) -> None:
-    """Start a run of FLOW (a slug whose definition is in the store) with INPUT_JSON (default
-    null; "-" reads it from stdin). Prints the run's id."""
+    """Start a run of a flow.
+
+    FLOW is a slug whose definition is in the store; INPUT_JSON its input (default null; "-"
+    reads it from stdin). Prints the run's id.
+    """
     value = _parse_input(input_json)
     with open_store(database) as store:
         run = store.start(flow_slug, value, delay=delay, key=key, priority=priority)
@@ -239,7 +255,10 @@ def _parse_input(text: str | None) -> Any:
 @click.option("--flow", "flow_slug", default=None, help="With --failed: only runs of this flow.")
 @database_option
 def retry(run_ids: tuple[str, ...], all_failed: bool, flow_slug: str | None, database: str) -> None:
-    """Run failed or cancelled runs again, with fresh attempts (their history is kept)."""
+    """Run failed or cancelled runs again.
+
+    Each gets fresh attempts; the history of its failed attempts is kept.
+    """
     if all_failed:
         if run_ids:
             raise click.UsageError("give run ids or --failed, not both")
@@ -262,7 +281,10 @@ def retry(run_ids: tuple[str, ...], all_failed: bool, flow_slug: str | None, dat
 @click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
 @database_option
 def cancel(run_ids: tuple[str, ...], database: str) -> None:
-    """Cancel unfinished runs: queued tasks never start, running ones are cancelled."""
+    """Cancel unfinished runs.
+
+    Their queued tasks never start; running ones are cancelled.
+    """
 
     def cancel_one(store: Any, run_id: str) -> Run:
         run: Run = store.get_run(run_id)
@@ -306,7 +328,10 @@ def _each(database: str, run_ids: tuple[str, ...], action: Any) -> None:
               help="Delete terminal runs finished longer ago than this: 30s, 15m, 12h, 7d, 2w.")
 @database_option
 def prune(older_than: timedelta, database: str) -> None:
-    """Delete completed, failed and cancelled runs that finished long enough ago."""
+    """Delete old finished runs.
+
+    Deletes completed, failed and cancelled runs that finished more than --older-than ago.
+    """
     with open_store(database) as store:
         count = store.prune(older_than=older_than)
     echo(f"{count} run{'s' if count != 1 else ''} deleted")

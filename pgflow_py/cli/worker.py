@@ -120,8 +120,9 @@ def worker(
     log_level: str,
     resources_spec: str | None,
 ) -> None:
-    """Serve the jobs and flows defined in MODULES (with none given, every flow in the store).
+    """Serve jobs and flows.
 
+    Serves those defined in MODULES (with none given, every flow in the store).
     SIGTERM or SIGINT stops claiming and lets running tasks finish (up to the shutdown
     timeout); a second signal stops at once.
     """
