@@ -1,4 +1,4 @@
-"""The ``pgflow`` command: ``pgflow worker MODULE [MODULE ...]`` serves the flows they define."""
+"""``pgflow worker MODULE [MODULE ...]``: serve the flows they define."""
 
 from __future__ import annotations
 
@@ -7,16 +7,24 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import click
 
-from .dsl import Flow, distinct_flows
-from .errors import PgflowError
-from .runtime import run_flows
-from .store import connect
+from ..dsl import Flow, distinct_flows
+from ..errors import PgflowError
+from ..runtime import run_flows
+from ..store import connect
+from .common import database_option
 
-__all__ = ("flows_in_modules", "main")
+__all__ = ("flows_in_modules", "load_resources", "worker")
+
+
+def _cwd_importable() -> None:
+    # Like `python -m`, let modules next to where the worker starts be importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def flows_in_modules(names: Sequence[str]) -> list[Flow]:
@@ -25,9 +33,7 @@ def flows_in_modules(names: Sequence[str]) -> list[Flow]:
     A module that defines none is an error (a worker given a helper module by mistake would
     otherwise serve nothing, or everything); so are two different jobs or flows with one slug.
     """
-    # Like `python -m`, let modules next to where the worker starts be importable.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _cwd_importable()
     found: list[Flow] = []
     for name in names:
         try:
@@ -46,18 +52,51 @@ def flows_in_modules(names: Sequence[str]) -> list[Flow]:
     return distinct_flows(found)
 
 
-@click.group()
-@click.version_option(package_name="pgflow_py")
-def main() -> None:
-    """pgflow_py: background jobs and workflows on SQLite or PostgreSQL."""
+def load_resources(spec: str) -> Mapping[str, Any]:
+    """Import ``MODULE:CALLABLE``, call it, and return the mapping it returns (the runner's
+    ``resources``); anything amiss is a one-line error."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise click.ClickException(
+            f"--resources {spec!r} should be MODULE:CALLABLE, e.g. myapp.worker:make_resources"
+        )
+    _cwd_importable()
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.ClickException(
+            f"--resources: cannot import module {module_name!r}: {exc}"
+        ) from exc
+    target: Any = module
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise click.ClickException(
+                f"--resources: module {module_name!r} has no attribute {attribute!r}"
+            ) from None
+    if not callable(target):
+        raise click.ClickException(
+            f"--resources: {spec} is a {type(target).__name__}, not a callable; name a function "
+            "that returns the resources mapping"
+        )
+    try:
+        resources = target()
+    except Exception as exc:
+        raise click.ClickException(
+            f"--resources: {spec}() raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(resources, Mapping):
+        raise click.ClickException(
+            f"--resources: {spec}() returned a {type(resources).__name__}, not a mapping of "
+            "names to objects (e.g. {\"mailer\": Mailer()})"
+        )
+    return resources
 
 
-@main.command()
+@click.command()
 @click.argument("modules", nargs=-1)
-@click.option(
-    "--database", envvar="PGFLOW_DATABASE", default="pgflow.db", show_default=True,
-    help="SQLite path, or postgresql:// URL (?schema=name); also $PGFLOW_DATABASE.",
-)
+@database_option
 @click.option("--concurrency", type=click.IntRange(min=1), default=10, show_default=True,
               help="Tasks run at once by this worker.")
 @click.option("--flows", "flow_slugs", default=None,
@@ -68,6 +107,9 @@ def main() -> None:
               show_default=True, help="Seconds running tasks get to finish after SIGTERM/SIGINT.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--resources", "resources_spec", default=None, metavar="MODULE:CALLABLE",
+              help="A function returning the resources mapping handlers get as ctx.resources "
+              "(called once at start).")
 def worker(
     modules: tuple[str, ...],
     database: str,
@@ -76,9 +118,11 @@ def worker(
     lease: float,
     shutdown_timeout: float,
     log_level: str,
+    resources_spec: str | None,
 ) -> None:
-    """Serve the jobs and flows defined in MODULES (with none given, every flow in the store).
+    """Serve jobs and flows.
 
+    Serves those defined in MODULES (with none given, every flow in the store).
     SIGTERM or SIGINT stops claiming and lets running tasks finish (up to the shutdown
     timeout); a second signal stops at once.
     """
@@ -87,7 +131,10 @@ def worker(
     )
     log = logging.getLogger("pgflow_py.worker")
     try:
-        _serve(modules, database, concurrency, flow_slugs, lease, shutdown_timeout, log)
+        _serve(
+            modules, database, concurrency, flow_slugs, lease, shutdown_timeout, log,
+            resources_spec,
+        )
     except PgflowError as exc:
         # Library errors name the problem and the fix: one line says it better than a
         # traceback, which --log-level DEBUG still shows.
@@ -115,12 +162,14 @@ def _serve(
     lease: float,
     shutdown_timeout: float,
     log: logging.Logger,
+    resources_spec: str | None = None,
 ) -> None:
     """Import the modules (or load the stored flows), connect, and serve until stopped."""
     flows = flows_in_modules(modules) if modules else None
+    resources = load_resources(resources_spec) if resources_spec is not None else None
     with connect(database) as store:
         if flows is None:
-            from .runtime.loader import load_stored_flows
+            from ..runtime.loader import load_stored_flows
 
             flows = load_stored_flows(store.backend.definitions())
         if flow_slugs:
@@ -139,6 +188,6 @@ def _serve(
         )
         stats = run_flows(
             flows, store=store, concurrency=concurrency, lease=lease,
-            shutdown_timeout=shutdown_timeout,
+            shutdown_timeout=shutdown_timeout, resources=resources,
         )
         log.info("stopped: %s", stats)
