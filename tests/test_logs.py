@@ -114,3 +114,85 @@ def test_a_handler_sees_the_shutdown_and_can_return_early(tmp_path) -> None:
         done = store.get_run(run.id)
     assert stats.completed == 1
     assert done.status == "completed" and done.output["saved_after"] >= 1
+
+
+def test_json_log_lines_carry_the_attempts_ids_and_traceback(tmp_path) -> None:
+    import json
+
+    from pgflow_py.logformat import JsonFormatter
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.setFormatter(JsonFormatter())
+    runner_log = logging.getLogger("pgflow_py.runner")
+    runner_log.addHandler(handler)
+
+    @pf.job(queue="shipped")
+    def shipped(input, ctx):
+        ctx.logger.warning("about to fail")
+        raise KeyError("mailer")
+
+    handler_log = logging.getLogger("pgflow_py.handler")
+    handler_log.addHandler(handler)
+    try:
+        with pf.connect(tmp_path / "db") as store:
+            run = store.start(shipped, {})
+            drain(store, shipped)
+    finally:
+        runner_log.removeHandler(handler)
+        handler_log.removeHandler(handler)
+    entries = [json.loads(line) for line in lines]
+    mine = [e for e in entries if e.get("run_id") == run.id]
+    assert [e["logger"] for e in mine] == ["pgflow_py.handler", "pgflow_py.runner"]
+    for entry in mine:
+        assert (entry["flow_slug"], entry["step_slug"], entry["attempt"]) == ("shipped", "shipped", 1)
+        assert entry["level"] == "WARNING" and entry["time"].endswith("+00:00")
+    assert "KeyError: 'mailer'" in mine[1]["exception"] and "in shipped" in mine[1]["exception"]
+
+
+def test_the_worker_writes_json_lines_with_log_format_json(tmp_path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "json_jobs.py").write_text(textwrap.dedent('''
+        import pgflow_py as pf
+
+        @pf.job(queue="hello")
+        def hello(input, ctx):
+            ctx.logger.info("hello %s", input)
+            return input
+    '''))
+    db = str(tmp_path / "app.db")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pgflow_py", "worker", "json_jobs", "--database", db,
+         "--log-format", "json"],
+        cwd=tmp_path, env=env, text=True, stderr=subprocess.PIPE,
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import json_jobs as jobs
+
+        with pf.connect(db) as store:
+            run = store.start(jobs.hello, "ada")
+            assert store.wait(run.id, timeout=30).output == "ada"
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=30)
+    finally:
+        sys.path.remove(str(tmp_path))
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    entries = [json.loads(line) for line in err.splitlines()]  # every line is JSON
+    hello = [e for e in entries if e["logger"] == "pgflow_py.handler"]
+    assert hello and hello[0]["run_id"] == run.id
+    assert hello[0]["message"].endswith("hello ada")

@@ -14,6 +14,7 @@ import click
 
 from ..dsl import Flow, distinct_flows
 from ..errors import PgflowError
+from ..logformat import JsonFormatter
 from ..runtime import run_flows
 from ..store import connect
 from .common import database_option
@@ -107,6 +108,8 @@ def load_resources(spec: str) -> Mapping[str, Any]:
               show_default=True, help="Seconds running tasks get to finish after SIGTERM/SIGINT.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="json: one JSON object per line, for log shippers.")
 @click.option("--resources", "resources_spec", default=None, metavar="MODULE:CALLABLE",
               help="A function returning the resources mapping handlers get as ctx.resources "
               "(called once at start).")
@@ -118,6 +121,7 @@ def worker(
     lease: float,
     shutdown_timeout: float,
     log_level: str,
+    log_format: str,
     resources_spec: str | None,
 ) -> None:
     """Serve jobs and flows.
@@ -126,9 +130,12 @@ def worker(
     SIGTERM or SIGINT stops claiming and lets running tasks finish (up to the shutdown
     timeout); a second signal stops at once.
     """
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=log_level.upper(), handlers=[handler])
     log = logging.getLogger("pgflow_py.worker")
     try:
         _serve(

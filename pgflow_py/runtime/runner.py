@@ -568,7 +568,7 @@ class Runner:
         if debug or telemetry is not None:
             started = time.perf_counter()
             if debug:
-                log.debug("%s: started", _label(task))
+                log.debug("%s: started", _label(task), extra=_ids(task))
             if telemetry is not None:
                 info = AttemptInfo(
                     task.flow_slug, task.step_slug, task.task_index, task.run_id, task.attempt,
@@ -596,7 +596,7 @@ class Runner:
             ended: TelemetryOutcome = "completed"
             if debug:
                 log.debug("%s: completed in %.1f ms", _label(task),
-                          (time.perf_counter() - started) * 1000)
+                          (time.perf_counter() - started) * 1000, extra=_ids(task))
         elif outcome is DROPPED:
             # The task was cancelled, its run failed, or its lease was lost: nothing to record.
             self.counts.cancelled += 1
@@ -604,7 +604,7 @@ class Runner:
             ended = "cancelled"
             if debug:
                 log.debug("%s: stopped (run cancelled or failed, or lease lost); not recorded",
-                          _label(task))
+                          _label(task), extra=_ids(task))
         else:
             assert isinstance(outcome, Failed)
             failed = outcome
@@ -659,10 +659,11 @@ class Runner:
         if delay is not None:
             self.counts.retried += 1
             log.warning("%s: failed, retrying in %.3gs: %s", _label(task), delay, record.error,
-                        exc_info=exc_info)
+                        exc_info=exc_info, extra=_ids(task))
         else:
             self.counts.failed += 1
-            log.warning("%s: failed for good: %s", _label(task), record.error, exc_info=exc_info)
+            log.warning("%s: failed for good: %s", _label(task), record.error, exc_info=exc_info,
+                        extra=_ids(task))
         handle.recorded = True
         self._outbox.failures.append(record)
         self._wake.set()
@@ -711,6 +712,15 @@ def _label(task: ClaimedTask) -> str:
         task.flow_slug, task.step_slug, task.task_index, task.run_id, task.attempt,
         task.max_attempts,
     )
+
+
+def _ids(task: ClaimedTask) -> dict[str, Any]:
+    """The attempt's ids as log record attributes (``--log-format json`` shows them)."""
+    return {
+        "run_id": task.run_id, "flow_slug": task.flow_slug, "step_slug": task.step_slug,
+        "task_index": task.task_index, "attempt": task.attempt,
+        "max_attempts": task.max_attempts,
+    }
 
 
 def _steps_for(
