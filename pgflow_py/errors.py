@@ -84,14 +84,16 @@ class WaitTimeout(PgflowError, TimeoutError):
 class IsolatedError(PgflowError):
     """An exception raised by a handler running in a child process (``isolation="process"``).
 
-    Only its type name and message cross the process boundary; the error recorded for the
-    attempt reads ``"<type name>: <message>"`` as for an in-process exception.
+    Its type name, message and formatted traceback cross the process boundary; the error
+    recorded for the attempt reads ``"<type name>: <message>"`` as for an in-process exception.
     """
 
-    def __init__(self, type_name: str, message: str) -> None:
+    def __init__(self, type_name: str, message: str, traceback: str | None = None) -> None:
         super().__init__(f"{type_name}: {message}" if message else type_name)
         self.type_name = type_name
         self.message = message
+        self.traceback = traceback
+        """The child's formatted traceback."""
 
 
 class StoreError(PgflowError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +43,7 @@ def _outcome(payload: dict[str, Any]) -> dict[str, Any]:
             "message": str(exc),
             "kind": kind,
             "delay": exc.delay if isinstance(exc, Retry) else None,
+            "traceback": "".join(traceback.format_exception(exc)),
         }
     try:
         # Encoded here, by the rules of the parent's store: decoded there, colliding keys or

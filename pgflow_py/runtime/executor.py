@@ -114,7 +114,7 @@ async def _run_in_child(step: StepRuntime, value: Any, ctx: Context) -> Any:
         raise PermanentFailure(result["message"])
     if result["kind"] == "retry":
         raise Retry(result["delay"], result["message"])
-    raise IsolatedError(result["type"], result["message"])
+    raise IsolatedError(result["type"], result["message"], result.get("traceback"))
 
 
 async def call_hook(name: str, hook: Hook, ctx: Context, error: BaseException) -> None:
