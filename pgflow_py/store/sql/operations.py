@@ -1,0 +1,174 @@
+"""Operators' views and bulk actions: counts, per-flow stats, workers, retry_all, delete_flow."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ...clock import utc_datetime
+from ...errors import FlowNotFound, InputError, ShapeMismatch
+from ...models import FlowStats, RunStatus, WorkerInfo
+from .reading import _STATUS_SQL, _Reading
+
+# A worker that never said its lease (a row written before schema version 3): the default.
+_DEFAULT_LEASE = 30.0
+
+_UNFINISHED = tuple(s.value for s in RunStatus if not s.is_terminal)
+
+
+class _Operations(_Reading):
+    """What operators read and do across runs: every count goes through an index.
+
+    Terminal runs are counted without an index of their own for completed runs: completed =
+    all - unfinished - failed - cancelled, each of those an index (partial indexes for failed
+    and cancelled runs, which completions never touch). The finer status of unfinished runs
+    is derived per run, exactly as :meth:`runs` filters it.
+    """
+
+    def count(self, flow_slug: str | None, status: str | None) -> int:
+        flow = "" if flow_slug is None else " AND flow_slug = :flow"
+        params: dict[str, Any] = {"flow": flow_slug}
+        if status is None:
+            sql = "SELECT count(*) FROM runs" + ("" if flow_slug is None else " WHERE flow_slug = :flow")
+        elif status in ("failed", "cancelled"):
+            sql = (f"SELECT count(*) FROM runs INDEXED BY runs_{status} "
+                   f"WHERE status = '{status}'{flow}")
+        elif status == "completed":
+            sql = (
+                "SELECT (SELECT count(*) FROM runs"
+                + ("" if flow_slug is None else " WHERE flow_slug = :flow") + ")"
+                + "".join(
+                    f" - (SELECT count(*) FROM runs INDEXED BY {index} "
+                    f"WHERE status = '{value}'{flow})"
+                    for index, value in (("runs_unfinished", "started"),
+                                         ("runs_failed", "failed"),
+                                         ("runs_cancelled", "cancelled"))
+                )
+            )
+        else:
+            sql = (f"SELECT count(*) FROM runs r INDEXED BY runs_unfinished "
+                   f"WHERE {self._status_condition(status)}"
+                   + ("" if flow_slug is None else " AND r.flow_slug = :flow"))
+            params["status"] = status
+            params["now"] = self.clock.now()
+        if flow_slug is None:
+            del params["flow"]
+        with self._read() as c:
+            return int(c.execute(sql, params).fetchone()[0])
+
+    def stats(self) -> list[FlowStats]:
+        now = self.clock.now()
+        with self._read() as c:
+            # One statement, one snapshot: the terminal counts agree with each other.
+            totals = c.execute(
+                "SELECT f.flow_slug, "
+                "(SELECT count(*) FROM runs WHERE flow_slug = f.flow_slug), "
+                "(SELECT count(*) FROM runs INDEXED BY runs_unfinished "
+                " WHERE status = 'started' AND flow_slug = f.flow_slug), "
+                "(SELECT count(*) FROM runs INDEXED BY runs_failed "
+                " WHERE status = 'failed' AND flow_slug = f.flow_slug), "
+                "(SELECT count(*) FROM runs INDEXED BY runs_cancelled "
+                " WHERE status = 'cancelled' AND flow_slug = f.flow_slug) "
+                "FROM flows f ORDER BY f.flow_slug"
+            ).fetchall()
+            unfinished = c.execute(
+                "SELECT flow_slug, status, count(*), min(CASE WHEN status = 'queued' THEN "
+                "(SELECT min(t.run_at) FROM step_tasks t WHERE t.run_id = s.id "
+                "AND t.status = 'queued') END) "
+                f"FROM (SELECT r.id, r.flow_slug, {_STATUS_SQL} AS status "
+                "FROM runs r INDEXED BY runs_unfinished WHERE r.status = 'started') s "
+                "GROUP BY flow_slug, status",
+                {"now": now},
+            ).fetchall()
+        workers = [w for w in self.workers() if not w.lost]
+        by_flow: dict[str, dict[str, int]] = {}
+        oldest: dict[str, float] = {}
+        for slug, status, n, due in unfinished:
+            by_flow.setdefault(slug, {})[status] = int(n)
+            if due is not None:
+                oldest[slug] = min(float(due), oldest.get(slug, float(due)))
+        result = []
+        for slug, total, started, failed, cancelled in totals:
+            counts = {s.value: 0 for s in RunStatus}
+            counts.update(by_flow.get(slug, {}))
+            counts["completed"] = max(0, int(total) - int(started) - int(failed) - int(cancelled))
+            counts["failed"] = int(failed)
+            counts["cancelled"] = int(cancelled)
+            due = oldest.get(slug)
+            result.append(FlowStats(
+                flow_slug=slug,
+                counts=counts,
+                oldest_queued_age=None if due is None else max(0.0, now - due),
+                workers=sum(slug in w.flows for w in workers),
+            ))
+        return result
+
+    def workers(self) -> list[WorkerInfo]:
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT id, hostname, pid, flows, started_at, last_heartbeat, lease_seconds "
+                "FROM workers ORDER BY started_at, id"
+            ).fetchall()
+            running = dict(c.execute(
+                "SELECT lease_owner, count(*) FROM step_tasks INDEXED BY step_tasks_running "
+                "WHERE status = 'started' GROUP BY lease_owner"
+            ).fetchall())
+        # Heartbeats and leases run on real time, even under a fake clock.
+        real_now = time.time()
+        return [
+            WorkerInfo(
+                id=worker_id,
+                hostname=hostname,
+                pid=pid,
+                flows=tuple(f for f in (flows or "").split(",") if f),
+                started_at=utc_datetime(started),
+                last_heartbeat=utc_datetime(beat),
+                running=int(running.get(worker_id, 0)),
+                lost=real_now - beat > (_DEFAULT_LEASE if lease is None else lease),
+            )
+            for worker_id, hostname, pid, flows, started, beat, lease in rows
+        ]
+
+    def retry_all(self, flow_slug: str | None) -> int:
+        now = self.clock.now()
+        retried = 0
+        with self._write() as c:
+            ids = [r[0] for r in c.execute(
+                "SELECT id FROM runs INDEXED BY runs_failed WHERE status = 'failed'"
+                + ("" if flow_slug is None else " AND flow_slug = ?"),
+                () if flow_slug is None else (flow_slug,),
+            ).fetchall()]
+            for run_id in ids:
+                try:
+                    retried += self._retry(c, run_id, now)
+                except (InputError, ShapeMismatch):
+                    # Raised before anything was written: its key belongs to a newer run, or
+                    # its flow changed shape. It stays failed.
+                    continue
+        return retried
+
+    def delete_flow(self, flow_slug: str) -> int:
+        with self._write() as c:
+            known = c.execute("SELECT 1 FROM flows WHERE flow_slug = ?", (flow_slug,)).fetchone()
+            if known is None:
+                raise FlowNotFound(f"no flow {flow_slug!r} in {self.location}")
+            active = c.execute(
+                "SELECT count(*) FROM runs INDEXED BY runs_unfinished "
+                "WHERE status = 'started' AND flow_slug = ?",
+                (flow_slug,),
+            ).fetchone()[0]
+            if active:
+                raise InputError(
+                    f"flow {flow_slug!r} has {active} active run(s) (scheduled, queued, running "
+                    "or retrying), so it cannot be deleted: cancel them first (store.cancel for "
+                    f"each of store.runs(flow={flow_slug!r}, status=...)) or let them finish"
+                )
+            of_flow = "run_id IN (SELECT id FROM runs WHERE flow_slug = ?)"
+            c.execute(f"DELETE FROM step_tasks WHERE {of_flow}", (flow_slug,))
+            c.execute(f"DELETE FROM step_states WHERE {of_flow}", (flow_slug,))
+            deleted = int(c.execute("DELETE FROM runs WHERE flow_slug = ?", (flow_slug,)).rowcount)
+            for table in ("deps", "steps", "flows"):
+                c.execute(f"DELETE FROM {table} WHERE flow_slug = ?", (flow_slug,))
+            for cache in (self._definitions, self._verified, self._json_cache, self._graphs):
+                cache.pop(flow_slug, None)
+        return deleted
