@@ -54,7 +54,7 @@ class _Operations(_Reading):
         if flow_slug is None:
             del params["flow"]
         with self._read() as c:
-            return int(c.execute(sql, params).fetchone()[0])
+            return int(c.execute(sql, params or ()).fetchone()[0])
 
     def stats(self) -> list[FlowStats]:
         now = self.clock.now()
