@@ -8,6 +8,7 @@ from typing import Any
 from ...clock import utc_datetime
 from ...errors import FlowNotFound, InputError, ShapeMismatch
 from ...models import FlowStats, RunStatus, WorkerInfo
+from .connection import Conn
 from .reading import _STATUS_SQL, _Reading
 
 # A worker that never said its lease (a row written before schema version 3): the default.
@@ -46,15 +47,78 @@ class _Operations(_Reading):
                 )
             )
         else:
-            sql = (f"SELECT count(*) FROM runs r INDEXED BY runs_unfinished "
-                   f"WHERE {self._status_condition(status)}"
-                   + ("" if flow_slug is None else " AND r.flow_slug = :flow"))
-            params["status"] = status
-            params["now"] = self.clock.now()
+            with self._read() as c:
+                return self._unfinished(c, flow_slug, self.clock.now())[status]
         if flow_slug is None:
             del params["flow"]
         with self._read() as c:
             return int(c.execute(sql, params or ()).fetchone()[0])
+
+    # The finer statuses of unfinished runs, as _STATUS_SQL derives them run by run, counted
+    # from small sets instead: S, runs with a running task; R, the others with a task waiting
+    # out a backoff; B, the others whose first attempt has ended (running between steps).
+    # The rest are queued, or scheduled when every queued task of theirs is due later: those
+    # are found from the tasks due later, so a backlog of due runs is counted, not read.
+    _UNFINISHED_SQL = (
+        "WITH s(id) AS (SELECT DISTINCT t.run_id FROM step_tasks t "
+        " INDEXED BY step_tasks_running WHERE t.status = 'started'{tf}), "
+        "rr(id) AS (SELECT DISTINCT t.run_id FROM step_tasks t INDEXED BY step_tasks_retrying "
+        " WHERE t.status = 'queued' AND t.attempts > 0{tf} AND t.run_id NOT IN (SELECT id FROM s)), "
+        "busy(id) AS (SELECT id FROM s UNION ALL SELECT id FROM rr) "
+        "SELECT (SELECT count(*) FROM runs INDEXED BY runs_unfinished "
+        " WHERE status = 'started'{f}), "
+        "(SELECT count(*) FROM runs r JOIN s ON r.id = s.id WHERE r.status = 'started'), "
+        "(SELECT count(*) FROM runs r JOIN rr ON r.id = rr.id WHERE r.status = 'started'), "
+        "(SELECT count(*) FROM runs INDEXED BY runs_begun WHERE status = 'started' "
+        " AND started_at IS NOT NULL{f} AND id NOT IN (SELECT id FROM busy)), "
+        "(SELECT count(*) FROM (SELECT DISTINCT t.run_id FROM step_tasks t "
+        "  INDEXED BY step_tasks_queued WHERE t.status = 'queued'{tf} AND t.run_at > :now) later "
+        " JOIN runs r ON r.id = later.run_id WHERE r.status = 'started' "
+        " AND r.started_at IS NULL AND later.run_id NOT IN (SELECT id FROM busy) "
+        " AND NOT EXISTS (SELECT 1 FROM step_tasks d WHERE d.run_id = later.run_id "
+        "  AND d.status = 'queued' AND d.run_at <= :now))"
+    )
+
+    def _unfinished(self, c: Conn, flow_slug: str | None, now: float) -> dict[str, int]:
+        """Unfinished runs (of a flow) by their finer status, in one statement."""
+        by_flow = flow_slug is not None
+        sql = self._UNFINISHED_SQL.format(
+            f=" AND flow_slug = :flow" if by_flow else "",
+            tf=" AND t.flow_slug = :flow" if by_flow else "",
+        )
+        params: dict[str, Any] = {"now": now}
+        if by_flow:
+            params["flow"] = flow_slug
+        unfinished, running, retrying, between, scheduled = (
+            int(n) for n in c.execute(sql, params).fetchone()
+        )
+        return {
+            "scheduled": scheduled,
+            "queued": unfinished - running - retrying - between - scheduled,
+            "running": running + between,
+            "retrying": retrying,
+        }
+
+    def _oldest_queued(self, c: Conn, flow_slug: str, now: float) -> float | None:
+        """When the oldest queued run of a flow became due: the first due task, in due order
+        per priority level, of a run whose status is queued (one index seek per level, as a
+        rule: a backlog's first task is a queued run's)."""
+        levels = [row[0] for row in c.execute(
+            self._LEVELS + "SELECT p FROM levels WHERE p IS NOT NULL", {"flow": flow_slug}
+        ).fetchall()]
+        found: list[float] = []
+        for level in levels:
+            row = c.execute(
+                "SELECT t.run_at FROM step_tasks t INDEXED BY step_tasks_queued "
+                "WHERE t.status = 'queued' AND t.flow_slug = :flow AND t.priority = :p "
+                "AND t.run_at <= :now AND EXISTS (SELECT 1 FROM runs r WHERE r.id = t.run_id "
+                f"AND r.status = 'started' AND ({_STATUS_SQL}) = 'queued') "
+                "ORDER BY t.run_at LIMIT 1",
+                {"flow": flow_slug, "p": level, "now": now},
+            ).fetchone()
+            if row is not None:
+                found.append(float(row[0]))
+        return min(found, default=None)
 
     def stats(self) -> list[FlowStats]:
         now = self.clock.now()
@@ -71,26 +135,13 @@ class _Operations(_Reading):
                 " WHERE status = 'cancelled' AND flow_slug = f.flow_slug) "
                 "FROM flows f ORDER BY f.flow_slug"
             ).fetchall()
-            unfinished = c.execute(
-                "SELECT flow_slug, status, count(*), min(CASE WHEN status = 'queued' THEN "
-                "(SELECT min(t.run_at) FROM step_tasks t WHERE t.run_id = s.id "
-                "AND t.status = 'queued') END) "
-                f"FROM (SELECT r.id, r.flow_slug, {_STATUS_SQL} AS status "
-                "FROM runs r INDEXED BY runs_unfinished WHERE r.status = 'started') s "
-                "GROUP BY flow_slug, status",
-                {"now": now},
-            ).fetchall()
+            unfinished = {slug: self._unfinished(c, slug, now) for slug, *_ in totals}
+            oldest = {slug: self._oldest_queued(c, slug, now) for slug, *_ in totals}
         workers = [w for w in self.workers() if not w.lost]
-        by_flow: dict[str, dict[str, int]] = {}
-        oldest: dict[str, float] = {}
-        for slug, status, n, due in unfinished:
-            by_flow.setdefault(slug, {})[status] = int(n)
-            if due is not None:
-                oldest[slug] = min(float(due), oldest.get(slug, float(due)))
         result = []
         for slug, total, started, failed, cancelled in totals:
             counts = {s.value: 0 for s in RunStatus}
-            counts.update(by_flow.get(slug, {}))
+            counts.update(unfinished[slug])
             counts["completed"] = max(0, int(total) - int(started) - int(failed) - int(cancelled))
             counts["failed"] = int(failed)
             counts["cancelled"] = int(cancelled)
