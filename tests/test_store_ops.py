@@ -5,6 +5,7 @@ the tracebacks kept in a task's history. Every test runs on SQLite and, with
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -397,3 +398,30 @@ def test_history_written_without_tracebacks_reads_as_none(store: pf.Store) -> No
         )
     [record] = store.get_run(run.id).history
     assert (record.error, record.traceback) == ("E: old", None)
+
+
+# --- migration ------------------------------------------------------------------------------------
+
+
+def test_a_version_2_database_gains_the_operations_schema(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgflow_py.store import sqlite
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite, "SCHEMA_VERSION", 2)
+        with pf.connect(db_path) as old:
+            failed = old.start(ops_echo)
+            fail(old, ops_echo)
+            old.start(ops_echo)
+            old.backend._conn.execute(
+                "INSERT INTO workers (id, hostname, pid, flows, started_at, last_heartbeat) "
+                "VALUES ('h:1:a', 'h', 1, 'ops_echo', ?, ?)",
+                (time.time(), time.time()),
+            )
+    with pf.connect(db_path) as new:
+        [worker] = new.workers()
+        assert (worker.id, worker.lost) == ("h:1:a", False)  # the default lease, 30 s
+        assert new.count(status="failed") == 1 and new.count(status="queued") == 1
+        assert new.get_run(failed.id).history[0].traceback is None
+        assert new.retry_all() == 1
