@@ -1,6 +1,7 @@
 """Time ``store.count()`` per status on a SQLite file of many runs (not part of the suite).
 
-    python -m benchmarks.count [--runs 1000000] [--path /tmp/pgflow_count.db] [--reuse]
+    python -m benchmarks.count [--runs 1000000] [--path /tmp] [--reuse]
+    python -m benchmarks.count --database 'postgresql://…?schema=bench_count'   # an empty schema
 
 Fills the file with ``start_many`` in batches, then completes, fails and cancels shares of the
 runs through the backend, leaving a backlog of queued runs and a few scheduled, running and
@@ -67,16 +68,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=1_000_000)
     parser.add_argument("--path", type=Path, default=Path("/tmp"))
-    parser.add_argument("--reuse", action="store_true", help="keep a file filled before")
+    parser.add_argument("--reuse", action="store_true", help="keep a database filled before")
+    parser.add_argument("--database", help="a PostgreSQL URL instead of a SQLite file")
     args = parser.parse_args()
-    path = args.path / "pgflow_count.db"
-    if not args.reuse or not path.exists():
+    path: str | Path = args.path / "pgflow_count.db"
+    if args.database:
+        path = args.database
+        if not args.reuse:
+            with pf.connect(path) as store:
+                fill(store, args.runs)
+    elif not args.reuse or not Path(path).exists():
         path = fresh_db(args.path, "pgflow_count")
         with pf.connect(path) as store:
             fill(store, args.runs)
     with pf.connect(path) as store:
         total = store.count()
-        print(f"{total:,} runs in {path}")
+        print(f"{total:,} runs in {store.backend.location}")
         for flow in (None, "count_a"):
             for status in (None, *pf.RunStatus):
                 best, value = float("inf"), 0

@@ -439,7 +439,8 @@ class Store:
 
     def count(self, flow: Flow | str | None = None, status: RunStatus | str | None = None) -> int:
         """How many runs (of a flow, with a status): what :meth:`runs` would list without a
-        limit. Counted through indexes; a non-terminal status is derived per unfinished run."""
+        limit. Counted through indexes: about 70 ms on SQLite at a million runs of which 170,000
+        unfinished (``python -m benchmarks.count``)."""
         run_status = self._status_arg(status)
         return self.backend.count(
             self._flow_arg(flow), None if run_status is None else run_status.value

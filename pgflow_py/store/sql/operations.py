@@ -14,16 +14,15 @@ from .reading import _STATUS_SQL, _Reading
 # A worker that never said its lease (a row written before schema version 3): the default.
 _DEFAULT_LEASE = 30.0
 
-_UNFINISHED = tuple(s.value for s in RunStatus if not s.is_terminal)
-
 
 class _Operations(_Reading):
-    """What operators read and do across runs: every count goes through an index.
+    """What operators read and do across runs; every count goes through indexes.
 
-    Terminal runs are counted without an index of their own for completed runs: completed =
-    all - unfinished - failed - cancelled, each of those an index (partial indexes for failed
-    and cancelled runs, which completions never touch). The finer status of unfinished runs
-    is derived per run, exactly as :meth:`runs` filters it.
+    Completed runs have no index of their own: they are all runs less the unfinished, failed
+    and cancelled ones, each counted through an index (the new ones, for failed and cancelled
+    runs, are partial: completing a run, the hot path, never touches them). The finer
+    statuses of unfinished runs agree with :meth:`runs` (the store's state machine test
+    checks it) but are counted from small sets: see ``_UNFINISHED_SQL``.
     """
 
     def count(self, flow_slug: str | None, status: str | None) -> int:
