@@ -22,7 +22,7 @@ from .errors import (
     StoreError,
     WaitTimeout,
 )
-from .models import AttemptRecord, Run, RunStatus, StepRun, TaskRun
+from .models import AttemptRecord, FlowStats, Run, RunStatus, StepRun, TaskRun, WorkerInfo
 from .runtime import RunnerStats, arun_flows, run_flows
 from .store import Store, connect
 
@@ -35,6 +35,7 @@ __all__ = (
     "Flow",
     "FlowDefinition",
     "FlowNotFound",
+    "FlowStats",
     "InputError",
     "IsolatedError",
     "Job",
@@ -55,6 +56,7 @@ __all__ = (
     "StoreError",
     "TaskRun",
     "WaitTimeout",
+    "WorkerInfo",
     "__version__",
     "arun_flows",
     "connect",

@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ("AttemptRecord", "Run", "RunStatus", "StepRun", "TaskRun")
+__all__ = ("AttemptRecord", "FlowStats", "Run", "RunStatus", "StepRun", "TaskRun", "WorkerInfo")
 
 
 class RunStatus(str, enum.Enum):
@@ -46,6 +46,9 @@ class AttemptRecord:
     at: datetime
     step_slug: str | None = None
     task_index: int | None = None
+    traceback: str | None = None
+    """The attempt's formatted traceback (its last characters if long); ``None`` if none was
+    recorded (a lost worker, or a record written before tracebacks were kept)."""
 
 
 @attrs.frozen
@@ -102,3 +105,33 @@ class Run:
             if s.slug == slug:
                 return s
         raise KeyError(slug)
+
+
+@attrs.frozen
+class FlowStats:
+    """One flow's figures, from :meth:`pgflow_py.Store.stats`."""
+
+    flow_slug: str
+    counts: dict[str, int]
+    """Runs by status: every :class:`RunStatus` value, 0 when none."""
+    oldest_queued_age: float | None
+    """Seconds since the oldest queued run became due; ``None`` when none is queued."""
+    workers: int
+    """Live workers serving the flow."""
+
+
+@attrs.frozen
+class WorkerInfo:
+    """A worker process, from :meth:`pgflow_py.Store.workers`."""
+
+    id: str
+    hostname: str | None
+    pid: int | None
+    flows: tuple[str, ...]
+    started_at: datetime
+    last_heartbeat: datetime
+    running: int
+    """Tasks it holds now."""
+    lost: bool
+    """Its last heartbeat is older than its lease: it stopped (or is stuck), and the tasks
+    it held will be taken back."""

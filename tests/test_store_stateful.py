@@ -576,7 +576,17 @@ class StoreMachine(RuleBasedStateMachine):
     def runs_read_back(self) -> None:
         """Every run reads back, its start recorded once an attempt began (kept by a cancel)."""
         now = self.clock.now()
-        for run in self.store.runs(limit=10_000):
+        runs = self.store.runs(limit=10_000)
+        # store.count and store.stats derive statuses from indexes: they agree with runs().
+        tally = {status: sum(r.status == status for r in runs) for status in pf.RunStatus}
+        assert {status: self.store.count(status=status) for status in pf.RunStatus} == tally
+        for stats in self.store.stats():
+            assert stats.counts == {
+                status.value: sum(r.status == status and r.flow_slug == stats.flow_slug
+                                  for r in runs)
+                for status in pf.RunStatus
+            }, stats
+        for run in runs:
             model = self.runs[run.id]
             held = any(self.tasks[tid].run_id == run.id for tid in self.held)
             assert (run.started_at is not None) == (model.attempt_ended or held), (run, model)

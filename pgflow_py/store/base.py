@@ -15,7 +15,7 @@ import attrs
 
 from ..clock import Clock
 from ..definition import FlowDefinition
-from ..models import Run
+from ..models import FlowStats, Run, WorkerInfo
 
 __all__ = (
     "Backend", "ClaimedTask", "NewRun", "RunFailure", "TaskFailure", "TaskSuccess", "Undecodable"
@@ -97,6 +97,8 @@ class TaskFailure(NamedTuple):
     error: str
     retry_at: float | None
     claim: int | None = None
+    traceback: str | None = None
+    """The formatted traceback, kept in the task's history (capped; see ``cap_traceback``)."""
 
 
 @attrs.frozen(slots=True)
@@ -215,8 +217,38 @@ class Backend(Protocol):
     def get_run(self, run_id: str) -> Run | None: ...
 
     def runs(
-        self, flow_slug: str | None, status: str | None, key: str | None, limit: int
-    ) -> list[Run]: ...
+        self,
+        flow_slug: str | None,
+        status: str | None,
+        key: str | None,
+        limit: int,
+        before: str | None = None,
+    ) -> list[Run]:
+        """Newest first (insertion order); ``before``: only runs started before that run (a
+        run id no longer stored is taken as a position in time)."""
+        ...
+
+    def count(self, flow_slug: str | None, status: str | None) -> int:
+        """How many runs :meth:`runs` would list without a limit, through indexes."""
+        ...
+
+    def stats(self) -> list[FlowStats]:
+        """Per stored flow: runs by status, the oldest queued run's age, live workers."""
+        ...
+
+    def workers(self) -> list[WorkerInfo]:
+        """Every worker in the workers table, lost ones included."""
+        ...
+
+    def retry_all(self, flow_slug: str | None) -> int:
+        """Retry every failed run (of a flow) in one transaction; return how many. Runs that
+        cannot be retried (their key taken, their flow changed shape) stay failed."""
+        ...
+
+    def delete_flow(self, flow_slug: str) -> int:
+        """Delete a flow's definition and runs; return how many runs. Raises ``FlowNotFound``,
+        or ``InputError`` while any of its runs is unfinished."""
+        ...
 
     def cancel(self, run_id: str) -> bool:
         """Cancel an unfinished run; ``False`` if it was already terminal."""

@@ -19,7 +19,7 @@ from ..clock import Clock, SystemClock, utc_datetime
 from ..definition import FlowDefinition, StepDefinition
 from ..dsl import Flow
 from ..errors import FlowNotFound, InputError, RunNotFound, StoreError, WaitTimeout
-from ..models import Run, RunStatus, StepRun
+from ..models import FlowStats, Run, RunStatus, StepRun, WorkerInfo
 from .base import Backend, NewRun
 
 __all__ = ("Store", "connect")
@@ -391,24 +391,74 @@ class Store:
         status: RunStatus | str | None = None,
         key: str | None = None,
         limit: int = 100,
+        before: str | None = None,
     ) -> list[Run]:
         """Runs, newest first, filtered by flow, status and key (undecodable values read as in
-        :meth:`get_run`)."""
-        if status is not None:
-            try:
-                status = RunStatus(status)
-            except ValueError:
-                raise InputError(
-                    f"unknown status {status!r}; use one of {[s.value for s in RunStatus]}"
-                ) from None
-        slug = flow.slug if isinstance(flow, Flow) else flow
-        if isinstance(slug, str):
-            _check_text(slug, "flow")
-        if isinstance(key, str):
+        :meth:`get_run`).
+
+        ``before=<run id>`` pages back: only runs started before that one, so passing the last
+        id of a page gets the next, unaffected by runs started meanwhile. A run id no longer
+        stored (pruned) still works, as a position in time (ids are time-ordered).
+        """
+        run_status = self._status_arg(status)
+        slug = self._flow_arg(flow)
+        if key is not None:
+            if not isinstance(key, str):
+                raise InputError(f"key must be a string, got {key!r}")
             _check_text(key, "key")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 2**63:
             raise InputError(f"limit must be a non-negative integer, got {limit!r}")
-        return self.backend.runs(slug, None if status is None else status.value, key, limit)
+        if before is not None:
+            if not isinstance(before, str):
+                raise InputError(f"before must be a run id (a string), got {before!r}")
+            _check_text(before, "before")
+        return self.backend.runs(
+            slug, None if run_status is None else run_status.value, key, limit, before
+        )
+
+    @staticmethod
+    def _status_arg(status: RunStatus | str | None) -> RunStatus | None:
+        if status is None:
+            return None
+        try:
+            return RunStatus(status)
+        except ValueError:
+            raise InputError(
+                f"unknown status {status!r}; use one of {[s.value for s in RunStatus]}"
+            ) from None
+
+    @staticmethod
+    def _flow_arg(flow: Flow | str | None) -> str | None:
+        if flow is None:
+            return None
+        slug = flow.slug if isinstance(flow, Flow) else flow
+        if not isinstance(slug, str):
+            raise InputError(f"flow must be a pf.Flow, a pf.Job or a flow slug, got {flow!r}")
+        _check_text(slug, "flow")
+        return slug
+
+    def count(self, flow: Flow | str | None = None, status: RunStatus | str | None = None) -> int:
+        """How many runs (of a flow, with a status): what :meth:`runs` would list without a
+        limit. Counted through indexes: about 70 ms on SQLite at a million runs of which 170,000
+        unfinished (``python -m benchmarks.count``)."""
+        run_status = self._status_arg(status)
+        return self.backend.count(
+            self._flow_arg(flow), None if run_status is None else run_status.value
+        )
+
+    def stats(self) -> list[FlowStats]:
+        """Per stored flow, by slug: runs by status, the age in seconds of the oldest queued
+        run (since it became due), and how many live workers serve it."""
+        return self.backend.stats()
+
+    def workers(self) -> list[WorkerInfo]:
+        """The workers that have sent a heartbeat and not stopped cleanly, oldest first;
+        ``lost`` ones stopped renewing their leases."""
+        return self.backend.workers()
+
+    def flows(self) -> list[FlowDefinition]:
+        """The stored flow definitions, by slug."""
+        return self.backend.definitions()
 
     def wait(self, run_id: str, timeout: float | timedelta | None = None) -> Run:
         """Block until the run is completed, failed or cancelled; return it.
@@ -455,6 +505,31 @@ class Store:
             )
         self._notify_started()
         return self.get_run(run_id)
+
+    def retry_all(self, flow: Flow | str | None = None) -> int:
+        """Run every failed run (of ``flow``) again, in one transaction; return how many.
+
+        A run that :meth:`retry` would refuse (its key now names a newer run, or its flow
+        changed shape) stays failed and is not counted.
+        """
+        retried = self.backend.retry_all(self._flow_arg(flow))
+        if retried:
+            self._notify_started()
+        return retried
+
+    def delete_flow(self, flow: Flow | str) -> int:
+        """Delete a flow's definition and all its runs; return how many runs.
+
+        Raises :class:`~pgflow_py.FlowNotFound` for an unknown flow, and
+        :class:`~pgflow_py.InputError` while any of its runs is scheduled, queued, running or
+        retrying (cancel them first, or let them finish).
+        """
+        slug = self._flow_arg(flow)
+        if slug is None:
+            raise InputError("delete_flow needs a flow (a pf.Flow, a pf.Job or a flow slug)")
+        deleted = self.backend.delete_flow(slug)
+        self._plans.pop(slug, None)
+        return deleted
 
     def prune(self, older_than: timedelta | float = timedelta(days=7)) -> int:
         """Delete completed, failed and cancelled runs finished more than ``older_than`` ago.

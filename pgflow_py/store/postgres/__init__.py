@@ -28,8 +28,8 @@ log = logging.getLogger("pgflow_py.store")
 
 __all__ = ("SCHEMA_VERSION", "PostgresBackend")
 
-SCHEMA_VERSION = 1
-_MIGRATIONS = {1: "postgres_0001_initial.sql"}
+SCHEMA_VERSION = 2
+_MIGRATIONS = {1: "postgres_0001_initial.sql", 2: "postgres_0002_operations.sql"}
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 _INDEXED_BY = re.compile(r"\s+INDEXED BY \w+")
@@ -161,9 +161,10 @@ class PostgresBackend(SqlBackend):
     )
     _APPEND_HISTORY = (
         "history = (coalesce(history, '[]')::jsonb || jsonb_build_array(jsonb_build_object("
-        "'attempt', attempts, 'error', ?::text, 'at', ?::float8)))::text"
+        "'attempt', attempts, 'error', ?::text, 'at', ?::float8, 'traceback', ?::text)))::text"
     )
     _NEWEST_FIRST = "r.seq DESC"
+    _SEQ = "seq"
 
     _db: Any  # the psycopg connection
 

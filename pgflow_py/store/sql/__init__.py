@@ -9,17 +9,18 @@ It is built in layers, a module each, every layer extending the one below:
 - ``starting``: new runs and their root tasks;
 - ``claims``: the workers' side (claims, results, leases, waiting for work);
 - ``control``: cancel, retry, prune;
-- ``reading``: runs read back as models.
+- ``reading``: runs read back as models;
+- ``operations``: counts, stats, workers, bulk retry and deleting a flow.
 
 The SQL is SQLite's dialect; :mod:`pgflow_py.store.postgres` translates it.
 """
 
 from __future__ import annotations
 
-from .reading import _Reading
+from .operations import _Operations
 
 __all__ = ("SqlBackend",)
 
 
-class SqlBackend(_Reading):
+class SqlBackend(_Operations):
     """The layers, complete but for a connection: see :class:`~.connection._Connection`."""

@@ -186,11 +186,12 @@ class _Claims(_Starting):
                     (real_now + lease_seconds, worker_id, *chunk),
                 ).fetchall())
             c.execute(
-                "INSERT INTO workers (id, hostname, pid, flows, started_at, last_heartbeat) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-                "last_heartbeat = excluded.last_heartbeat, flows = excluded.flows",
+                "INSERT INTO workers (id, hostname, pid, flows, started_at, last_heartbeat, "
+                "lease_seconds) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "last_heartbeat = excluded.last_heartbeat, flows = excluded.flows, "
+                "lease_seconds = excluded.lease_seconds",
                 (worker_id, socket.gethostname(), os.getpid(), ",".join(flow_slugs),
-                 real_now, real_now),
+                 real_now, real_now, lease_seconds),
             )
         return [task_id for task_id in task_ids if task_id not in held]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...errors import InputError, ShapeMismatch
 from .claims import _Claims
-from .connection import placeholders
+from .connection import Conn, placeholders
 
 
 class _Control(_Claims):
@@ -28,73 +28,82 @@ class _Control(_Claims):
     def retry(self, run_id: str) -> bool:
         now = self.clock.now()
         with self._write() as c:
-            clash = c.execute(
-                "SELECT other.id FROM runs AS this JOIN runs AS other ON other.flow_slug = "
-                "this.flow_slug AND other.key = this.key AND other.id != this.id "
-                "AND other.status != 'cancelled' WHERE this.id = ?",
-                (run_id,),
-            ).fetchone()
-            if clash is not None:
-                raise InputError(
-                    f"run {run_id} cannot be retried: its key now belongs to run {clash[0]}"
-                )
-            row = c.execute(
-                "UPDATE runs SET status = 'started', error = NULL, output = NULL, "
-                "started_at = NULL, finished_at = NULL "
-                "WHERE id = ? AND status IN ('failed', 'cancelled') "
-                "RETURNING flow_slug, priority",
-                (run_id,),
-            ).fetchone()
-            if row is None:
-                return False
-            d = self._definition(row[0])
-            old = c.execute(
-                "SELECT max(flow_version) FROM step_tasks WHERE run_id = ?", (run_id,)
-            ).fetchone()[0]
-            if old is not None and old != self._definitions[d.slug][0]:
-                raise ShapeMismatch(
-                    f"run {run_id} was started before flow {d.slug!r} changed shape, so it "
-                    "cannot be retried; start a new run with the same input instead"
-                )
-            # Tasks that did not complete run again with fresh attempts; history is kept.
-            c.execute(
-                "UPDATE step_tasks SET status = 'queued', attempts = 0, run_at = ?, "
-                "finished_at = NULL WHERE run_id = ? AND status IN ('failed', 'cancelled')",
-                (now, run_id),
+            return self._retry(c, run_id, now)
+
+    def _retry(self, c: Conn, run_id: str, now: float) -> bool:
+        """Retry a failed or cancelled run inside the caller's transaction; ``False`` if it is
+        neither. Raises (before writing anything) if it cannot be retried."""
+        clash = c.execute(
+            "SELECT other.id FROM runs AS this JOIN runs AS other ON other.flow_slug = "
+            "this.flow_slug AND other.key = this.key AND other.id != this.id "
+            "AND other.status != 'cancelled' WHERE this.id = ?",
+            (run_id,),
+        ).fetchone()
+        if clash is not None:
+            raise InputError(
+                f"run {run_id} cannot be retried: its key now belongs to run {clash[0]}"
             )
-            # Steps that had tasks go back to work; the others wait for their dependencies.
-            c.execute(
-                "UPDATE step_states SET status = 'started', error = NULL, finished_at = NULL, "
-                "remaining_tasks = (SELECT count(*) FROM step_tasks t WHERE t.run_id = "
-                "step_states.run_id AND t.step_slug = step_states.step_slug "
-                "AND t.status != 'completed') "
-                "WHERE run_id = ? AND status IN ('failed', 'cancelled') "
-                "AND remaining_tasks IS NOT NULL",
-                (run_id,),
+        found = c.execute(
+            "SELECT flow_slug FROM runs WHERE id = ? AND status IN ('failed', 'cancelled')",
+            (run_id,),
+        ).fetchone()
+        if found is None:
+            return False
+        d = self._definition(found[0])
+        old = c.execute(
+            "SELECT max(flow_version) FROM step_tasks WHERE run_id = ?", (run_id,)
+        ).fetchone()[0]
+        if old is not None and old != self._definitions[d.slug][0]:
+            raise ShapeMismatch(
+                f"run {run_id} was started before flow {d.slug!r} changed shape, so it "
+                "cannot be retried; start a new run with the same input instead"
             )
-            c.execute(
-                "UPDATE step_states SET status = 'created', error = NULL, finished_at = NULL "
-                "WHERE run_id = ? AND status IN ('failed', 'cancelled') AND remaining_tasks IS NULL",
-                (run_id,),
-            )
-            # Waiting steps count again the dependencies that have not completed (a step
-            # started on its sole dependency never had its count decremented).
-            statuses = dict(c.execute(
-                "SELECT step_slug, status FROM step_states WHERE run_id = ?", (run_id,)
-            ).fetchall())
-            waiting = {
-                slug: sum(statuses.get(dep) != "completed" for dep in d.step(slug).depends_on)
-                for slug, status in statuses.items() if status == "created"
-            }
-            c.executemany(
-                "UPDATE step_states SET remaining_deps = ? WHERE run_id = ? AND step_slug = ?",
-                [(left, run_id, slug) for slug, left in waiting.items()],
-            )
-            ready = [slug for slug, left in waiting.items() if left == 0]
-            for slug in ready:
-                done = self._begin_step(c, d, run_id, row[1], d.step(slug), now)
-                if done:
-                    self._complete_steps(c, d, run_id, row[1], done, now, [])
+        row = c.execute(
+            "UPDATE runs SET status = 'started', error = NULL, output = NULL, "
+            "started_at = NULL, finished_at = NULL "
+            "WHERE id = ? AND status IN ('failed', 'cancelled') "
+            "RETURNING flow_slug, priority",
+            (run_id,),
+        ).fetchone()
+        # Tasks that did not complete run again with fresh attempts; history is kept.
+        c.execute(
+            "UPDATE step_tasks SET status = 'queued', attempts = 0, run_at = ?, "
+            "finished_at = NULL WHERE run_id = ? AND status IN ('failed', 'cancelled')",
+            (now, run_id),
+        )
+        # Steps that had tasks go back to work; the others wait for their dependencies.
+        c.execute(
+            "UPDATE step_states SET status = 'started', error = NULL, finished_at = NULL, "
+            "remaining_tasks = (SELECT count(*) FROM step_tasks t WHERE t.run_id = "
+            "step_states.run_id AND t.step_slug = step_states.step_slug "
+            "AND t.status != 'completed') "
+            "WHERE run_id = ? AND status IN ('failed', 'cancelled') "
+            "AND remaining_tasks IS NOT NULL",
+            (run_id,),
+        )
+        c.execute(
+            "UPDATE step_states SET status = 'created', error = NULL, finished_at = NULL "
+            "WHERE run_id = ? AND status IN ('failed', 'cancelled') AND remaining_tasks IS NULL",
+            (run_id,),
+        )
+        # Waiting steps count again the dependencies that have not completed (a step
+        # started on its sole dependency never had its count decremented).
+        statuses = dict(c.execute(
+            "SELECT step_slug, status FROM step_states WHERE run_id = ?", (run_id,)
+        ).fetchall())
+        waiting = {
+            slug: sum(statuses.get(dep) != "completed" for dep in d.step(slug).depends_on)
+            for slug, status in statuses.items() if status == "created"
+        }
+        c.executemany(
+            "UPDATE step_states SET remaining_deps = ? WHERE run_id = ? AND step_slug = ?",
+            [(left, run_id, slug) for slug, left in waiting.items()],
+        )
+        ready = [slug for slug, left in waiting.items() if left == 0]
+        for slug in ready:
+            done = self._begin_step(c, d, run_id, row[1], d.step(slug), now)
+            if done:
+                self._complete_steps(c, d, run_id, row[1], done, now, [])
         return True
 
     def prune(self, before: float) -> int:

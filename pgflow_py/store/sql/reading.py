@@ -57,6 +57,7 @@ class _Reading(_Control):
     # Newest first: rows are appended in creation order, so the rowid is that order too, and
     # walking it backwards stops after `limit` rows instead of sorting them all.
     _NEWEST_FIRST = "r.rowid DESC"
+    _SEQ = "rowid"  # the column of that order
 
     def get_run(self, run_id: str) -> Run | None:
         """The run, or ``None``. An input or output whose stored JSON cannot be decoded reads as
@@ -65,7 +66,12 @@ class _Reading(_Control):
         return runs[0] if runs else None
 
     def runs(
-        self, flow_slug: str | None, status: str | None, key: str | None, limit: int
+        self,
+        flow_slug: str | None,
+        status: str | None,
+        key: str | None,
+        limit: int,
+        before: str | None = None,
     ) -> list[Run]:
         where: list[str] = []
         params: dict[str, Any] = {"limit": limit}
@@ -76,16 +82,34 @@ class _Reading(_Control):
             where.append("r.key = :key")
             params["key"] = key
         if status is not None:
-            if RunStatus(status).is_terminal:
-                where.append("r.status = :status")
-            else:
-                where.append(f"r.status = 'started' AND ({_STATUS_SQL}) = :status")
+            where.append(self._status_condition(status))
             params["status"] = str(RunStatus(status).value)
+        if before is not None:
+            # Keyset paging in the order of the listing (insertion order): runs started
+            # meanwhile come after the cursor, never onto a later page. A cursor run since
+            # pruned is a position in time instead (ids are time-ordered UUIDv7s).
+            with self._read() as conn:
+                row = conn.execute(
+                    f"SELECT {self._SEQ} FROM runs WHERE id = ?", (before,)
+                ).fetchone()
+            if row is not None:
+                where.append(f"r.{self._SEQ} < :before")
+                params["before"] = row[0]
+            else:
+                where.append("r.id < :before")
+                params["before"] = before
         sql = f"SELECT {_RUN_COLUMNS} FROM runs r"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY {self._NEWEST_FIRST} LIMIT :limit"
         return self._read_runs(sql, params)
+
+    @staticmethod
+    def _status_condition(status: str) -> str:
+        """The SQL condition on run ``r`` of having ``status`` (bound as ``:status``)."""
+        if RunStatus(status).is_terminal:
+            return "r.status = :status"
+        return f"r.status = 'started' AND ({_STATUS_SQL}) = :status"
 
     def _read_runs(self, sql: str, params: dict[str, Any]) -> list[Run]:
         params = {**params, "now": self.clock.now()}
@@ -116,7 +140,10 @@ class _Reading(_Control):
                 output=decode(output),
                 error=error,
                 history=tuple(
-                    AttemptRecord(h["attempt"], h["error"], _dt(h["at"]), step, index)  # type: ignore[arg-type]
+                    AttemptRecord(
+                        h["attempt"], h["error"], _dt(h["at"]), step, index,  # type: ignore[arg-type]
+                        h.get("traceback"),
+                    )
                     for h in (loads(history) if history else ())
                 ),
             )

@@ -12,14 +12,27 @@ from ..base import RunFailure, TaskFailure, TaskSuccess, Undecodable
 from .connection import Conn, placeholders
 from .definitions import _Definitions
 
+TRACEBACK_LIMIT = 8_000
+"""Characters of a traceback kept in a task's history: the end, where the error was raised."""
+
+
+def cap_traceback(text: str | None) -> str | None:
+    """``text`` cut to its last :data:`TRACEBACK_LIMIT` characters, behind a line that says
+    how much was cut."""
+    if text is None or len(text) <= TRACEBACK_LIMIT:
+        return text
+    cut = len(text) - TRACEBACK_LIMIT
+    return f"[... {cut} characters of the traceback cut ...]\n" + text[cut:]
+
 
 class _Steps(_Definitions):
     """Steps start, complete and fail one at a time; runs finish when their steps are done."""
 
-    # Appends the failed attempt (its number, error ?, time ?) to a task's history, a JSON list.
+    # Appends the failed attempt (its number, error ?, time ?, traceback ?) to a task's
+    # history, a JSON list.
     _APPEND_HISTORY = (
         "history = json_insert(coalesce(history, '[]'), '$[#]', "
-        "json_object('attempt', attempts, 'error', ?, 'at', ?))"
+        "json_object('attempt', attempts, 'error', ?, 'at', ?, 'traceback', ?))"
     )
     _INSERT_RUNS = (
         "INSERT INTO runs (id, flow_slug, status, input, key, priority, remaining_steps, "
@@ -330,7 +343,8 @@ class _Steps(_Definitions):
                 "lease_owner = NULL, lease_expires = NULL "
                 "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
                 "RETURNING run_id, started_at",
-                (f.retry_at, f.error, f.error, now, f.task_id, f.attempt, f.claim),
+                (f.retry_at, f.error, f.error, now, cap_traceback(f.traceback), f.task_id,
+                 f.attempt, f.claim),
             ).fetchone()
             if row is not None:
                 self._mark_started(c, row[0], row[1])
@@ -340,7 +354,8 @@ class _Steps(_Definitions):
             "lease_owner = NULL, lease_expires = NULL "
             "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
             "RETURNING run_id, step_slug, task_index, started_at",
-            (f.error, f.error, now, now, f.task_id, f.attempt, f.claim),
+            (f.error, f.error, now, cap_traceback(f.traceback), now, f.task_id, f.attempt,
+             f.claim),
         ).fetchone()
         if row is None:
             return
