@@ -137,6 +137,10 @@ def test_exceptions_cross_with_type_name_and_message(handlers, tmp_path):
     assert failing.status is pf.RunStatus.FAILED
     assert failing.error == "KeyError: 'missing x'"
     assert failing.attempts == 3
+    # The child's own traceback comes back with each attempt's error.
+    for record in failing.history:
+        assert record.traceback is not None and "in iso_fail" in record.traceback
+        assert record.traceback.rstrip().endswith("KeyError: 'missing x'")
     assert permanent.error == "PermanentFailure: no way"
     assert permanent.attempts == 1
 

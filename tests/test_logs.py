@@ -196,3 +196,26 @@ def test_the_worker_writes_json_lines_with_log_format_json(tmp_path) -> None:
     hello = [e for e in entries if e["logger"] == "pgflow_py.handler"]
     assert hello and hello[0]["run_id"] == run.id
     assert hello[0]["message"].endswith("hello ada")
+
+
+def test_each_failed_attempt_keeps_its_traceback(tmp_path) -> None:
+    @pf.job(queue="charge", max_attempts=3, base_delay=0, timeout=0.2)
+    async def charge(input, ctx):
+        if ctx.attempt == 3:
+            await anyio.sleep(5)  # times out
+        raise ValueError(f"card declined ({ctx.attempt})")
+
+    with pf.connect(tmp_path / "db", clock=FakeClock()) as store:
+        run = store.start(charge, {})
+        drain(store, charge)
+        history = store.get_run(run.id).history
+    assert [h.error for h in history] == [
+        "ValueError: card declined (1)", "ValueError: card declined (2)",
+        "StepTimeout: step charge.charge timed out after 0.2s (attempt 3 of 3)",
+    ]
+    for record in history[:2]:
+        assert record.traceback is not None
+        assert record.traceback.startswith("Traceback (most recent call last):")
+        assert "in charge" in record.traceback
+        assert record.traceback.rstrip().endswith(record.error)
+    assert history[2].traceback is None  # the runner stopped it: no frame of the handler's

@@ -9,6 +9,7 @@ store keeps, with the retry policy applied.
 from __future__ import annotations
 
 import asyncio
+import traceback
 from typing import Any, Final
 
 from .. import _json
@@ -29,6 +30,7 @@ __all__ = (
     "attempt",
     "error_text",
     "failure_record",
+    "traceback_text",
 )
 
 _uncancel = getattr(asyncio.Task, "uncancel", None)  # Python 3.11+: keep cancel counts balanced
@@ -167,6 +169,17 @@ def failure_record(
             max_delay=opts.max_delay, jitter=opts.jitter,
         )
     record = TaskFailure(
-        task.id, task.attempt, error_text(exc), None if delay is None else now + delay, task.claim
+        task.id, task.attempt, error_text(exc), None if delay is None else now + delay, task.claim,
+        traceback_text(exc),
     )
     return record, delay
+
+
+def traceback_text(exc: BaseException) -> str | None:
+    """The formatted traceback kept with a failed attempt: the child's for an isolated handler;
+    none for a timeout (the runner stopped it: its frames say nothing about the handler)."""
+    if isinstance(exc, IsolatedError):
+        return exc.traceback
+    if isinstance(exc, StepTimeout) or exc.__traceback__ is None:
+        return None
+    return _json.printable("".join(traceback.format_exception(exc)))

@@ -35,7 +35,17 @@ from ..errors import PgflowError, StepTimeout, StoreError
 from ..store import ClaimedTask, RunFailure, Store, TaskFailure, TaskSuccess
 from ..telemetry import AttemptInfo, Telemetry
 from ..telemetry import Outcome as TelemetryOutcome
-from .attempt import DROPPED, Attempt, Completed, Failed, Outcome, attempt, error_text, failure_record
+from .attempt import (
+    DROPPED,
+    Attempt,
+    Completed,
+    Failed,
+    Outcome,
+    attempt,
+    error_text,
+    failure_record,
+    traceback_text,
+)
 from .executor import StepRuntime, call_hook
 from .hooks import DeadCall, DeadHooks
 from .loader import step_runtimes
@@ -647,7 +657,9 @@ class Runner:
             record, delay = failure_record(step, task, failed, self.clock.now())
         except Exception as exc:  # the retry policy could not be applied: fail for good
             log.exception("could not work out the retry of task %d", task.id)
-            record = TaskFailure(task.id, task.attempt, error_text(exc), None, task.claim)
+            record = TaskFailure(
+                task.id, task.attempt, error_text(exc), None, task.claim, traceback_text(exc)
+            )
             delay = None
         if isinstance(failed.error, StepTimeout):
             self.counts.timed_out += 1
@@ -700,7 +712,9 @@ class Runner:
         if step is None:
             self.counts.failed += 1
             self._outbox.failures.append(
-                TaskFailure(task.id, task.attempt, error_text(exc), None, task.claim)
+                TaskFailure(
+                    task.id, task.attempt, error_text(exc), None, task.claim, traceback_text(exc)
+                )
             )
             self._wake.set()
         else:
