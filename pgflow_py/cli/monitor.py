@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
 
 import click
 
 from ..models import RunStatus
-from ..store import Store
 from .common import database_option, json_option, open_store
 from .output import echo, echo_json, format_age, relative_time, status_style, table
 
 __all__ = ("stats", "workers")
-
-
-def _call(store: Store, method: str) -> list[Any]:
-    function: Callable[[], list[Any]] | None = getattr(store, method, None)
-    if function is None:
-        raise click.ClickException(f"this version of pgflow_py's store has no {method}()")
-    return list(function())
 
 
 @click.command()
@@ -32,7 +22,7 @@ def stats(as_json: bool, database: str) -> None:
     Also the age of the oldest queued run and the workers serving each flow.
     """
     with open_store(database) as store:
-        found = _call(store, "stats")
+        found = store.stats()
     if as_json:
         echo_json(found)
         return
@@ -44,12 +34,12 @@ def stats(as_json: bool, database: str) -> None:
     rows = []
     styles = []
     for item in found:
-        counts = getattr(item, "counts", {}) or {}
+        counts = item.counts
         rows.append([
-            str(getattr(item, "flow_slug", None) or "(all)"),
+            item.flow_slug,
             *(str(counts.get(s, 0)) for s in statuses),
-            format_age(getattr(item, "oldest_queued_age", None)),
-            str(getattr(item, "workers", "-")),
+            format_age(item.oldest_queued_age),
+            str(item.workers),
         ])
         styles.append([None, *(
             status_style(s) if counts.get(s, 0) and s in ("failed", "running", "retrying") else None
@@ -68,7 +58,7 @@ def workers(as_json: bool, database: str) -> None:
     Each with its host, pid, flows, last heartbeat and running tasks.
     """
     with open_store(database) as store:
-        found = _call(store, "workers")
+        found = store.workers()
     if as_json:
         echo_json(found)
         return
@@ -80,18 +70,16 @@ def workers(as_json: bool, database: str) -> None:
     rows = []
     styles = []
     for w in found:
-        lost = bool(getattr(w, "lost", False))
-        flows = getattr(w, "flows", ()) or ()
         rows.append([
-            str(getattr(w, "id", "")),
-            str(getattr(w, "hostname", "")),
-            str(getattr(w, "pid", "")),
-            ",".join(flows) if not isinstance(flows, str) else flows,
-            relative_time(getattr(w, "started_at", None), now),
-            relative_time(getattr(w, "last_heartbeat", None), now),
-            str(getattr(w, "running", "")),
-            "lost" if lost else "alive",
+            w.id,
+            w.hostname or "-",
+            "-" if w.pid is None else str(w.pid),
+            ",".join(w.flows),
+            relative_time(w.started_at, now),
+            relative_time(w.last_heartbeat, now),
+            str(w.running),
+            "lost" if w.lost else "alive",
         ])
-        styles.append([None] * 7 + [status_style("failed" if lost else "completed")])
+        styles.append([None] * 7 + [status_style("failed" if w.lost else "completed")])
     for line in table(headers, rows, styles):
         echo(line)

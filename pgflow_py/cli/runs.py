@@ -263,10 +263,7 @@ def retry(run_ids: tuple[str, ...], all_failed: bool, flow_slug: str | None, dat
         if run_ids:
             raise click.UsageError("give run ids or --failed, not both")
         with open_store(database) as store:
-            retry_all = getattr(store, "retry_all", None)
-            if retry_all is None:
-                raise click.ClickException("this version of pgflow_py's store has no retry_all()")
-            count = retry_all(flow=flow_slug)
+            count = store.retry_all(flow=flow_slug)
         echo(f"{count} failed run{'s' if count != 1 else ''} retried"
              + (f" (flow {flow_slug})" if flow_slug else ""))
         return
