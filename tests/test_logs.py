@@ -219,3 +219,32 @@ def test_each_failed_attempt_keeps_its_traceback(tmp_path) -> None:
         assert "in charge" in record.traceback
         assert record.traceback.rstrip().endswith(record.error)
     assert history[2].traceback is None  # the runner stopped it: no frame of the handler's
+
+
+def test_a_worker_warns_of_flows_with_runs_waiting_that_no_worker_serves(tmp_path, caplog) -> None:
+    @pf.job(queue="orphan")
+    def orphan(input, ctx):
+        return input
+
+    @pf.job(queue="served")
+    def served(input, ctx):
+        return input
+
+    clock = FakeClock()
+    with pf.connect(tmp_path / "db", clock=clock) as store:
+        store.start(orphan, {})  # no worker imports this one
+        store.start(served, {})
+        fresh = store.start(served, {}, delay=0)
+        with caplog.at_level(logging.WARNING, logger="pgflow_py.runner"):
+            drain(store, served)  # due for 0 s: too soon to say
+        assert not [r for r in caplog.records if "no live worker serves" in r.getMessage()]
+        clock.advance(150)
+        store.start(served, {})
+        with caplog.at_level(logging.WARNING, logger="pgflow_py.runner"):
+            drain(store, served)
+        assert store.get_run(fresh.id).status == "completed"
+    warnings = [r.getMessage() for r in caplog.records if "no live worker serves" in r.getMessage()]
+    assert warnings == [
+        "flow 'orphan' has runs queued for 2 min that no live worker serves: start a worker with "
+        "the module that defines it (pgflow worker MODULE), or cancel them"
+    ]

@@ -82,6 +82,8 @@ class _Counts:
         return RunnerStats(**attrs.asdict(self))
 
 
+_UNSERVED_AFTER = 60.0  # seconds a queued run may wait before its flow is said to be unserved
+_UNSERVED_EVERY = 60.0
 _TIMEOUT_GRAIN = 0.005  # seconds: attempts whose timeouts end this close share one loop timer
 _PEEK = 0.05  # seconds between looks at whether another process wrote to the store
 
@@ -133,6 +135,7 @@ class Runner:
         self._debug = log.isEnabledFor(logging.DEBUG)  # looked at again at each heartbeat
         self._telemetry = telemetry
         self._telemetry_failed = False
+        self._next_unserved_check = 0.0  # at the first pass, then every _UNSERVED_EVERY
         self._pause = 0.005  # adaptive poll for work from other processes
         self._must_claim = True
         self._tg: anyio.abc.TaskGroup
@@ -237,6 +240,19 @@ class Runner:
         cron_at = self.cron.next_at
         if cron_at is not None and cron_at <= self.clock.now() and not self._stopping:
             self.cron.start_due()
+        if self._loop.time() >= self._next_unserved_check:
+            self._next_unserved_check = self._loop.time() + _UNSERVED_EVERY
+            self._warn_unserved()
+
+    def _warn_unserved(self) -> None:
+        """Say which flows have runs waiting that no live worker serves: a run of a flow no
+        worker imports stays queued forever, and nothing else would say so."""
+        for slug, waited in self.backend.unserved(_UNSERVED_AFTER):
+            log.warning(
+                "flow %r has runs queued for %s that no live worker serves: start a worker "
+                "with the module that defines it (pgflow worker MODULE), or cancel them",
+                slug, _duration(waited),
+            )
 
     def _beat(self) -> None:
         """Renew leases, stop attempts whose task was taken away, reclaim expired leases."""
@@ -719,6 +735,16 @@ class Runner:
             self._wake.set()
         else:
             self._record_failure(step, task, handle, failed)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def _label(task: ClaimedTask) -> str:

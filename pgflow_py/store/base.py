@@ -240,6 +240,11 @@ class Backend(Protocol):
         """Every worker in the workers table, lost ones included."""
         ...
 
+    def unserved(self, older_than: float) -> list[tuple[str, float]]:
+        """Flows that no live worker serves, whose oldest queued run has been due for more
+        than ``older_than`` seconds: (slug, seconds due), by slug."""
+        ...
+
     def retry_all(self, flow_slug: str | None) -> int:
         """Retry every failed run (of a flow) in one transaction; return how many. Runs that
         cannot be retried (their key taken, their flow changed shape) stay failed."""

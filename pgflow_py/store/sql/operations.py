@@ -153,6 +153,19 @@ class _Operations(_Reading):
             ))
         return result
 
+    def unserved(self, older_than: float) -> list[tuple[str, float]]:
+        now = self.clock.now()
+        served = {f for w in self.workers() if not w.lost for f in w.flows}
+        with self._read() as c:
+            slugs = [row[0] for row in c.execute("SELECT flow_slug FROM flows").fetchall()]
+            oldest = {
+                slug: self._oldest_queued(c, slug, now) for slug in slugs if slug not in served
+            }
+        return sorted(
+            (slug, now - due) for slug, due in oldest.items()
+            if due is not None and now - due > older_than
+        )
+
     def workers(self) -> list[WorkerInfo]:
         with self._read() as c:
             rows = c.execute(
