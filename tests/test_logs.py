@@ -217,6 +217,7 @@ def test_each_failed_attempt_keeps_its_traceback(tmp_path) -> None:
         assert record.traceback is not None
         assert record.traceback.startswith("Traceback (most recent call last):")
         assert "in charge" in record.traceback
+        assert "pgflow_py/runtime" not in record.traceback  # only frames that say something
         assert record.traceback.rstrip().endswith(record.error)
     assert history[2].traceback is None  # the runner stopped it: no frame of the handler's
 

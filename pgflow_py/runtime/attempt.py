@@ -9,6 +9,7 @@ store keeps, with the retry policy applied.
 from __future__ import annotations
 
 import asyncio
+import os
 import traceback
 from typing import Any, Final
 
@@ -182,4 +183,13 @@ def traceback_text(exc: BaseException) -> str | None:
         return exc.traceback
     if isinstance(exc, StepTimeout) or exc.__traceback__ is None:
         return None
-    return _json.printable("".join(traceback.format_exception(exc)))
+    report = traceback.TracebackException.from_exception(exc)
+    # The runner's own frames lead to every handler: they say nothing about this failure.
+    frames = list(report.stack)
+    while len(frames) > 1 and frames[0].filename.startswith(_RUNTIME_DIR):
+        del frames[0]
+    report.stack = traceback.StackSummary.from_list(frames)
+    return _json.printable("".join(report.format()))
+
+
+_RUNTIME_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
