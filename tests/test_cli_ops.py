@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -18,6 +19,7 @@ from typing import Any
 
 import attrs
 import pytest
+from _helpers import POSTGRES_URL
 from click.testing import CliRunner, Result
 
 import pgflow_py as pf
@@ -59,7 +61,7 @@ def total(deps, ctx):
 
 @attrs.frozen
 class Runs:
-    db: Path
+    db: str | Path
     done: pf.Run
     failed: pf.Run
     mapped: pf.Run
@@ -69,10 +71,24 @@ class Runs:
 
 
 @pytest.fixture
-def runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Runs:
+def database(tmp_path: Path) -> Iterator[str | Path]:
+    """A SQLite file, or with $PGFLOW_TEST_POSTGRES a schema of its own on that server: the
+    commands take either as --database."""
+    if POSTGRES_URL is None:
+        yield tmp_path / "ops.db"
+        return
+    from pgflow_py.store.postgres import PostgresBackend
+
+    schema = f"test_cli_{uuid.uuid4().hex[:12]}"
+    yield f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}schema={schema}"
+    PostgresBackend(POSTGRES_URL, pf.testing.FakeClock(), schema=schema).drop_schema_and_close()
+
+
+@pytest.fixture
+def runs(database: str | Path, monkeypatch: pytest.MonkeyPatch) -> Runs:
     monkeypatch.delenv("PGFLOW_DATABASE", raising=False)
     monkeypatch.delenv("NO_COLOR", raising=False)
-    db = tmp_path / "ops.db"
+    db = database
     # An hour ago on a fake clock, so that backoffs take no time and end in the past.
     with pf.connect(db, clock=pf.testing.FakeClock(time.time() - 3600)) as store:
         done = store.start(ops_mail, {"to": "ada@example.com"})
