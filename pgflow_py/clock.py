@@ -8,7 +8,7 @@ from typing import Protocol
 
 import anyio
 
-__all__ = ("Clock", "SystemClock", "utc_datetime")
+__all__ = ("Clock", "SystemClock", "format_seconds", "utc_datetime")
 
 
 def utc_datetime(timestamp: float) -> datetime:
@@ -36,3 +36,15 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(max(0.0, seconds))
+
+
+def format_seconds(seconds: float) -> str:
+    """``42s``, ``3m``, ``5h``, ``2d``: the largest whole unit."""
+    seconds = abs(seconds)
+    if seconds < 60:
+        return f"{int(seconds)}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)}h"
+    return f"{int(seconds // 86400)}d"

@@ -246,6 +246,6 @@ def test_a_worker_warns_of_flows_with_runs_waiting_that_no_worker_serves(tmp_pat
         assert store.get_run(fresh.id).status == "completed"
     warnings = [r.getMessage() for r in caplog.records if "no live worker serves" in r.getMessage()]
     assert warnings == [
-        "flow 'orphan' has runs queued for 2 min that no live worker serves: start a worker with "
+        "flow 'orphan' has runs queued for 2m that no live worker serves: start a worker with "
         "the module that defines it (pgflow worker MODULE), or cancel them"
     ]

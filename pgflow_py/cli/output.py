@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from ..clock import format_seconds
 from ..ops_json import dumps, to_json
 
 __all__ = (
@@ -102,18 +103,6 @@ def terminal_width() -> int:
     if not sys.stdout.isatty():
         return 160
     return shutil.get_terminal_size((120, 24)).columns
-
-
-def format_seconds(seconds: float) -> str:
-    """``42s``, ``3m``, ``5h``, ``2d``: the largest whole unit."""
-    seconds = abs(seconds)
-    if seconds < 60:
-        return f"{int(seconds)}s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)}m"
-    if seconds < 86400:
-        return f"{int(seconds // 3600)}h"
-    return f"{int(seconds // 86400)}d"
 
 
 def relative_time(when: datetime | None, now: datetime | None = None) -> str:

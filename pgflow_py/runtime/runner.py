@@ -28,7 +28,7 @@ import anyio.abc
 import attrs
 
 from .. import _json
-from ..clock import utc_datetime
+from ..clock import format_seconds, utc_datetime
 from ..context import CancelFlag, Context, attempt_label
 from ..dsl import Flow, distinct_flows
 from ..errors import PgflowError, StepTimeout, StoreError
@@ -251,7 +251,7 @@ class Runner:
             log.warning(
                 "flow %r has runs queued for %s that no live worker serves: start a worker "
                 "with the module that defines it (pgflow worker MODULE), or cancel them",
-                slug, _duration(waited),
+                slug, format_seconds(waited),
             )
 
     def _beat(self) -> None:
@@ -735,16 +735,6 @@ class Runner:
             self._wake.set()
         else:
             self._record_failure(step, task, handle, failed)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.0f} h"
-    return f"{seconds / 86400:.0f} days"
 
 
 def _label(task: ClaimedTask) -> str:
