@@ -39,3 +39,14 @@ def fresh_store(path: Path, clock: Clock | None = None) -> Iterator[pf.Store]:
             yield store
     finally:
         backend.drop_schema_and_close()
+
+
+def as_schema_version(patch: Any, version: int) -> None:
+    """Make new SQLite stores stop at schema ``version``, and read only what it has, as the
+    pgflow_py of that version did (``patch``: a monkeypatch context, undone when it ends)."""
+    from pgflow_py.store import sqlite
+    from pgflow_py.store.sql import SqlBackend
+
+    patch.setattr(sqlite, "SCHEMA_VERSION", version)
+    if version < 4:  # runs.trace_context came with version 4
+        patch.setattr(SqlBackend, "_CLAIM_RUNS", "SELECT id, input, NULL FROM runs WHERE id IN ({})")

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 import pytest
-from _helpers import drain
+from _helpers import as_schema_version, drain
 
 import pgflow_py as pf
 from pgflow_py.store.sqlite import SCHEMA_VERSION
@@ -568,10 +568,8 @@ def test_pgflow_tables_exist_and_are_versioned(store: pf.Store, db_path: Path) -
 def test_a_version_1_database_is_migrated_with_its_runs(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pgflow_py.store import sqlite
-
     with monkeypatch.context() as patch:
-        patch.setattr(sqlite, "SCHEMA_VERSION", 1)
+        as_schema_version(patch, 1)
         with pf.connect(db_path) as old:
             done = old.start(echo, {"n": 1})
             waiting = old.start(echo, {"n": 2})

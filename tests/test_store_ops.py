@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import as_schema_version
 
 import pgflow_py as pf
 from pgflow_py.store.base import TaskFailure, TaskSuccess
@@ -405,10 +406,8 @@ def test_history_written_without_tracebacks_reads_as_none(store: pf.Store) -> No
 def test_a_version_2_database_gains_the_operations_schema(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pgflow_py.store import sqlite
-
     with monkeypatch.context() as patch:
-        patch.setattr(sqlite, "SCHEMA_VERSION", 2)
+        as_schema_version(patch, 2)
         with pf.connect(db_path) as old:
             failed = old.start(ops_echo)
             fail(old, ops_echo)

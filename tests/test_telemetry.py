@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import drain
+from _helpers import as_schema_version, drain
 
 import pgflow_py as pf
 from pgflow_py.telemetry import AttemptInfo
@@ -146,3 +149,176 @@ def test_opentelemetry_spans_and_metrics(tmp_path) -> None:
         for p in metrics["pgflow.attempt.duration"].data.data_points
     }
     assert counts == {("split", "completed"): 1, ("each", "completed"): 2, ("each", "retried"): 1}
+
+
+# --- trace context: from the code that starts a run to its attempts' spans ------------------------
+
+
+def _tracing() -> tuple[Any, Any]:
+    """An SDK tracer provider (not the global one) and the exporter that keeps its spans."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def _attempt_spans(exporter: Any, run_id: str) -> list[Any]:
+    return [
+        s for s in exporter.get_finished_spans()
+        if s.name.startswith("pgflow ") and s.attributes["pgflow.run_id"] == run_id
+    ]
+
+
+def test_attempt_spans_join_the_trace_of_the_span_that_started_their_run(store: pf.Store) -> None:
+    from pgflow_py.telemetry.otel import OpenTelemetry
+
+    provider, exporter = _tracing()
+    tracer = provider.get_tracer("app")
+    flow = pf.flow("traced_pipeline", max_attempts=2, base_delay=0)
+
+    @flow.step()
+    def fetch(input, ctx):
+        if ctx.attempt == 1:
+            raise ValueError("flaky")  # the retry is in the same trace
+        return 1
+
+    @flow.step(depends_on=["fetch"])
+    def save(deps, ctx):
+        with tracer.start_as_current_span("app work"):
+            return deps["fetch"]
+
+    @pf.job(queue="traced_job")
+    def traced_job(input, ctx):
+        return input
+
+    with tracer.start_as_current_span("request") as request:
+        run = store.start(flow, {})
+        batch = store.start_many(traced_job, [1, 2])
+    untraced = store.start(traced_job, 3)  # no current span: a trace of its own
+    drain(store, flow, traced_job, telemetry=OpenTelemetry(provider))
+
+    origin = request.get_span_context()
+    pipeline = _attempt_spans(exporter, run.id)
+    assert sorted((s.name, s.attributes["pgflow.attempt"]) for s in pipeline) == [
+        ("pgflow traced_pipeline.fetch", 1), ("pgflow traced_pipeline.fetch", 2),
+        ("pgflow traced_pipeline.save", 1),
+    ]
+    jobs = [s for r in batch for s in _attempt_spans(exporter, r.id)]
+    assert len(jobs) == 2
+    for span in pipeline + jobs:
+        assert span.context.trace_id == origin.trace_id
+        assert span.parent is not None and span.parent.span_id == origin.span_id
+        assert span.parent.is_remote  # it came through the store
+    (work,) = [s for s in exporter.get_finished_spans() if s.name == "app work"]
+    save_span = next(s for s in pipeline if s.name.endswith(".save"))
+    assert work.context.trace_id == origin.trace_id
+    assert work.parent is not None and work.parent.span_id == save_span.context.span_id
+
+    (alone,) = _attempt_spans(exporter, untraced.id)
+    assert alone.parent is None and alone.context.trace_id != origin.trace_id
+
+
+def test_an_unreadable_stored_trace_context_leaves_the_attempt_a_trace_of_its_own(
+    store: pf.Store,
+) -> None:
+    from pgflow_py.telemetry.otel import OpenTelemetry
+
+    provider, exporter = _tracing()
+
+    @pf.job(queue="badly_traced")
+    def badly_traced(input, ctx):
+        return input
+
+    with provider.get_tracer("app").start_as_current_span("request"):
+        runs = store.start_many(badly_traced, [1, 2, 3])
+    with store.backend._write() as c:  # type: ignore[attr-defined]
+        for run, value in zip(runs, ["not json", "[1]", '{"traceparent": "00-nonsense"}'],
+                              strict=True):
+            c.execute("UPDATE runs SET trace_context = ? WHERE id = ?", (value, run.id))
+    drain(store, badly_traced, telemetry=OpenTelemetry(provider))
+    for run in runs:
+        assert store.get_run(run.id).status == "completed"
+        (span,) = _attempt_spans(exporter, run.id)
+        assert span.parent is None
+
+
+def test_the_trace_context_is_captured_only_under_a_valid_current_span(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    provider, _ = _tracing()
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+    from pgflow_py.telemetry.propagation import current_context
+
+    assert current_context() is None  # no current span
+    with provider.get_tracer("app").start_as_current_span("request") as request:
+        carrier = json.loads(current_context() or "null")
+        with monkeypatch.context() as patch:  # a process that never imported OpenTelemetry
+            patch.delitem(sys.modules, "opentelemetry.trace")
+            assert current_context() is None
+            assert "opentelemetry.trace" not in sys.modules
+    ids = request.get_span_context()
+    assert carrier["traceparent"] == (
+        f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{int(ids.trace_flags):02x}"
+    )
+    assert ids.trace_flags.sampled
+
+    remote = SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(0),
+                         trace_state=TraceState([("vendor", "x")]))
+    with trace.use_span(NonRecordingSpan(remote)):  # unsampled, with a vendor's state
+        carrier = json.loads(current_context() or "null")
+    assert carrier["traceparent"] == f"00-{0x1234:032x}-{0x5678:016x}-00"
+    assert carrier["tracestate"] == "vendor=x"
+    with trace.use_span(trace.INVALID_SPAN):
+        assert current_context() is None
+
+
+def test_a_version_3_database_gains_the_trace_context_column(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgflow_py.telemetry.otel import OpenTelemetry
+
+    provider, exporter = _tracing()
+
+    @pf.job(queue="old_and_new")
+    def old_and_new(input, ctx):
+        return input
+
+    with monkeypatch.context() as patch:
+        as_schema_version(patch, 3)
+        with pf.connect(db_path) as old:
+            before = old.start(old_and_new, 1)
+    conn = sqlite3.connect(db_path)
+    try:
+        assert "trace_context" not in {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+    finally:
+        conn.close()
+
+    with pf.connect(db_path) as new:
+        with provider.get_tracer("app").start_as_current_span("request") as request:
+            after = new.start(old_and_new, 2)
+        drain(new, old_and_new, telemetry=OpenTelemetry(provider))
+        assert [new.get_run(r.id).output for r in (before, after)] == [1, 2]
+        conn = sqlite3.connect(db_path)
+        try:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+            stored = dict(conn.execute("SELECT id, trace_context FROM runs").fetchall())
+        finally:
+            conn.close()
+    assert stored[before.id] is None
+    assert json.loads(stored[after.id])["traceparent"].split("-")[1] == (
+        f"{request.get_span_context().trace_id:032x}"
+    )
+    (old_span,) = _attempt_spans(exporter, before.id)
+    (new_span,) = _attempt_spans(exporter, after.id)
+    assert old_span.parent is None
+    assert new_span.parent is not None
+    assert new_span.parent.span_id == request.get_span_context().span_id

@@ -598,7 +598,7 @@ class Runner:
             if telemetry is not None:
                 info = AttemptInfo(
                     task.flow_slug, task.step_slug, task.task_index, task.run_id, task.attempt,
-                    task.max_attempts, self.worker_id,
+                    task.max_attempts, self.worker_id, task.trace_context,
                 )
                 token = self._instrument(telemetry.attempt_started, info)
         self._watch(handle, step.options.timeout)

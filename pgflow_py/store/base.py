@@ -47,6 +47,9 @@ class NewRun(NamedTuple):
     root_items: tuple[str, ...] | None = None
     cron_tick: float | None = None
     """For a cron run: its tick. The run is created only if no run of this or a later tick was."""
+    trace_context: str | None = None
+    """The starting code's W3C trace context as JSON text (``{"traceparent": …}``), or ``None``
+    (see :func:`pgflow_py.telemetry.propagation.current_context`)."""
 
 
 class ClaimedTask(NamedTuple):
@@ -70,6 +73,8 @@ class ClaimedTask(NamedTuple):
     """Which claim of the task this is (never reset, unlike ``attempt`` after a retry)."""
     started_at: float | None = None
     """When it was claimed (the store's clock)."""
+    trace_context: str | None = None
+    """The run's :attr:`NewRun.trace_context`: the trace its attempts' spans belong to."""
 
 
 class TaskSuccess(NamedTuple):

@@ -20,6 +20,7 @@ from ..definition import FlowDefinition, StepDefinition
 from ..dsl import Flow
 from ..errors import FlowNotFound, InputError, RunNotFound, StoreError, WaitTimeout
 from ..models import FlowStats, Run, RunStatus, StepRun, WorkerInfo
+from ..telemetry.propagation import current_context
 from .base import Backend, NewRun
 
 __all__ = ("Store", "connect")
@@ -236,6 +237,7 @@ class Store:
         priority: int,
         key: str | None,
         run_id: str | None = None,
+        trace_context: str | None = None,
     ) -> NewRun:
         try:
             input_json = _json.dumps(input)
@@ -258,7 +260,8 @@ class Store:
                 f"so its input must be an array (list), got {type(input).__name__}"
             )
         return NewRun(
-            run_id or new_run_ids(1)[0], input_json, due, now, priority, key, root_items
+            run_id or new_run_ids(1)[0], input_json, due, now, priority, key, root_items, None,
+            trace_context,
         )
 
     @staticmethod
@@ -295,7 +298,9 @@ class Store:
         due = self._due(delay, run_at)
         definition = self._resolve(flow)
         plan = self._plan(definition)
-        new = self._new_run(plan, input, due, self.clock.now(), priority, key)
+        new = self._new_run(
+            plan, input, due, self.clock.now(), priority, key, None, current_context()
+        )
         (run_id,) = self.backend.start_runs(definition, [new])
         self._notify_started()
         if run_id != new.id:
@@ -334,8 +339,9 @@ class Store:
         inputs = list(inputs)
         now = self.clock.now()
         plan = self._plan(definition)
+        trace_context = current_context()  # one span starts the whole batch
         news = [
-            self._new_run(plan, item, due, now, priority, None, run_id)
+            self._new_run(plan, item, due, now, priority, None, run_id, trace_context)
             for item, run_id in zip(inputs, new_run_ids(len(inputs)), strict=True)
         ]
         if not news:

@@ -39,6 +39,9 @@ class AttemptInfo:
     attempt: int
     max_attempts: int
     worker_id: str
+    trace_context: str | None = None
+    """The W3C trace context (JSON text) of the code that started the run, if it was started
+    under a current OpenTelemetry span: the parent its attempts' spans should have."""
 
 
 class Telemetry(Protocol):

@@ -4,20 +4,23 @@
     pf.run_flows(flows, telemetry=OpenTelemetry())
 
 Each attempt is a span (``pgflow <flow>.<step>``, kind CONSUMER) that is current while the
-handler runs, so the handler's own spans are its children. Its attributes name the run, flow,
-step, task index, attempt and outcome; a failed attempt's span has status ERROR with the
-recorded error. One metric, ``pgflow.attempt.duration`` (a histogram in seconds, by flow, step
-and outcome): its count is the number of attempts, so a separate counter would only double the
-cost (about 11 us an attempt with the SDK). The global tracer and meter providers are used
-unless others are given.
+handler runs, so the handler's own spans are its children. A run started while a span was
+current (a web request's, say: see :mod:`pgflow_py.telemetry.propagation`) carries that span's
+trace context, and its attempts' spans are children of that span, in the request's trace.
+Attributes name the run, flow, step, task index, attempt and outcome; a failed attempt's span
+has status ERROR with the recorded error. One metric, ``pgflow.attempt.duration`` (a histogram
+in seconds, by flow, step and outcome): its count is the number of attempts, so a separate
+counter would only double the cost (about 11 us an attempt with the SDK). The global tracer and
+meter providers are used unless others are given.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import AttemptInfo, Outcome
@@ -52,11 +55,14 @@ class OpenTelemetry:
         }
         if attempt.task_index is not None:
             attributes["pgflow.task_index"] = attempt.task_index
+        parent = None if attempt.trace_context is None else _extract(attempt.trace_context)
         span = self._tracer.start_span(
             f"pgflow {attempt.flow_slug}.{attempt.step_slug}", kind=SpanKind.CONSUMER,
-            attributes=attributes,
+            attributes=attributes, context=parent,
         )
-        return span, otel_context.attach(trace.set_span_in_context(span))
+        # On top of the starter's context (so its baggage reaches the handler too), or else of
+        # the current one.
+        return span, otel_context.attach(trace.set_span_in_context(span, parent))
 
     def attempt_ended(
         self, token: Any, attempt: AttemptInfo, outcome: Outcome, duration: float,
@@ -73,3 +79,18 @@ class OpenTelemetry:
             "pgflow.outcome": outcome,
         }
         self._durations.record(duration, labels)
+
+
+def _extract(trace_context: str) -> otel_context.Context | None:
+    """The current context with the span (and baggage) a run was started under, from its
+    stored carrier; ``None`` (the current context as it is) if the carrier cannot be read."""
+    try:
+        carrier = json.loads(trace_context)
+    except ValueError:
+        return None
+    if not isinstance(carrier, dict):
+        return None
+    return propagate.extract(
+        {k: v for k, v in carrier.items() if isinstance(k, str) and isinstance(v, str)},
+        context=otel_context.get_current(),
+    )

@@ -28,8 +28,11 @@ log = logging.getLogger("pgflow_py.store")
 
 __all__ = ("SCHEMA_VERSION", "PostgresBackend")
 
-SCHEMA_VERSION = 2
-_MIGRATIONS = {1: "postgres_0001_initial.sql", 2: "postgres_0002_operations.sql"}
+SCHEMA_VERSION = 3
+_MIGRATIONS = {
+    1: "postgres_0001_initial.sql", 2: "postgres_0002_operations.sql",
+    3: "postgres_0003_trace_context.sql",
+}
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 _INDEXED_BY = re.compile(r"\s+INDEXED BY \w+")

@@ -28,6 +28,8 @@ class _Claims(_Starting):
         "RETURNING id, run_id, flow_slug, step_slug, task_index, attempts, max_attempts, "
         "priority, input, flow_version, claims"
     )
+    # What a claim reads of its tasks' runs (a ``{}`` for the ids).
+    _CLAIM_RUNS = "SELECT id, input, trace_context FROM runs WHERE id IN ({})"
     # The priority levels a flow has queued tasks at, highest first: one index seek per level.
     _LEVELS = (
         "WITH RECURSIVE levels(p) AS ("
@@ -80,7 +82,7 @@ class _Claims(_Starting):
             if successes or failures:
                 self._finish(c, successes, failures, now, finished)
             if claiming:
-                rows, run_inputs = self._claim(c, worker_id, flow_slugs, limit, lease_seconds, now)
+                rows, of_runs = self._claim(c, worker_id, flow_slugs, limit, lease_seconds, now)
         if not rows:
             return finished, []
         rows.sort(key=lambda row: (-row[7], row[0]))
@@ -89,8 +91,9 @@ class _Claims(_Starting):
         for (tid, run_id, flow, step, index, attempt, max_att, prio, inp, version, claim) in rows:
             # The claim is committed: a value that cannot be decoded (too deep, not JSON) is
             # handed over as Undecodable, for the runner to fail that task alone.
+            run_input, trace_context = of_runs[run_id]
             try:
-                flow_input = loads(run_inputs[run_id])
+                flow_input = loads(run_input)
             except Exception as exc:
                 flow_input = Undecodable.of(exc)
             if inp is None:
@@ -102,7 +105,7 @@ class _Claims(_Starting):
                     task_input = Undecodable.of(exc)
             tasks.append(ClaimedTask(
                 tid, run_id, flow, step, index, attempt, max_att, prio, task_input, flow_input,
-                version, claim, now,
+                version, claim, now, trace_context,
             ))
         return finished, tasks
 
@@ -114,8 +117,9 @@ class _Claims(_Starting):
         limit: int,
         lease_seconds: float,
         now: float,
-    ) -> tuple[list[Any], dict[str, str]]:
-        """Claim inside the caller's transaction: the task rows and their runs' input JSON.
+    ) -> tuple[list[Any], dict[str, tuple[str, str | None]]]:
+        """Claim inside the caller's transaction: the task rows, and their runs' input JSON and
+        trace context.
 
         Each flow is looked up on its own, so a backlog in one queue never slows the claims of
         another, and a concurrency cap is just a smaller limit for its flow.
@@ -148,10 +152,13 @@ class _Claims(_Starting):
         ).fetchall()
         run_ids = list({row[1] for row in rows})
         # The runs are not written here: a run's start is read from its running tasks.
-        run_inputs = dict(c.execute(
-            f"SELECT id, input FROM runs WHERE id IN ({placeholders(len(run_ids))})", run_ids
-        ).fetchall())
-        return rows, run_inputs
+        of_runs = {
+            run_id: (run_input, trace_context)
+            for run_id, run_input, trace_context in c.execute(
+                self._CLAIM_RUNS.format(placeholders(len(run_ids))), run_ids
+            ).fetchall()
+        }
+        return rows, of_runs
 
     def _room(self, c: Conn, flow_slugs: Sequence[str]) -> dict[str, int]:
         """How many more tasks each capped flow may run now (read in the claim's transaction,

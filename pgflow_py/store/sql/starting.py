@@ -41,11 +41,18 @@ class _Starting(_Batches):
                         continue
                 fresh.append(r)
                 ids.append(r.id)
-            self._insert(
-                c, self._INSERT_RUNS, self._RUN_VALUES,
-                [(r.id, d.slug, r.input_json, r.key, r.priority, len(d.steps), r.run_at,
-                  r.created_at) for r in fresh],
-            )
+            if any(r.trace_context is not None for r in fresh):
+                self._insert(
+                    c, self._INSERT_TRACED_RUNS, self._TRACED_RUN_VALUES,
+                    [(r.id, d.slug, r.input_json, r.key, r.priority, len(d.steps), r.run_at,
+                      r.created_at, r.trace_context) for r in fresh],
+                )
+            else:  # the common case: the column keeps its default, NULL
+                self._insert(
+                    c, self._INSERT_RUNS, self._RUN_VALUES,
+                    [(r.id, d.slug, r.input_json, r.key, r.priority, len(d.steps), r.run_at,
+                      r.created_at) for r in fresh],
+                )
             # Root steps start with their runs; the rows of a whole batch go in a few
             # statements per table.
             version = self._definitions[d.slug][0]

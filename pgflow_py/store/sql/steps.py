@@ -39,6 +39,12 @@ class _Steps(_Definitions):
         "run_at, created_at) VALUES "
     )
     _RUN_VALUES = "(?, ?, 'started', ?, ?, ?, ?, ?, ?)"
+    # Runs started under a current span (OpenTelemetry) also record its trace context.
+    _INSERT_TRACED_RUNS = (
+        "INSERT INTO runs (id, flow_slug, status, input, key, priority, remaining_steps, "
+        "run_at, created_at, trace_context) VALUES "
+    )
+    _TRACED_RUN_VALUES = "(?, ?, 'started', ?, ?, ?, ?, ?, ?, ?)"
     # Each takes a VALUES list ({}) of one row or many. The casts type the columns on
     # PostgreSQL. A task row names (id, output, attempt, claim): the guard makes a late result
     # (after reclaim, cancel, run failure, or a retry's new claim) change nothing.
