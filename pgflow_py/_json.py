@@ -127,19 +127,18 @@ def _json_key(key: Any) -> Any:
 def _check_keys(value: Any) -> None:
     """Refuse dicts whose keys collide once the encoder turns them into strings: the decoder
     would keep one of the values and silently drop the others."""
+    # Set operations over map(type, ...) run in C: a flat dict of strings costs two of them.
     stack = [value]
-    pop, push = stack.pop, stack.append
     while stack:
-        item = pop()
+        item = stack.pop()
         if isinstance(item, dict):
-            for key in item:
-                if type(key) is not str:
-                    _check_dict_keys(item)
-                    break
+            if not _STR.issuperset(map(type, item)):
+                _check_dict_keys(item)
             item = item.values()
-        for v in item:
-            if isinstance(v, _CONTAINERS):
-                push(v)
+        if not _SCALARS.issuperset(map(type, item)):
+            for v in item:
+                if isinstance(v, _CONTAINERS):
+                    stack.append(v)
 
 
 def _check_dict_keys(item: dict[Any, Any]) -> None:
@@ -155,6 +154,8 @@ def _check_dict_keys(item: dict[Any, Any]) -> None:
 
 
 _CONTAINERS = (dict, list, tuple)
+_STR = frozenset((str,))
+_SCALARS = frozenset((str, int, float, bool, type(None)))
 
 
 def roundtrip(value: Any) -> Any:
