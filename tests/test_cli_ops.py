@@ -755,3 +755,19 @@ def test_a_url_of_another_database_is_refused_without_quoting_it(tmp_path):
     assert ok("runs", "--database", f"sqlite:///{db}").strip() == "no runs"
     err = one_error_line(fails("runs", "--database", f"sqlite:///{tmp_path / 'nope.db'}"))
     assert "no pgflow database at" in err
+
+
+def test_retry_cancel_and_prune_speak_json_too(runs):
+    db = ("--database", str(runs.db))
+    retried = json.loads(ok("retry", runs.failed.id, "--json", *db))
+    assert [(r["id"], r["status"]) for r in retried] == [(runs.failed.id, "queued")]
+    assert retried[0]["flow_slug"] == "ops_mail" and retried[0]["attempts"] == 0
+    result = fails("cancel", runs.queued.id, "missing-run", "--json", *db)
+    assert [(r["id"], r["status"]) for r in json.loads(result.stdout)] == [
+        (runs.queued.id, "cancelled")
+    ]
+    assert "missing-run" in result.stderr  # errors stay on stderr, one line each
+    assert json.loads(ok("retry", "--failed", "--flow", "ops_site", "--json", *db)) == {
+        "retried": 1, "flow": "ops_site"
+    }
+    assert json.loads(ok("prune", "--older-than", "30m", "--json", *db)) == {"deleted": 2}

@@ -253,8 +253,12 @@ def _parse_input(text: str | None) -> Any:
 @click.argument("run_ids", nargs=-1, metavar="RUN_ID...")
 @click.option("--failed", "all_failed", is_flag=True, help="Retry every failed run (of --flow).")
 @click.option("--flow", "flow_slug", default=None, help="With --failed: only runs of this flow.")
+@json_option
 @database_option
-def retry(run_ids: tuple[str, ...], all_failed: bool, flow_slug: str | None, database: str) -> None:
+def retry(
+    run_ids: tuple[str, ...], all_failed: bool, flow_slug: str | None, as_json: bool,
+    database: str,
+) -> None:
     """Run failed or cancelled runs again.
 
     Each gets fresh attempts; the history of its failed attempts is kept.
@@ -264,6 +268,9 @@ def retry(run_ids: tuple[str, ...], all_failed: bool, flow_slug: str | None, dat
             raise click.UsageError("give run ids or --failed, not both")
         with open_store(database) as store:
             count = store.retry_all(flow=flow_slug)
+        if as_json:
+            echo_json({"retried": count, "flow": flow_slug})
+            return
         echo(f"{count} failed run{'s' if count != 1 else ''} retried"
              + (f" (flow {flow_slug})" if flow_slug else ""))
         return
@@ -271,13 +278,14 @@ def retry(run_ids: tuple[str, ...], all_failed: bool, flow_slug: str | None, dat
         raise click.UsageError("--flow goes with --failed")
     if not run_ids:
         raise click.UsageError("give the ids of the runs to retry, or --failed")
-    _each(database, run_ids, lambda store, run_id: store.retry(run_id))
+    _each(database, run_ids, lambda store, run_id: store.retry(run_id), as_json)
 
 
 @click.command()
 @click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
+@json_option
 @database_option
-def cancel(run_ids: tuple[str, ...], database: str) -> None:
+def cancel(run_ids: tuple[str, ...], as_json: bool, database: str) -> None:
     """Cancel unfinished runs.
 
     Their queued tasks never start; running ones are cancelled.
@@ -294,13 +302,14 @@ def cancel(run_ids: tuple[str, ...], database: str) -> None:
         cancelled: Run = store.cancel(run_id)
         return cancelled
 
-    _each(database, run_ids, cancel_one)
+    _each(database, run_ids, cancel_one, as_json)
 
 
-def _each(database: str, run_ids: tuple[str, ...], action: Any) -> None:
-    """Apply ``action`` to every run, printing ``ID STATUS``; report failures in one line each
-    and exit 1 after the others were done."""
+def _each(database: str, run_ids: tuple[str, ...], action: Any, as_json: bool) -> None:
+    """Apply ``action`` to every run, printing ``ID STATUS`` (or, with --json, the list of the
+    runs as they are now); report failures in one line each and exit 1 after the others."""
     failed = 0
+    done: list[Run] = []
     with open_store(database) as store:
         for run_id in run_ids:
             try:
@@ -312,7 +321,11 @@ def _each(database: str, run_ids: tuple[str, ...], action: Any) -> None:
                 echo_error(exc.format_message())
                 failed += 1
             else:
-                echo(f"{run.id} {status_style(run.status.value)(run.status.value)}")
+                done.append(run)
+                if not as_json:
+                    echo(f"{run.id} {status_style(run.status.value)(run.status.value)}")
+    if as_json:
+        echo_json(done)
     if failed:
         sys.exit(1)
 
@@ -323,12 +336,16 @@ def _each(database: str, run_ids: tuple[str, ...], action: Any) -> None:
 @click.command()
 @click.option("--older-than", default="7d", callback=duration_callback, metavar="DURATION", show_default=True,
               help="Delete terminal runs finished longer ago than this: 30s, 15m, 12h, 7d, 2w.")
+@json_option
 @database_option
-def prune(older_than: timedelta, database: str) -> None:
+def prune(older_than: timedelta, as_json: bool, database: str) -> None:
     """Delete old finished runs.
 
     Deletes completed, failed and cancelled runs that finished more than --older-than ago.
     """
     with open_store(database) as store:
         count = store.prune(older_than=older_than)
+    if as_json:
+        echo_json({"deleted": count})
+        return
     echo(f"{count} run{'s' if count != 1 else ''} deleted")
