@@ -1,0 +1,35 @@
+"""``pgflow dashboard``: serve :func:`pgflow_py.dashboard.create_app` with uvicorn."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .common import database_option, open_store
+
+__all__ = ("dashboard",)
+
+NEEDS_EXTRA = "pgflow dashboard needs the dashboard extra: pip install 'pgflow_py[dashboard]'"
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; the API has no login).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8787, show_default=True,
+              help="Port to listen on.")
+@click.option("--read-only", is_flag=True, help="Refuse retry and cancel (POST answers 403).")
+@database_option
+def dashboard(host: str, port: int, read_only: bool, database: str) -> None:
+    """Serve the dashboard: a JSON API over the store (retry and cancel too, unless
+    --read-only) at http://HOST:PORT/."""
+    try:
+        import uvicorn
+
+        from ..dashboard import create_app
+    except ImportError:
+        click.echo(NEEDS_EXTRA, err=True)
+        sys.exit(1)
+    with open_store(database) as store:
+        app = create_app(store, read_only=read_only)
+        uvicorn.run(app, host=host, port=port, log_level="info")

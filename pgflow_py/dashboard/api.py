@@ -1,0 +1,160 @@
+"""The dashboard's routes: the JSON API (see :mod:`pgflow_py.dashboard.app`) and the index page."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from ..errors import InputError, PgflowError, RunNotFound
+from ..models import Run, RunStatus
+from ..ops_json import run_to_json, to_json
+from ..store import Store
+
+__all__ = ("DEFAULT_LIMIT", "MAX_LIMIT", "cancel_run", "routes")
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+STATUSES = [s.value for s in RunStatus]
+
+T = TypeVar("T")
+
+
+class ApiError(Exception):
+    """Answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def cancel_run(store: Store, run_id: str) -> Run:
+    """Cancel an unfinished run, as ``pgflow cancel`` does: a cancelled run is returned as it is,
+    a completed or failed one refused (:class:`~pgflow_py.InputError`)."""
+    run = store.get_run(run_id)
+    if run.status in (RunStatus.COMPLETED, RunStatus.FAILED):
+        raise InputError(f"run {run_id} is {run.status.value}; only unfinished runs can be cancelled")
+    if run.status is RunStatus.CANCELLED:
+        return run
+    return store.cancel(run_id)
+
+
+def routes(store: Store) -> list[Route]:
+    async def call(function: Callable[..., T], *args: Any, conflict: bool = False) -> T:
+        """``function(*args)`` in a worker thread; library errors become API errors (an
+        ``InputError`` is a 409 for the actions, ``conflict``, and a 400 otherwise)."""
+        try:
+            return await run_in_threadpool(function, *args)
+        except RunNotFound as exc:
+            raise ApiError(404, _one_line(exc)) from exc
+        except InputError as exc:
+            raise ApiError(409 if conflict else 400, _one_line(exc)) from exc
+        except PgflowError as exc:
+            raise ApiError(500, _one_line(exc)) from exc
+
+    def api(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return JSONResponse(await handler(request))
+            except ApiError as exc:
+                return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+        return endpoint
+
+    @api
+    async def list_runs(request: Request) -> Any:
+        params = request.query_params
+        flow = params.get("flow") or None
+        key = params.get("key") or None
+        before = params.get("before") or None
+        status = params.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise ApiError(400, f"unknown status {status!r}; use one of {STATUSES}")
+        limit = _limit(params.get("limit") or None)
+        found = await call(store.runs, flow, status, key, limit, before)
+        return [run_to_json(run) for run in found]
+
+    @api
+    async def show_run(request: Request) -> Any:
+        run = await call(store.get_run, request.path_params["run_id"])
+        return run_to_json(run)
+
+    @api
+    async def stats(request: Request) -> Any:
+        return to_json(await call(store.stats))
+
+    @api
+    async def workers(request: Request) -> Any:
+        return to_json(await call(store.workers))
+
+    @api
+    async def retry(request: Request) -> Any:
+        run = await call(store.retry, request.path_params["run_id"], conflict=True)
+        return run_to_json(run)
+
+    @api
+    async def cancel(request: Request) -> Any:
+        run = await call(cancel_run, store, request.path_params["run_id"], conflict=True)
+        return run_to_json(run)
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(
+            _index_page(request.scope.get("root_path", "")),
+            headers={"Content-Security-Policy": "default-src 'none'"},
+        )
+
+    return [
+        Route("/", index, methods=["GET"]),
+        Route("/api/runs", list_runs, methods=["GET"]),
+        Route("/api/runs/{run_id}", show_run, methods=["GET"]),
+        Route("/api/stats", stats, methods=["GET"]),
+        Route("/api/workers", workers, methods=["GET"]),
+        Route("/api/runs/{run_id}/retry", retry, methods=["POST"]),
+        Route("/api/runs/{run_id}/cancel", cancel, methods=["POST"]),
+    ]
+
+
+def _limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_LIMIT
+    limit = int(text) if text.isascii() and text.isdigit() and len(text) <= 6 else -1
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ApiError(400, f"limit must be an integer from 1 to {MAX_LIMIT}, got {text!r}")
+    return limit
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+_ENDPOINTS = [
+    ("GET", "api/runs", "runs, newest first; ?flow=&status=&key=&limit=&before= (as pgflow runs --json)"),
+    ("GET", "api/runs/{id}", "one run with its steps, tasks and failed attempts (as pgflow show --json)"),
+    ("GET", "api/stats", "runs by status per flow (as pgflow stats --json)"),
+    ("GET", "api/workers", "workers (as pgflow workers --json)"),
+    ("POST", "api/runs/{id}/retry", "retry a failed or cancelled run (header X-Pgflow: 1)"),
+    ("POST", "api/runs/{id}/cancel", "cancel an unfinished run (header X-Pgflow: 1)"),
+]
+
+
+def _index_page(root_path: str) -> str:
+    base = root_path.rstrip("/") + "/"
+    items = []
+    for method, path, what in _ENDPOINTS:
+        shown = html.escape(base + path)
+        if method == "GET" and "{" not in path:
+            shown = f'<a href="{html.escape(base + path, quote=True)}">{shown}</a>'
+        items.append(f"<li><code>{method} {shown}</code>: {html.escape(what)}</li>")
+    return (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<title>pgflow dashboard</title></head><body>\n"
+        "<h1>pgflow dashboard</h1>\n"
+        "<p>The dashboard's pages are not written yet; its JSON API is:</p>\n"
+        "<ul>\n" + "\n".join(items) + "\n</ul>\n</body></html>\n"
+    )
