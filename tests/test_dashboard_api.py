@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -422,6 +423,18 @@ def test_pgflow_dashboard_serves_the_api(filled, database):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=5)
         assert refused.value.code == 403
+        # Listening on 127.0.0.1: another name in Host (DNS rebinding) is refused.
+        rebound = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/stats", headers={"Host": f"evil.example:{port}"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(rebound, timeout=5)
+        assert refused.value.code == 400
+        localhost = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/stats", headers={"Host": f"localhost:{port}"}
+        )
+        with urllib.request.urlopen(localhost, timeout=5) as r:
+            assert r.status == 200
     finally:
         process.terminate()
         output = process.communicate(timeout=15)[0].decode()

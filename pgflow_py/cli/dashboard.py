@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
 from .common import database_option, open_store
 
 __all__ = ("dashboard",)
+
+LOOPBACK = ("127.0.0.1", "localhost")
 
 NEEDS_EXTRA = "pgflow dashboard needs the dashboard extra: pip install 'pgflow_py[dashboard]'"
 
@@ -25,11 +28,16 @@ def dashboard(host: str, port: int, read_only: bool, database: str) -> None:
     --read-only) at http://HOST:PORT/."""
     try:
         import uvicorn
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
 
         from ..dashboard import create_app
     except ImportError:
         click.echo(NEEDS_EXTRA, err=True)
         sys.exit(1)
     with open_store(database) as store:
-        app = create_app(store, read_only=read_only)
+        app: Any = create_app(store, read_only=read_only)
+        if host in LOOPBACK:
+            # Only this machine can connect, so only its names may be in the Host header: a web
+            # page that rebinds its own domain name to 127.0.0.1 (DNS rebinding) is refused (400).
+            app = TrustedHostMiddleware(app, allowed_hosts=list(LOOPBACK))
         uvicorn.run(app, host=host, port=port, log_level="info")
