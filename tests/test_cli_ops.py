@@ -240,7 +240,7 @@ def test_the_database_comes_from_the_environment(runs, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("command", [
     ["runs"], ["show", "some-id"], ["start", "ops_mail"], ["retry", "some-id"],
-    ["cancel", "some-id"], ["prune"], ["stats"], ["workers"],
+    ["cancel", "some-id"], ["prune"], ["stats"], ["workers"], ["dashboard"],
 ])
 def test_every_command_refuses_a_missing_database_in_one_line(tmp_path, command):
     db = tmp_path / "typo.db"
