@@ -257,6 +257,7 @@ def test_a_wrong_method_is_405_json(client):
     answer = client.post("/api/stats", headers=POST)
     assert answer.status_code == 405
     assert "error" in answer.json()
+    assert set(answer.headers["allow"].split(", ")) == {"GET", "HEAD"}
     assert client.get("/api/runs/some-id/retry").status_code == 405
 
 

@@ -56,12 +56,11 @@ def create_app(store: Store, read_only: bool = False) -> Starlette:
 
     ``read_only=True`` refuses every POST (retry, cancel) with 403.
     """
-    app = Starlette(
+    return Starlette(
         routes=routes(store),
         middleware=[Middleware(GuardMiddleware, read_only=read_only)],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
-    return app
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -70,7 +69,9 @@ def error(status: int, message: str) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return error(exc.status_code, exc.detail)
+    response = error(exc.status_code, exc.detail)
+    response.headers.update(exc.headers or {})  # Allow, on a 405
+    return response
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
