@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 import pgflow_py as pf
 from pgflow_py.clock import Clock
@@ -50,3 +54,36 @@ def as_schema_version(patch: Any, version: int) -> None:
     patch.setattr(sqlite, "SCHEMA_VERSION", version)
     if version < 4:  # runs.trace_context came with version 4
         patch.setattr(SqlBackend, "_CLAIM_RUNS", "SELECT id, input, NULL FROM runs WHERE id IN ({})")
+
+
+def serve_then_stop(
+    store: pf.Store, flows: list[pf.Flow], started: threading.Event,
+    before_stop: Callable[[], Any] = lambda: None, **options: Any,
+) -> tuple[pf.RunnerStats, float]:
+    """Serve ``flows`` until a handler sets ``started``, call ``before_stop``, then stop the
+    runner as SIGTERM would; return its stats and the seconds it took to stop."""
+    from pgflow_py.runtime.runner import Runner
+
+    settings = {"concurrency": 2, "until_idle": False, "resources": {}, "lease": 30.0,
+                "poll_interval": 0.05, "shutdown_timeout": 20.0, **options}
+    runner = Runner(store, flows, **settings)
+
+    async def main() -> tuple[pf.RunnerStats, float]:
+        result: list[pf.RunnerStats] = []
+        async with anyio.create_task_group() as tg:
+
+            async def serve() -> None:
+                result.append(await runner.run())
+
+            tg.start_soon(serve)
+            await anyio.to_thread.run_sync(started.wait, 10)
+            before_stop()
+            await anyio.sleep(0.2)
+            stopped_at = time.monotonic()
+            runner.stop()
+            with anyio.fail_after(30):  # detects a hang, not a speed
+                while not result:
+                    await anyio.sleep(0.01)
+        return result[0], time.monotonic() - stopped_at
+
+    return anyio.run(main)

@@ -7,10 +7,9 @@ import threading
 
 import anyio
 import pytest
-from _helpers import drain
+from _helpers import drain, serve_then_stop
 
 import pgflow_py as pf
-from pgflow_py.runtime.runner import Runner
 from pgflow_py.testing import FakeClock
 
 
@@ -92,25 +91,9 @@ def test_a_handler_sees_the_shutdown_and_can_return_early(tmp_path) -> None:
             await anyio.sleep(0.01)
         return {"saved_after": done}
 
-    async def main(store: pf.Store) -> pf.RunnerStats:
-        runner = Runner(
-            store, [batch], concurrency=2, until_idle=False, resources={}, lease=30.0,
-            poll_interval=0.05, shutdown_timeout=20,
-        )
-        async with anyio.create_task_group() as tg:
-            result: list[pf.RunnerStats] = []
-
-            async def serve() -> None:
-                result.append(await runner.run())
-
-            tg.start_soon(serve)
-            await anyio.to_thread.run_sync(looping.wait, 10)
-            runner.stop()
-        return result[0]
-
     with pf.connect(tmp_path / "db") as store:
         run = store.start(batch, {})
-        stats = anyio.run(main, store)
+        stats, _ = serve_then_stop(store, [batch], looping)
         done = store.get_run(run.id)
     assert stats.completed == 1
     assert done.status == "completed" and done.output["saved_after"] >= 1

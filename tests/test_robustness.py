@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 import pytest
-from _helpers import drain
+from _helpers import drain, serve_then_stop
 
 import pgflow_py as pf
 from pgflow_py import _json
@@ -196,34 +196,17 @@ def test_stopping_ends_within_the_shutdown_timeout_while_the_database_fails(tmp_
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise pf.StoreError("the pgflow database is malformed")
 
-    async def main(store: pf.Store) -> tuple[pf.RunnerStats, float]:
-        runner = Runner(
-            store, [slow], concurrency=2, until_idle=False, resources={}, lease=1.0,
-            poll_interval=0.05, shutdown_timeout=0.5,
-        )
-        async with anyio.create_task_group() as tg:
-            result: list[pf.RunnerStats] = []
-
-            async def serve() -> None:
-                result.append(await runner.run())
-
-            tg.start_soon(serve)
-            await anyio.to_thread.run_sync(started.wait, 10)
-            backend = store.backend
-            for name in ("finish_and_claim", "finish", "heartbeat", "reclaim_expired",
-                         "next_due", "data_version", "release", "forget_worker", "claim"):
-                setattr(backend, name, broken)
-            await anyio.sleep(0.2)  # it fails a few times, backing off
-            stopped_at = time.monotonic()
-            runner.stop()
-            with anyio.fail_after(20):  # detects a hang, not a speed
-                while not result:
-                    await anyio.sleep(0.01)
-        return result[0], time.monotonic() - stopped_at
+    def break_the_database() -> None:
+        for name in ("finish_and_claim", "finish", "heartbeat", "reclaim_expired",
+                     "next_due", "data_version", "release", "forget_worker", "claim"):
+            setattr(store.backend, name, broken)
 
     with pf.connect(tmp_path / "db") as store:
         run = store.start(slow, {})
-        stats, took = anyio.run(main, store)
+        # It fails a few times, backing off, before it is told to stop.
+        stats, took = serve_then_stop(
+            store, [slow], started, break_the_database, lease=1.0, shutdown_timeout=0.5
+        )
         # The running task was stopped at the shutdown timeout, not waited for.
         assert stats.completed == 0
         assert took < 10
