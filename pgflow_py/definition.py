@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import re
 import reprlib
@@ -94,12 +95,19 @@ _INHERITED = frozenset({"max_attempts", "base_delay", "timeout"})
 """Step options whose ``None`` means "the flow's value"."""
 
 
+_reading_stored: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "_reading_stored", default=False
+)
+
+
 def check_options(where: str, *, allow_none: bool = False, **options: object) -> None:
     """Check numeric options against :data:`OPTION_RANGES`; raise :class:`DefinitionError`.
 
     With ``allow_none`` (step options) ``None`` means "inherit" for the options a step inherits;
     ``concurrency=None`` always means no limit.
     """
+    if _reading_stored.get():
+        return  # written by an earlier version, whose bounds may have been wider
     for name, value in options.items():
         if value is None and (name == "concurrency" or (allow_none and name in _INHERITED)):
             continue
@@ -236,6 +244,17 @@ class FlowDefinition:
     @classmethod
     def from_json(cls, text: str) -> FlowDefinition:
         return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_stored_json(cls, text: str) -> FlowDefinition:
+        """A definition as the store keeps it: every rule is checked but the options' ranges,
+        so a definition stored before they were narrowed can still be read, replaced by
+        ``register`` and served by the code's (checked) options."""
+        token = _reading_stored.set(True)
+        try:
+            return cls.from_json(text)
+        finally:
+            _reading_stored.reset(token)
 
 
 @attrs.frozen

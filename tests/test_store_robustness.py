@@ -7,11 +7,13 @@ Most tests take the ``store`` fixture, so they run on PostgreSQL too with
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import pwd
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -687,3 +689,32 @@ def test_a_closed_store_says_so(store: pf.Store, call: Callable[[pf.Store], Any]
     with pytest.raises(pf.StoreError, match=r"^the store .* is closed .*open it again") as caught:
         call(store)
     assert caught.value.__cause__ is None
+
+
+def test_a_definition_stored_before_the_options_were_bounded_still_reads(tmp_path: Path) -> None:
+    # An earlier version accepted timeout=10**12; upgrading must not lock that flow out.
+    @pf.job(queue="rb_old_bounds", timeout=60)
+    def rb_old_bounds(input: Any, ctx: pf.Context) -> Any:
+        return input
+
+    path = tmp_path / "old.db"
+    with pf.connect(path) as store:
+        store.register(rb_old_bounds)
+    with sqlite3.connect(path) as db:
+        (text,) = db.execute(
+            "SELECT definition FROM flows WHERE flow_slug = 'rb_old_bounds'"
+        ).fetchone()
+        data = json.loads(text)
+        data["timeout"] = 10**12
+        db.execute("UPDATE flows SET definition = ? WHERE flow_slug = 'rb_old_bounds'",
+                   (json.dumps(data),))
+    with pf.connect(path) as store:
+        (stored,) = store.flows()
+        assert stored.timeout == 10**12  # read as it was written
+        run = store.start("rb_old_bounds", 1)  # by slug, from the stored definition
+        store.register(rb_old_bounds)  # the code's (bounded) options replace it
+        assert store.flows()[0].timeout == 60
+        pf.run_flows([rb_old_bounds], store=store, until_idle=True)
+        assert store.get_run(run.id).output == 1
+    with pytest.raises(pf.DefinitionError, match="timeout"):
+        pf.FlowDefinition.from_json(json.dumps(data))  # new definitions are still checked

@@ -73,7 +73,7 @@ class _Definitions(_Connection):
             self._insert_steps(c, definition)
         else:
             self._verified.pop(definition.slug, None)  # this connection's own write
-            stored = FlowDefinition.from_json(row[0])
+            stored = FlowDefinition.from_stored_json(row[0])
             version = int(row[1])
             if stored.shape() != definition.shape():
                 self._check_no_unfinished(c, definition, stored)
@@ -133,7 +133,7 @@ class _Definitions(_Connection):
         if cached is not None and cached[1] == row[0]:
             definition = cached[0]  # unchanged since last read: skip parsing and validating
         else:
-            definition = FlowDefinition.from_json(row[0])
+            definition = FlowDefinition.from_stored_json(row[0])
             self._json_cache[flow_slug] = (definition, row[0])
         self._definitions[flow_slug] = (int(row[1]), definition)
         return definition
@@ -148,7 +148,7 @@ class _Definitions(_Connection):
     def definitions(self) -> list[FlowDefinition]:
         with self._read() as conn:
             rows = conn.execute("SELECT definition FROM flows ORDER BY flow_slug").fetchall()
-        return [FlowDefinition.from_json(r[0]) for r in rows]
+        return [FlowDefinition.from_stored_json(r[0]) for r in rows]
 
     def _graph(self, d: FlowDefinition) -> _Graph:
         graph = self._graphs.get(d.slug)
