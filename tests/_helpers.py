@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -87,3 +89,14 @@ def serve_then_stop(
         return result[0], time.monotonic() - stopped_at
 
     return anyio.run(main)
+
+
+def stop_process(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """SIGTERM a worker (or dashboard) process as a deploy would; its exit status and stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err

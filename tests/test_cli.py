@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _helpers import stop_process
 from click.testing import CliRunner
 
 import pgflow_py as pf
@@ -52,16 +53,6 @@ def _wait_terminal(db: Path, run_ids: list[str], timeout: float = 20) -> list[pf
         return [store.wait(run_id, timeout=timeout) for run_id in run_ids]
 
 
-def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, err
-
-
 @pytest.mark.parametrize("module", [False, True], ids=["pgflow", "python-m"])
 def test_worker_serves_the_jobs_of_its_modules_and_exits_zero_on_sigterm(project, module):
     sys.path.insert(0, str(project))
@@ -76,7 +67,7 @@ def test_worker_serves_the_jobs_of_its_modules_and_exits_zero_on_sigterm(project
     try:
         done = _wait_terminal(db, [r.id for r in runs])
     finally:
-        code, err = _stop(proc)
+        code, err = stop_process(proc)
     assert [r.output for r in done] == [{"echo": 1}, {"echo": 2}, {"echo": 3}]
     assert code == 0, err
     assert "serving cli_echo, cli_slow" in err
@@ -99,7 +90,7 @@ def test_sigterm_lets_a_running_task_finish(project):
         while store.get_run(run.id).status is not pf.RunStatus.RUNNING:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-    code, err = _stop(proc)
+    code, err = stop_process(proc)
     assert code == 0, err
     with pf.connect(db) as store:
         finished = store.get_run(run.id)
@@ -129,7 +120,7 @@ def test_worker_without_modules_serves_the_stored_flows(project):
             (run,) = store.runs()
         (done,) = _wait_terminal(db, [run.id])
     finally:
-        code, err = _stop(proc)
+        code, err = stop_process(proc)
     assert done.output == {"echo": "x"}
     assert code == 0, err
 
@@ -234,7 +225,7 @@ def test_one_job_imported_into_two_modules_is_served_once(project, monkeypatch):
     try:
         (done,) = _wait_terminal(db, [run.id])
     finally:
-        code, err = _stop(proc)
+        code, err = stop_process(proc)
     assert done.output == "shared"
     assert code == 0, err
 

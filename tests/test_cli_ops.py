@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from typing import Any
 
 import attrs
 import pytest
-from _helpers import POSTGRES_URL
+from _helpers import POSTGRES_URL, stop_process
 from click.testing import CliRunner, Result
 
 import pgflow_py as pf
@@ -639,16 +638,6 @@ def _pgflow(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
     )
 
 
-def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, err
-
-
 def _start_when_served(db: Path, flow: str, input: Any, proc: subprocess.Popen[str]) -> pf.Run:
     deadline = time.monotonic() + 30
     while True:
@@ -672,7 +661,7 @@ def test_a_worker_with_resources_serves_send_welcome(project):
         with pf.connect(db) as store:
             done = store.wait(run.id, timeout=30)
     finally:
-        code, err = _stop(proc)
+        code, err = stop_process(proc)
     assert done.output == {"sent_to": "ada@example.com", "attempt": 1}, done.error
     assert mailbox.read_text() == "ada@example.com: Welcome!\n"
     assert code == 0, err
@@ -729,7 +718,7 @@ def test_runs_and_show_processes_against_a_live_worker(tmp_path, monkeypatch):
         listed = json.loads(pgflow("runs", "--json", "--status", "failed"))
         assert worker.poll() is None  # still serving throughout
     finally:
-        code, err = _stop(worker)
+        code, err = stop_process(worker)
     assert code == 0, err
     rows = [line.split() for line in table.splitlines()[1:-1]]
     assert [(r[0], r[1], r[2]) for r in rows] == [

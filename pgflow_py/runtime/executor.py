@@ -57,14 +57,13 @@ class UnstorableOutput(TypeError):
 
 
 async def run_attempt(step: StepRuntime, value: Any, ctx: Context, threads: HandlerThreads) -> Any:
-    """Run the handler once; the caller cancels it at the timeout.
+    """Run a sync handler once; the caller cancels it at the timeout (async handlers are
+    awaited directly by :func:`.attempt.attempt`).
 
-    Async handlers are cancelled at the deadline. Sync handlers run in a worker thread that is
-    abandoned at the deadline: the attempt fails then, though Python cannot stop the thread.
-    With ``isolation="process"`` a sync handler runs in a child process, killed at the deadline.
+    The handler runs in a worker thread that is abandoned at the deadline: the attempt fails
+    then, though Python cannot stop the thread. With ``isolation="process"`` it runs in a child
+    process, killed at the deadline.
     """
-    if step.is_async:
-        return await step.handler(value, ctx)
     if step.options.isolation == "process":
         return await _run_in_child(step, value, ctx)
     result = await threads.run(step.handler, value, ctx)
