@@ -22,7 +22,16 @@ from .errors import (
     StoreError,
     WaitTimeout,
 )
-from .models import AttemptRecord, FlowStats, Run, RunStatus, StepRun, TaskRun, WorkerInfo
+from .models import (
+    AttemptRecord,
+    FlowStats,
+    Run,
+    RunStatus,
+    StepRun,
+    TaskRun,
+    ThroughputPoint,
+    WorkerInfo,
+)
 from .runtime import RunnerStats, arun_flows, run_flows
 from .store import Store, connect
 
@@ -55,6 +64,7 @@ __all__ = (
     "Store",
     "StoreError",
     "TaskRun",
+    "ThroughputPoint",
     "WaitTimeout",
     "WorkerInfo",
     "__version__",

@@ -8,7 +8,10 @@ from typing import Any
 
 import attrs
 
-__all__ = ("AttemptRecord", "FlowStats", "Run", "RunStatus", "StepRun", "TaskRun", "WorkerInfo")
+__all__ = (
+    "AttemptRecord", "FlowStats", "Run", "RunStatus", "StepRun", "TaskRun", "ThroughputPoint",
+    "WorkerInfo",
+)
 
 
 class RunStatus(str, enum.Enum):
@@ -118,6 +121,19 @@ class FlowStats:
     """Seconds since the oldest queued run became due; ``None`` when none is queued."""
     workers: int
     """Live workers serving the flow."""
+
+
+@attrs.frozen
+class ThroughputPoint:
+    """One flow's work in one minute, from :meth:`pgflow_py.Store.throughput`."""
+
+    flow_slug: str
+    minute: datetime
+    """The start of the minute, in UTC."""
+    completed: int
+    """Tasks whose attempt completed in that minute."""
+    failed: int
+    """Attempts that failed in that minute (retried or not, lost workers' included)."""
 
 
 @attrs.frozen

@@ -121,6 +121,10 @@ class Runner:
         self.batch_window = 0.001
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.counts = _Counts()
+        # (flow slug, minute of the store's clock) -> [tasks completed, attempts failed]: added
+        # to the store's throughput at heartbeats and at the end (a dict update per attempt).
+        self._tally: dict[tuple[str, int], list[int]] = {}
+        self._flush_due = 0.0  # loop time of the next throughput flush
         self._outbox = Outbox()
         self._dead = DeadHooks()
         self._in_flight = 0
@@ -212,6 +216,7 @@ class Runner:
             self.store.remove_listener(wake_from_anywhere)
             self._threads.close()
             try:
+                self._flush_throughput(final=True)  # first: it cannot raise
                 if self._outbox:
                     self._exchange(0)
                 # Whatever is still leased to this runner goes back to the queue.
@@ -276,6 +281,36 @@ class Runner:
         self.backend.reclaim_expired(self.flow_slugs, failed_runs)
         self.counts.failed += len(failed_runs)
         self._runs_failed(failed_runs, {})
+        if self._tally and now >= self._flush_due:
+            # At the regular beats only, not at each early one (runs failing call for those).
+            self._flush_due = now + self._beat_interval
+            self._flush_throughput()
+
+    def _flush_throughput(self, final: bool = False) -> None:
+        """Add the tally to the store's throughput. Should the store fail, the tally is kept
+        for the next beat (and the runner serves on); at the end, it is logged as lost."""
+        if not self._tally:
+            return
+        rows = [(slug, minute, n[0], n[1]) for (slug, minute), n in self._tally.items()]
+        try:
+            self.backend.add_throughput(rows)
+        except Exception as exc:
+            lost = "; these counts are lost" if final else ", retrying at the next heartbeat"
+            log.log(
+                logging.WARNING if isinstance(exc, StoreError) else logging.ERROR,
+                "could not record the throughput of %d flow-minute(s) (%s)%s",
+                len(rows), exc, lost, exc_info=not isinstance(exc, StoreError),
+            )
+            return
+        self._tally = {}
+
+    def _tally_failed(self, flow_slug: str) -> None:
+        key = (flow_slug, int(self.clock.now() // 60))
+        counts = self._tally.get(key)
+        if counts is None:
+            self._tally[key] = [0, 1]
+        else:
+            counts[1] += 1
 
     async def _dispatch(self) -> None:
         backoff = 0.05
@@ -614,6 +649,12 @@ class Runner:
         failed: Failed | None = None
         if type(outcome) is Completed:
             self.counts.completed += 1
+            key = (task.flow_slug, int(self.clock.now() // 60))
+            counts = self._tally.get(key)
+            if counts is None:
+                self._tally[key] = [1, 0]
+            else:
+                counts[0] += 1
             handle.recorded = True
             self._outbox.successes.append(TaskSuccess(
                 task.id, task.attempt, outcome.output_json, task.run_id, task.step_slug,
@@ -679,6 +720,7 @@ class Runner:
             delay = None
         if isinstance(failed.error, StepTimeout):
             self.counts.timed_out += 1
+        self._tally_failed(task.flow_slug)
         # The traceback at every failed attempt, not only the last: that is when it is looked
         # for. Timeouts and deliberate permanent failures have none worth reading.
         exc_info = (
@@ -727,6 +769,7 @@ class Runner:
         failed = Failed(exc)
         if step is None:
             self.counts.failed += 1
+            self._tally_failed(task.flow_slug)
             self._outbox.failures.append(
                 TaskFailure(
                     task.id, task.attempt, error_text(exc), None, task.claim, traceback_text(exc)

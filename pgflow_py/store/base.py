@@ -201,6 +201,11 @@ class Backend(Protocol):
         per their retry policy; return how many. Runs failed for good go to ``failed_runs``."""
         ...
 
+    def add_throughput(self, rows: Sequence[tuple[str, int, int, int]]) -> None:
+        """Add ``(flow_slug, minute, completed, failed)`` rows to the per-minute counts
+        (``minute``: epoch seconds // 60), in one transaction."""
+        ...
+
     def forget_worker(self, worker_id: str) -> None:
         """Remove a stopped worker from the workers table."""
         ...
@@ -250,6 +255,13 @@ class Backend(Protocol):
         than ``older_than`` seconds: (slug, seconds due), by slug."""
         ...
 
+    def throughput(
+        self, since_minute: int, flow_slug: str | None
+    ) -> list[tuple[str, int, int, int]]:
+        """The ``(flow_slug, minute, completed, failed)`` rows of stored flows from
+        ``since_minute`` on, by flow then minute; minutes without a row are left out."""
+        ...
+
     def retry_all(self, flow_slug: str | None) -> int:
         """Retry every failed run (of a flow) in one transaction; return how many. Runs that
         cannot be retried (their key taken, their flow changed shape) stay failed."""
@@ -269,7 +281,8 @@ class Backend(Protocol):
         ...
 
     def prune(self, before: float) -> int:
-        """Delete terminal runs finished before ``before``; return how many."""
+        """Delete terminal runs finished before ``before``, and the throughput of minutes
+        that ended by then; return how many runs."""
         ...
 
     def close(self) -> None: ...

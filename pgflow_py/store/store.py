@@ -19,13 +19,14 @@ from ..clock import Clock, SystemClock, utc_datetime
 from ..definition import FlowDefinition, StepDefinition
 from ..dsl import Flow
 from ..errors import FlowNotFound, InputError, RunNotFound, StoreError, WaitTimeout
-from ..models import FlowStats, Run, RunStatus, StepRun, WorkerInfo
+from ..models import FlowStats, Run, RunStatus, StepRun, ThroughputPoint, WorkerInfo
 from ..telemetry.propagation import current_context
 from .base import Backend, NewRun
 
 __all__ = ("Store", "connect")
 
 DEFAULT_PATH = "pgflow.db"
+_MAX_THROUGHPUT_MINUTES = 7 * 24 * 60
 
 
 def connect(url: str | os.PathLike[str] | None = None, *, clock: Clock | None = None) -> Store:
@@ -457,6 +458,28 @@ class Store:
         run (since it became due), and how many live workers serve it."""
         return self.backend.stats()
 
+    def throughput(
+        self, minutes: int = 60, flow: Flow | str | None = None
+    ) -> list[ThroughputPoint]:
+        """Per flow (by slug) then minute, oldest first: tasks completed and attempts failed
+        in each of the last ``minutes`` minutes, the current one included. Minutes without
+        any are left out. Runners add their counts at each heartbeat (every lease / 3
+        seconds) and when they stop, so the latest few seconds may not show yet."""
+        if isinstance(minutes, bool) or not isinstance(minutes, int) or not (
+            1 <= minutes <= _MAX_THROUGHPUT_MINUTES
+        ):
+            raise InputError(
+                f"minutes must be a whole number from 1 to {_MAX_THROUGHPUT_MINUTES} (a week), "
+                f"got {minutes!r}: pass e.g. minutes=60 for the last hour"
+            )
+        since = int(self.clock.now() // 60) - minutes + 1
+        return [
+            ThroughputPoint(slug, utc_datetime(minute * 60), completed, failed)
+            for slug, minute, completed, failed in self.backend.throughput(
+                since, self._flow_arg(flow)
+            )
+        ]
+
     def workers(self) -> list[WorkerInfo]:
         """The workers that have sent a heartbeat and not stopped cleanly, oldest first;
         ``lost`` ones stopped renewing their leases."""
@@ -538,7 +561,8 @@ class Store:
         return deleted
 
     def prune(self, older_than: timedelta | float = timedelta(days=7)) -> int:
-        """Delete completed, failed and cancelled runs finished more than ``older_than`` ago.
+        """Delete completed, failed and cancelled runs finished more than ``older_than`` ago,
+        and the :meth:`throughput` of the minutes that ended by then; return how many runs.
 
         It reads every run (no index by finish time keeps completions cheap): call it from a
         periodic maintenance job, not per request.

@@ -28,10 +28,10 @@ log = logging.getLogger("pgflow_py.store")
 
 __all__ = ("SCHEMA_VERSION", "PostgresBackend")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _MIGRATIONS = {
     1: "postgres_0001_initial.sql", 2: "postgres_0002_operations.sql",
-    3: "postgres_0003_trace_context.sql",
+    3: "postgres_0003_trace_context.sql", 4: "postgres_0004_throughput.sql",
 }
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 

@@ -7,10 +7,10 @@ It is built in layers, a module each, every layer extending the one below:
 - ``steps``: a run advancing one step at a time (steps start, complete, fail; runs finish);
 - ``batches``: results applied set-wise, falling back to ``steps`` for anything unusual;
 - ``starting``: new runs and their root tasks;
-- ``claims``: the workers' side (claims, results, leases, waiting for work);
+- ``claims``: the workers' side (claims, results, leases, throughput tallies, waiting for work);
 - ``control``: cancel, retry, prune;
 - ``reading``: runs read back as models;
-- ``operations``: counts, stats, workers, bulk retry and deleting a flow.
+- ``operations``: counts, stats, throughput, workers, bulk retry and deleting a flow.
 
 The SQL is SQLite's dialect; :mod:`pgflow_py.store.postgres` translates it.
 """

@@ -1,4 +1,5 @@
-"""Workers' side: claiming due tasks, recording results, leases and waiting for work."""
+"""Workers' side: claiming due tasks, recording results, leases, throughput tallies and
+waiting for work."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ from .connection import Conn, placeholders
 from .starting import _Starting
 
 LOST_WORKER = "WorkerLost: the worker running this attempt stopped renewing its lease"
+
+# Adds to a flow's counts of a minute (both dialects have this upsert).
+_ADD_THROUGHPUT = (
+    "INSERT INTO throughput (flow_slug, minute, completed, failed) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (flow_slug, minute) DO UPDATE SET "
+    "completed = throughput.completed + excluded.completed, "
+    "failed = throughput.failed + excluded.failed"
+)
 
 
 class _Claims(_Starting):
@@ -234,7 +243,21 @@ class _Claims(_Starting):
                     )
                 self._fail_task(c, TaskFailure(task_id, attempts, LOST_WORKER, retry_at), now,
                                 finished)
+            # The lost attempts count as failed in the throughput, in this transaction: the
+            # runner that ran them is gone, with its tally.
+            lost: dict[str, int] = {}
+            for row in expired:
+                lost[row[1]] = lost.get(row[1], 0) + 1
+            if lost:
+                minute = int(now // 60)
+                c.executemany(_ADD_THROUGHPUT, [(slug, minute, 0, n) for slug, n in lost.items()])
         return len(expired)
+
+    def add_throughput(self, rows: Sequence[tuple[str, int, int, int]]) -> None:
+        if not rows:
+            return
+        with self._write() as c:
+            c.executemany(_ADD_THROUGHPUT, rows)
 
     def release(self, worker_id: str, task_ids: Sequence[int] | None) -> None:
         if task_ids is not None and not task_ids:

@@ -117,4 +117,6 @@ class _Control(_Claims):
                 c.execute(f"DELETE FROM step_tasks WHERE run_id IN ({marks})", chunk)
                 c.execute(f"DELETE FROM step_states WHERE run_id IN ({marks})", chunk)
                 c.execute(f"DELETE FROM runs WHERE id IN ({marks})", chunk)
+            # Minutes that ended by ``before`` (a small table: flows times minutes kept).
+            c.execute("DELETE FROM throughput WHERE minute < ?", (int(before // 60),))
         return len(ids)

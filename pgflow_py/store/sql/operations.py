@@ -1,4 +1,5 @@
-"""Operators' views and bulk actions: counts, per-flow stats, workers, retry_all, delete_flow."""
+"""Operators' views and bulk actions: counts, per-flow stats, throughput, workers, retry_all,
+delete_flow."""
 
 from __future__ import annotations
 
@@ -192,6 +193,23 @@ class _Operations(_Reading):
             for worker_id, hostname, pid, flows, started, beat, lease in rows
         ]
 
+    def throughput(
+        self, since_minute: int, flow_slug: str | None
+    ) -> list[tuple[str, int, int, int]]:
+        # Through the primary key, a range per stored flow; a deleted flow's rows are not read.
+        flow = "" if flow_slug is None else " WHERE f.flow_slug = ?"
+        params = (since_minute,) if flow_slug is None else (since_minute, flow_slug)
+        with self._read() as c:
+            return [
+                (slug, int(minute), int(completed), int(failed))
+                for slug, minute, completed, failed in c.execute(
+                    "SELECT t.flow_slug, t.minute, t.completed, t.failed FROM flows f "
+                    "JOIN throughput t ON t.flow_slug = f.flow_slug AND t.minute >= ?"
+                    f"{flow} ORDER BY t.flow_slug, t.minute",
+                    params,
+                ).fetchall()
+            ]
+
     def retry_all(self, flow_slug: str | None) -> int:
         now = self.clock.now()
         retried = 0
@@ -230,7 +248,7 @@ class _Operations(_Reading):
             c.execute(f"DELETE FROM step_tasks WHERE {of_flow}", (flow_slug,))
             c.execute(f"DELETE FROM step_states WHERE {of_flow}", (flow_slug,))
             deleted = int(c.execute("DELETE FROM runs WHERE flow_slug = ?", (flow_slug,)).rowcount)
-            for table in ("deps", "steps", "flows"):
+            for table in ("deps", "steps", "flows", "throughput"):
                 c.execute(f"DELETE FROM {table} WHERE flow_slug = ?", (flow_slug,))
             for cache in (self._definitions, self._verified, self._json_cache, self._graphs):
                 cache.pop(flow_slug, None)
