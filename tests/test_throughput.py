@@ -68,6 +68,16 @@ def test_counts_from_two_runners_add_up(store: pf.Store) -> None:
     assert store.throughput() == [point("tp_bad", T0, 0, 2), point("tp_ok", T0, 5, 0)]
 
 
+def test_one_runner_counts_each_task_in_the_minute_it_completed_in(store: pf.Store) -> None:
+    store.start(tp_ok, 1)
+    store.start(tp_bad, 1, delay=90)  # the fake clock jumps to it: the next minute
+    store.start(tp_ok, 2, delay=200)
+    drain(store, tp_ok, tp_bad)
+    assert store.throughput() == [
+        point("tp_bad", T0 + 60, 0, 2), point("tp_ok", T0, 1, 0), point("tp_ok", T0 + 180, 1, 0),
+    ]
+
+
 def test_only_the_minutes_of_the_window_are_returned_oldest_first(
     store: pf.Store, clock: pf.testing.FakeClock
 ) -> None:

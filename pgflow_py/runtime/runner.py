@@ -121,8 +121,13 @@ class Runner:
         self.batch_window = 0.001
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.counts = _Counts()
-        # (flow slug, minute of the store's clock) -> [tasks completed, attempts failed]: added
-        # to the store's throughput at heartbeats and at the end (a dict update per attempt).
+        # Throughput: per flow, [tasks completed, attempts failed] since the dispatcher's last
+        # pass, which read the minute (a pass follows each attempt within about a millisecond:
+        # the attempts add to a dict, and never read the clock). Each pass that finds a new
+        # minute folds them into the tally by (flow slug, minute), which heartbeats add to the
+        # store's throughput.
+        self._counted: collections.defaultdict[str, list[int]] = _new_counted()
+        self._minute = int(self.clock.now() // 60)
         self._tally: dict[tuple[str, int], list[int]] = {}
         self._flush_due = 0.0  # loop time of the next throughput flush
         self._outbox = Outbox()
@@ -234,6 +239,10 @@ class Runner:
 
     def _housekeeping(self) -> None:
         """Start due ``on_dead`` hooks, renew leases, start due cron ticks."""
+        minute = int(self.clock.now() // 60)
+        if minute != self._minute:
+            self._fold_counted()
+            self._minute = minute
         if self._dead:
             for call in self._dead.take():
                 self._tg.start_soon(call_hook, "on_dead", *call)
@@ -281,14 +290,23 @@ class Runner:
         self.backend.reclaim_expired(self.flow_slugs, failed_runs)
         self.counts.failed += len(failed_runs)
         self._runs_failed(failed_runs, {})
-        if self._tally and now >= self._flush_due:
+        if (self._tally or self._counted) and now >= self._flush_due:
             # At the regular beats only, not at each early one (runs failing call for those).
             self._flush_due = now + self._beat_interval
             self._flush_throughput()
 
+    def _fold_counted(self) -> None:
+        """Move the counts since the last pass into the tally, under the current minute."""
+        for slug, (completed, failed) in self._counted.items():
+            counts = self._tally.setdefault((slug, self._minute), [0, 0])
+            counts[0] += completed
+            counts[1] += failed
+        self._counted = _new_counted()
+
     def _flush_throughput(self, final: bool = False) -> None:
         """Add the tally to the store's throughput. Should the store fail, the tally is kept
         for the next beat (and the runner serves on); at the end, it is logged as lost."""
+        self._fold_counted()
         if not self._tally:
             return
         rows = [(slug, minute, n[0], n[1]) for (slug, minute), n in self._tally.items()]
@@ -303,14 +321,6 @@ class Runner:
             )
             return
         self._tally = {}
-
-    def _tally_failed(self, flow_slug: str) -> None:
-        key = (flow_slug, int(self.clock.now() // 60))
-        counts = self._tally.get(key)
-        if counts is None:
-            self._tally[key] = [0, 1]
-        else:
-            counts[1] += 1
 
     async def _dispatch(self) -> None:
         backoff = 0.05
@@ -649,12 +659,7 @@ class Runner:
         failed: Failed | None = None
         if type(outcome) is Completed:
             self.counts.completed += 1
-            key = (task.flow_slug, int(self.clock.now() // 60))
-            counts = self._tally.get(key)
-            if counts is None:
-                self._tally[key] = [1, 0]
-            else:
-                counts[0] += 1
+            self._counted[task.flow_slug][0] += 1
             handle.recorded = True
             self._outbox.successes.append(TaskSuccess(
                 task.id, task.attempt, outcome.output_json, task.run_id, task.step_slug,
@@ -720,7 +725,7 @@ class Runner:
             delay = None
         if isinstance(failed.error, StepTimeout):
             self.counts.timed_out += 1
-        self._tally_failed(task.flow_slug)
+        self._counted[task.flow_slug][1] += 1
         # The traceback at every failed attempt, not only the last: that is when it is looked
         # for. Timeouts and deliberate permanent failures have none worth reading.
         exc_info = (
@@ -769,7 +774,7 @@ class Runner:
         failed = Failed(exc)
         if step is None:
             self.counts.failed += 1
-            self._tally_failed(task.flow_slug)
+            self._counted[task.flow_slug][1] += 1
             self._outbox.failures.append(
                 TaskFailure(
                     task.id, task.attempt, error_text(exc), None, task.claim, traceback_text(exc)
@@ -778,6 +783,10 @@ class Runner:
             self._wake.set()
         else:
             self._record_failure(step, task, handle, failed)
+
+
+def _new_counted() -> collections.defaultdict[str, list[int]]:
+    return collections.defaultdict(lambda: [0, 0])
 
 
 def _label(task: ClaimedTask) -> str:
