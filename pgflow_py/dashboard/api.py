@@ -1,14 +1,13 @@
-"""The dashboard's routes: the JSON API (see :mod:`pgflow_py.dashboard.app`) and the index page."""
+"""The dashboard's JSON API (see :mod:`pgflow_py.dashboard.app`)."""
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import InputError, PgflowError, RunNotFound
@@ -103,14 +102,7 @@ def routes(store: Store) -> list[Route]:
         run = await call(cancel_run, store, _run_id(request), conflict=True)
         return run_to_json(run)
 
-    async def index(request: Request) -> Response:
-        return HTMLResponse(
-            _index_page(request.scope.get("root_path", "")),
-            headers={"Content-Security-Policy": "default-src 'none'"},
-        )
-
     return [
-        Route("/", index, methods=["GET"]),
         Route("/api/runs", list_runs, methods=["GET"]),
         Route("/api/runs/{run_id}", show_run, methods=["GET"]),
         Route("/api/stats", stats, methods=["GET"]),
@@ -138,30 +130,3 @@ def _limit(text: str | None) -> int:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
-
-
-_ENDPOINTS = [
-    ("GET", "api/runs", "runs, newest first; ?flow=&status=&key=&limit=&before= (as pgflow runs --json)"),
-    ("GET", "api/runs/{id}", "one run with its steps, tasks and failed attempts (as pgflow show --json)"),
-    ("GET", "api/stats", "runs by status per flow (as pgflow stats --json)"),
-    ("GET", "api/workers", "workers (as pgflow workers --json)"),
-    ("POST", "api/runs/{id}/retry", "retry a failed or cancelled run (header X-Pgflow: 1)"),
-    ("POST", "api/runs/{id}/cancel", "cancel an unfinished run (header X-Pgflow: 1)"),
-]
-
-
-def _index_page(root_path: str) -> str:
-    base = root_path.rstrip("/") + "/"
-    items = []
-    for method, path, what in _ENDPOINTS:
-        shown = html.escape(base + path)
-        if method == "GET" and "{" not in path:
-            shown = f'<a href="{html.escape(base + path, quote=True)}">{shown}</a>'
-        items.append(f"<li><code>{method} {shown}</code>: {html.escape(what)}</li>")
-    return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<title>pgflow dashboard</title></head><body>\n"
-        "<h1>pgflow dashboard</h1>\n"
-        "<p>The dashboard's pages are not written yet; its JSON API is:</p>\n"
-        "<ul>\n" + "\n".join(items) + "\n</ul>\n</body></html>\n"
-    )

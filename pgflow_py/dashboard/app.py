@@ -9,7 +9,8 @@ Endpoints (JSON is ``application/json``, built by :mod:`pgflow_py.ops_json` exac
 - ``GET /api/runs/{id}``: one run, as ``pgflow show --json``.
 - ``GET /api/stats``, ``GET /api/workers``: as ``pgflow stats --json`` / ``pgflow workers --json``.
 - ``POST /api/runs/{id}/retry``, ``POST /api/runs/{id}/cancel``: the run as it is afterwards.
-- ``GET /``: a small HTML page listing these endpoints.
+- Pages (HTML): ``/`` (overview), ``/runs``, ``/runs/{id}``, ``/workers``; see
+  :mod:`pgflow_py.dashboard.pages`. Static assets under ``/static``.
 
 Errors are ``{"error": "<message>"}``: 400 for a bad query parameter or run id, 404 for an
 unknown run (or path), 409 for a retry or cancel the run's state does not allow (a completed run
@@ -44,6 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..store import Store
 from .api import routes
+from .pages import page_routes
 
 __all__ = ("create_app",)
 
@@ -57,7 +59,7 @@ def create_app(store: Store, read_only: bool = False) -> Starlette:
     ``read_only=True`` refuses every POST (retry, cancel) with 403.
     """
     return Starlette(
-        routes=routes(store),
+        routes=[*routes(store), *page_routes(store, read_only)],
         middleware=[Middleware(GuardMiddleware, read_only=read_only)],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
