@@ -4,7 +4,9 @@ look at it)."""
 
 from __future__ import annotations
 
+import math
 import sys
+import time
 from typing import Any
 
 import pgflow_py as pf
@@ -96,6 +98,28 @@ def fill(store: pf.Store) -> dict[str, pf.Run]:
     for n in range(11, 14):
         store.start(orders, order(n), key=f"order-{n}")
     return named
+
+
+def fill_hour(path: str) -> None:
+    """An hour of traffic before :func:`fill`'s runs: each minute a few orders and e-mails, some
+    of them failing, served on a clock that steps through the hour (so the overview's chart
+    has an hour to show)."""
+    import random
+
+    rng = random.Random(7)
+    clock = pf.testing.FakeClock(time.time() - 3600)
+    with pf.connect(path, clock=clock) as store:
+        for minute in range(60):
+            wave = 3 + int(4 * (1 + math.sin(minute / 9)))
+            for n in range(wave):
+                store.start(orders, order(100 + minute * 10 + n,
+                                          "declined" if rng.random() < 0.04 else "visa"))
+            store.start_many(send_email, [
+                {"to": "nobody" if rng.random() < 0.05 else f"u{minute}-{i}@example.com"}
+                for i in range(wave * 3)
+            ])
+            pf.run_flows([orders, send_email], store=store, until_idle=True, handle_signals=False)
+            clock.advance(60 - (clock.now() % 60) + 1)
 
 
 if __name__ == "__main__":

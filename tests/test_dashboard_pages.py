@@ -101,6 +101,18 @@ def test_the_overview_shows_the_oldest_queued_age_and_workers(client: TestClient
     assert "1 workers" in text(page)
 
 
+def test_the_overview_lists_the_latest_failed_runs_with_their_errors(
+    client: TestClient, store: pf.Store, named: dict[str, str]
+) -> None:
+    page = client.get("/").text
+    table = re.search(r'<table class="grid runs" id="failures">(.*?)</table>', page, re.S).group(1)
+    assert re.findall(r'<tr data-run="([^"]+)"', table) == [
+        r.id for r in store.runs(status="failed", limit=8)
+    ] == [named["bad_email"], named["declined"]]
+    assert f'href="/runs/{named["declined"]}"' in table
+    assert "PaymentDeclined: card declined for 9.50 EUR" in text(table)
+
+
 # --- runs ------------------------------------------------------------------------------------------
 
 

@@ -18,14 +18,14 @@ NEEDS_EXTRA = "pgflow dashboard needs the dashboard extra: pip install 'pgflow_p
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0: every interface; the API has no login).")
+              help="Address to listen on (0.0.0.0: every interface; the dashboard has no login).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8787, show_default=True,
               help="Port to listen on.")
 @click.option("--read-only", is_flag=True, help="Refuse retry and cancel (POST answers 403).")
 @database_option
 def dashboard(host: str, port: int, read_only: bool, database: str) -> None:
-    """Serve the dashboard: a JSON API over the store (retry and cancel too, unless
-    --read-only) at http://HOST:PORT/."""
+    """Serve the web dashboard at http://HOST:PORT/: runs, their DAGs and tracebacks,
+    workers, retry and cancel (unless --read-only), and its JSON API under /api/."""
     try:
         import uvicorn
         from starlette.middleware.trustedhost import TrustedHostMiddleware

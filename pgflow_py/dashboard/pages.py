@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..clock import format_seconds, utc_datetime
 from ..errors import InputError, RunNotFound
-from ..models import FlowStats, RunStatus, WorkerInfo
+from ..models import FlowStats, Run, RunStatus, WorkerInfo
 from ..ops_json import dumps
 from ..store import Store
 from .graph import BOX_HEIGHT, BOX_WIDTH, layout
@@ -36,6 +36,7 @@ __all__ = ("PAGE_SIZE", "page_routes")
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
 CHART_MINUTES = 60
+RECENT_FAILURES = 8
 STATUSES = [s.value for s in RunStatus]
 # How often each page's live part is fetched again, in milliseconds: the overview counts every
 # run of every flow, so it asks less often than a single run's page.
@@ -84,9 +85,10 @@ def page_routes(store: Store, read_only: bool) -> list[BaseRoute]:
         return await run_in_threadpool(function, *args)
 
     async def overview(request: Request) -> Response:
-        stats, workers, points = await call(_overview_data, store)
+        stats, workers, points, failures = await call(_overview_data, store)
         return render(
             request, "overview", flows=_flow_rows(stats, points, store.clock.now()),
+            failures=failures,
             totals={s: sum(f.counts.get(s, 0) for f in stats) for s in STATUSES},
             workers_live=sum(1 for w in workers if not w.lost),
             workers_lost=sum(1 for w in workers if w.lost),
@@ -146,8 +148,11 @@ def page_routes(store: Store, read_only: bool) -> list[BaseRoute]:
     ]
 
 
-def _overview_data(store: Store) -> tuple[list[FlowStats], list[WorkerInfo], list[ThroughputPoint]]:
-    return store.stats(), store.workers(), store.throughput(CHART_MINUTES)
+def _overview_data(
+    store: Store,
+) -> tuple[list[FlowStats], list[WorkerInfo], list[ThroughputPoint], list[Run]]:
+    return (store.stats(), store.workers(), store.throughput(CHART_MINUTES),
+            store.runs(status=RunStatus.FAILED, limit=RECENT_FAILURES))
 
 
 def _flow_rows(
@@ -205,5 +210,7 @@ def _duration(start: datetime | None, end: datetime | None) -> str:
     if start is None or end is None:
         return ""
     seconds = (end - start) / timedelta(seconds=1)
+    if seconds < 0.0005:
+        return "<1 ms"
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s" if seconds < 60 \
         else format_seconds(seconds)
