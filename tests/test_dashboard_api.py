@@ -429,6 +429,7 @@ def test_pgflow_dashboard_serves_the_api(filled, database):
         output = process.communicate(timeout=15)[0].decode()
     # Shut down cleanly; uvicorn >= 0.30 then re-raises SIGTERM to exit by it.
     assert "Application shutdown complete" in output
+    assert "GET /api/stats" not in output  # no access log: open pages poll every few seconds
     assert process.returncode in (0, -signal.SIGTERM), output
 
 

@@ -40,4 +40,6 @@ def dashboard(host: str, port: int, read_only: bool, database: str) -> None:
             # Only this machine can connect, so only its names may be in the Host header: a web
             # page that rebinds its own domain name to 127.0.0.1 (DNS rebinding) is refused (400).
             app = TrustedHostMiddleware(app, allowed_hosts=list(LOOPBACK))
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        # No access log: every open page asks again every few seconds, which would bury the
+        # lines that matter (start, stop, errors).
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
