@@ -360,6 +360,16 @@ def test_json_values_are_never_html(client, store):
     assert answer.json()["input"] == {"to": "<script>alert(1)</script>"}
 
 
+def test_retry_failed_runs_every_failed_run_of_a_flow_again(client, runs, store):
+    answer = client.post("/api/retry-failed", params={"flow": "dash_site"}, headers=POST)
+    assert answer.status_code == 200 and answer.json() == {"retried": 1}
+    assert store.get_run(runs["map_failed"].id).status is pf.RunStatus.QUEUED
+    assert store.get_run(runs["failed"].id).status is pf.RunStatus.FAILED  # another flow
+    assert client.post("/api/retry-failed", headers=POST).json() == {"retried": 1}
+    assert store.get_run(runs["failed"].id).status is pf.RunStatus.QUEUED
+    assert client.post("/api/retry-failed", headers={}).status_code == 403  # the POST rule holds
+
+
 # --- mounting -----------------------------------------------------------------------------------
 
 

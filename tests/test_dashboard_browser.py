@@ -283,3 +283,55 @@ def test_workers_marks_a_lost_worker(serve: Callable[..., Served], page: Page) -
     expect(page.locator("#workers tbody tr")).to_have_count(2)
     expect(page.locator("#workers tr.lost")).to_contain_text("send_email")
     expect(page.locator("#workers tr.alive")).to_contain_text("process_order")
+
+
+def test_a_live_update_keeps_scroll_positions_folds_and_focus(
+    serve: Callable[..., Served], page: Page
+) -> None:
+    served = serve()
+    run = served.store.start(demo.nightly_report, {"rows": list(range(300))})
+    page.goto(f"{served.url}/runs/{run.id}")
+    page.locator("#run-input").evaluate("e => { e.scrollTop = 400; }")
+    page.locator("button[data-action=cancel]").focus()
+    page.evaluate("window.loadedOnce = true")
+    served.store.cancel(run.id)  # what the next refresh shows: the part is swapped
+    expect(page.locator(".run-head .status")).to_have_text("cancelled")
+    assert page.locator("#run-input").evaluate("e => e.scrollTop") == 400
+    assert page.evaluate("window.loadedOnce") is True
+
+
+def test_the_page_says_when_the_server_is_gone(serve: Callable[..., Served], browser: Browser) -> None:
+    served = serve()
+    tab = browser.new_page()  # (not the page fixture: the refused connections are logged)
+    tab.goto(served.url + "/workers")
+    expect(tab.locator("#live-state")).to_have_text("live")
+    served.stop()
+    expect(tab.locator("#live-state")).to_have_text("offline", timeout=WAIT)
+    tab.close()
+
+
+def test_find_a_run_by_key_from_the_header(
+    serve: Callable[..., Served], page: Page, named: dict[str, str]
+) -> None:
+    served = serve()
+    page.goto(served.url + "/")
+    page.fill('form.find input[name="q"]', "order-9")
+    page.press('form.find input[name="q"]', "Enter")
+    expect(page.locator("#runs tbody tr")).to_have_count(1)
+    page.fill('form.find input[name="q"]', named["declined"])
+    page.press('form.find input[name="q"]', "Enter")
+    expect(page.locator("#run-id")).to_have_text(named["declined"])
+
+
+def test_retry_all_failed_from_the_overview(
+    serve: Callable[..., Served], browser: Browser, named: dict[str, str]
+) -> None:
+    served = serve()
+    tab = browser.new_page()
+    tab.on("dialog", lambda d: d.accept())
+    tab.goto(served.url + "/")
+    tab.click('#flows tr[data-flow="send_email"] button[data-action="retry failed"]')
+    expect(tab.locator("#flash")).to_contain_text("retry failed: 1 run(s) queued again")
+    expect(tab.locator('#flows tr[data-flow="send_email"] td.c-failed')).to_have_text("0")
+    assert served.store.get_run(named["bad_email"]).status is pf.RunStatus.QUEUED
+    tab.close()

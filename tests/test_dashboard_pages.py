@@ -24,6 +24,8 @@ from starlette.testclient import TestClient
 
 from pgflow_py.dashboard import create_app
 from pgflow_py.dashboard.pages import PAGE_SIZE
+from pgflow_py.dashboard.present import JSON_LIMIT, TASKS_SHOWN
+from pgflow_py.errors import StoreError
 
 PARTIAL = {"X-Pgflow-Partial": "1"}
 
@@ -202,8 +204,8 @@ def test_a_failed_run_shows_each_attempts_error_and_the_last_traceback(
 def test_a_runs_input_and_output_are_formatted_json(client: TestClient, store: pf.Store) -> None:
     done = store.runs(demo.orders, "completed", limit=1)[0]
     page = client.get(f"/runs/{done.id}").text
-    shown_input = unescape(re.search(r'<pre class="json" id="run-input">(.*?)</pre>', page, re.S).group(1))
-    shown_output = unescape(re.search(r'<pre class="json" id="run-output">(.*?)</pre>', page, re.S).group(1))
+    shown_input = unescape(re.search(r'id="run-input"[^>]*>(.*?)</pre>', page, re.S).group(1))
+    shown_output = unescape(re.search(r'id="run-output"[^>]*>(.*?)</pre>', page, re.S).group(1))
     assert json.loads(shown_input) == done.input
     assert json.loads(shown_output) == done.output
     assert '\n  "order":' in shown_input  # indented
@@ -213,7 +215,10 @@ def test_a_runs_input_and_output_are_formatted_json(client: TestClient, store: p
 def test_an_unfinished_run_offers_cancel(client: TestClient, named: dict[str, str]) -> None:
     page = client.get(f"/runs/{named['queued']}").text
     assert 'data-action="cancel"' in page and 'data-action="retry"' not in page
-    assert boxes(page)["validate"] == "started" or boxes(page)["validate"] == "created"
+    # waiting for a worker, not running; the steps after it wait for their dependencies
+    assert boxes(page) == {"validate": "queued", "reserve": "created", "charge": "created",
+                           "ship": "created", "notify": "created"}
+    assert re.search(r'<h3>validate <span class="status s-queued">queued</span>', page)
 
 
 def test_an_unknown_run_is_a_404_page(client: TestClient) -> None:
@@ -310,3 +315,116 @@ def test_mounted_under_a_path_every_link_and_asset_keeps_it(store: pf.Store, nam
         assert links and all(link.startswith("/ops/pgflow/") for link in links), links
         assert client.get("/ops/pgflow/static/dashboard.css").status_code == 200
         assert listed(client.get("/ops/pgflow/runs").text)
+
+
+def test_quotes_in_a_key_stay_inside_the_attribute(client: TestClient, store: pf.Store) -> None:
+    key = '"><img src=x onerror=alert(1)>'
+    store.start(demo.send_email, {"to": "q@example.com"}, key=key)
+    page = client.get("/runs", params={"key": key}).text
+    assert "<img" not in page
+    value = re.search(r'<input name="key" value="([^"]*)"', page).group(1)
+    assert unescape(value) == key
+    assert len(listed(page)) == 1
+
+
+# --- hard cases ------------------------------------------------------------------------------------
+
+
+def test_a_run_whose_flow_definition_is_gone_shows_without_a_graph(
+    client: TestClient, store: pf.Store, named: dict[str, str]
+) -> None:
+    failed = store.get_run(named["bad_email"])
+    with store.backend._write() as c:  # a definition gone (as if deleted by hand), its runs kept
+        c.execute("DELETE FROM steps WHERE flow_slug = 'send_email'")
+        c.execute("DELETE FROM flows WHERE flow_slug = 'send_email'")
+    page = client.get(f"/runs/{failed.id}")
+    assert page.status_code == 200
+    assert "has no stored definition" in text(page.text)
+    assert "ValueError: not an e-mail address" in text(page.text)  # the rest is all there
+
+
+def test_an_input_that_cannot_be_decoded_is_shown_as_such(client: TestClient, store: pf.Store) -> None:
+    run = store.start(demo.nightly_report, {"day": "x"})
+    with store.backend._write() as c:
+        c.execute("UPDATE runs SET input = ? WHERE id = ?", ("{not json", run.id))
+    page = client.get(f"/runs/{run.id}")
+    assert page.status_code == 200
+    shown = unescape(re.search(r'id="run-input"[^>]*>(.*?)</pre>', page.text, re.S).group(1))
+    assert '"undecodable"' in shown
+
+
+def test_a_huge_input_is_cut_with_a_link_to_all_of_it(client: TestClient, store: pf.Store) -> None:
+    run = store.start(demo.nightly_report, {"blob": "x" * (3 * JSON_LIMIT)})
+    page = client.get(f"/runs/{run.id}").text
+    shown = re.search(r'id="run-input"[^>]*>(.*?)</pre>', page, re.S).group(1)
+    assert len(unescape(shown)) == JSON_LIMIT
+    assert f'href="/api/runs/{run.id}"' in page and "Cut at 65,536 of" in text(page)
+
+
+def test_a_large_map_lists_the_tasks_that_need_a_look_first(client: TestClient, store: pf.Store) -> None:
+    flaky = pf.flow("dash_big_map", max_attempts=1)
+
+    @flaky.step()
+    def items(input, ctx):
+        return list(range(input))
+
+    @flaky.map(array=items)
+    def each(n, ctx):
+        if n == 70:
+            raise ValueError(f"bad item {n}")
+        return n
+
+    run = store.start(flaky, 120)
+    pf.run_flows([flaky], store=store, until_idle=True, handle_signals=False, concurrency=1)
+    page = client.get(f"/runs/{run.id}").text
+    step = re.search(r'<section class="step" id="step-each">(.*?)</section>', page, re.S).group(1)
+    rows = re.findall(r'<tr>\s*<td class="num">(\d+)</td>\s*<td><span class="status s-(\w+)', step)
+    assert len(rows) == TASKS_SHOWN
+    failed = [int(i) for i, status in rows if status == "failed"]
+    assert failed == [70] and rows[0] == ("70", "failed")  # the failed one first
+    assert f"{TASKS_SHOWN} of 120 tasks shown" in text(step)
+
+
+def test_a_store_error_is_a_page_saying_what_failed(client: TestClient, store: pf.Store,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def locked() -> None:
+        raise StoreError("database is locked")
+
+    monkeypatch.setattr(store, "stats", locked)
+    for headers in ({}, PARTIAL):
+        page = client.get("/", headers=headers)
+        assert page.status_code == 503
+        assert page.headers["content-type"].startswith("text/html")
+        assert "StoreError: database is locked" in text(page.text)
+    assert client.get("/", headers=PARTIAL).headers["x-pgflow-partial"] == "1"
+
+
+def test_find_opens_a_run_by_id_or_lists_runs_by_key(client: TestClient, named: dict[str, str]) -> None:
+    found = client.get("/find", params={"q": f" {named['declined']} "}, follow_redirects=False)
+    assert (found.status_code, found.headers["location"]) == (303, f"/runs/{named['declined']}")
+    by_key = client.get("/find", params={"q": "order-9"}, follow_redirects=False)
+    assert by_key.headers["location"] == "/runs?key=order-9"
+    assert listed(client.get(by_key.headers["location"]).text) == [named["declined"]]
+
+
+def test_retry_all_failed_is_offered_where_failed_runs_are_listed(
+    client: TestClient, store: pf.Store
+) -> None:
+    overview = client.get("/").text
+    row = re.search(r'<tr data-flow="process_order">(.*?)</tr>', overview, re.S).group(1)
+    assert 'data-url="/api/retry-failed?flow=process_order"' in row
+    listing = client.get("/runs", params={"status": "failed", "flow": "send_email"}).text
+    assert 'data-url="/api/retry-failed?flow=send_email"' in listing
+    assert "data-action" not in client.get("/runs", params={"status": "completed"}).text
+
+
+def test_only_allowed_host_names_are_answered(store: pf.Store) -> None:
+    app = create_app(store, allowed_hosts=["127.0.0.1", "localhost", "::1"])
+    with TestClient(app, base_url="http://127.0.0.1:8787") as client:
+        assert client.get("/runs").status_code == 200
+        for host in ["localhost:8787", "[::1]:8787", "LOCALHOST"]:
+            assert client.get("/runs", headers={"Host": host}).status_code == 200, host
+        for host in ["evil.example:8787", "evil.example", "127.0.0.1.evil.example", "[::2]:80"]:
+            refused = client.get("/api/stats", headers={"Host": host})
+            assert refused.status_code == 400, host
+            assert "is not allowed here" in refused.json()["error"]

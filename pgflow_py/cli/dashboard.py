@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from typing import Any
 
@@ -11,7 +12,7 @@ from .common import database_option, open_store
 
 __all__ = ("dashboard",)
 
-LOOPBACK = ("127.0.0.1", "localhost")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 NEEDS_EXTRA = "pgflow dashboard needs the dashboard extra: pip install 'pgflow_py[dashboard]'"
 
@@ -28,18 +29,26 @@ def dashboard(host: str, port: int, read_only: bool, database: str) -> None:
     workers, retry and cancel (unless --read-only), and its JSON API under /api/."""
     try:
         import uvicorn
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
 
         from ..dashboard import create_app
     except ImportError:
         click.echo(NEEDS_EXTRA, err=True)
         sys.exit(1)
     with open_store(database) as store:
-        app: Any = create_app(store, read_only=read_only)
-        if host in LOOPBACK:
-            # Only this machine can connect, so only its names may be in the Host header: a web
-            # page that rebinds its own domain name to 127.0.0.1 (DNS rebinding) is refused (400).
-            app = TrustedHostMiddleware(app, allowed_hosts=list(LOOPBACK))
+        # Listening on loopback, only this machine can connect, so only its names may be in the
+        # Host header: a web page that rebinds its own domain name to 127.0.0.1 (DNS rebinding)
+        # is refused (400).
+        allowed = [*LOOPBACK, host] if _is_loopback(host) else None
+        app: Any = create_app(store, read_only=read_only, allowed_hosts=allowed)
         # No access log: every open page asks again every few seconds, which would bury the
         # lines that matter (start, stop, errors).
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

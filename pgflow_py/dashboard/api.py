@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import InputError, PgflowError, RunNotFound
+from ..errors import FlowNotFound, InputError, PgflowError, RunNotFound, ShapeMismatch
 from ..models import Run, RunStatus
 from ..ops_json import run_to_json, to_json
 from ..store import Store
@@ -52,7 +52,9 @@ def routes(store: Store) -> list[Route]:
             return await run_in_threadpool(function, *args)
         except RunNotFound as exc:
             raise ApiError(404, _one_line(exc)) from exc
-        except InputError as exc:
+        except (InputError, FlowNotFound, ShapeMismatch) as exc:
+            # what the run's state (or its flow's) refuses: retrying a run whose flow was
+            # deleted or changed shape, say
             raise ApiError(409 if conflict else 400, _one_line(exc)) from exc
         except PgflowError as exc:
             raise ApiError(500, _one_line(exc)) from exc
@@ -102,8 +104,14 @@ def routes(store: Store) -> list[Route]:
         run = await call(cancel_run, store, _run_id(request), conflict=True)
         return run_to_json(run)
 
+    @api
+    async def retry_failed(request: Request) -> Any:
+        flow = request.query_params.get("flow") or None
+        return {"retried": await call(store.retry_all, flow, conflict=True)}
+
     return [
         Route("/api/runs", list_runs, methods=["GET"]),
+        Route("/api/retry-failed", retry_failed, methods=["POST"]),
         Route("/api/runs/{run_id}", show_run, methods=["GET"]),
         Route("/api/stats", stats, methods=["GET"]),
         Route("/api/workers", workers, methods=["GET"]),

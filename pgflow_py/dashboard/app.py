@@ -9,6 +9,8 @@ Endpoints (JSON is ``application/json``, built by :mod:`pgflow_py.ops_json` exac
 - ``GET /api/runs/{id}``: one run, as ``pgflow show --json``.
 - ``GET /api/stats``, ``GET /api/workers``: as ``pgflow stats --json`` / ``pgflow workers --json``.
 - ``POST /api/runs/{id}/retry``, ``POST /api/runs/{id}/cancel``: the run as it is afterwards.
+- ``POST /api/retry-failed?flow=``: every failed run (of a flow) runs again, as
+  ``pgflow retry --failed``; ``{"retried": <count>}``.
 - Pages (HTML): ``/`` (overview), ``/runs``, ``/runs/{id}``, ``/workers``; see
   :mod:`pgflow_py.dashboard.pages`. Static assets under ``/static``.
 
@@ -34,6 +36,7 @@ nosniff``. The store is blocking, so each call to it runs in a worker thread.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
@@ -53,14 +56,24 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
 
 
-def create_app(store: Store, read_only: bool = False) -> Starlette:
-    """An ASGI app serving the dashboard's API over ``store`` (not closed by the app).
+def create_app(
+    store: Store, read_only: bool = False, allowed_hosts: Sequence[str] | None = None
+) -> Starlette:
+    """An ASGI app serving the dashboard's pages and API over ``store`` (not closed by the app).
 
-    ``read_only=True`` refuses every POST (retry, cancel) with 403.
+    ``read_only=True`` refuses every POST (retry, cancel) with 403. ``allowed_hosts``: the only
+    names (or addresses) a request's ``Host`` may give, others answered 400; ``pgflow dashboard``
+    on a loopback address passes the loopback names, so that a web page that rebinds its own
+    name to 127.0.0.1 (DNS rebinding) cannot use it.
     """
     return Starlette(
         routes=[*routes(store), *page_routes(store, read_only)],
-        middleware=[Middleware(GuardMiddleware, read_only=read_only)],
+        middleware=[Middleware(
+            GuardMiddleware, read_only=read_only,
+            allowed_hosts=None if allowed_hosts is None else frozenset(
+                h.strip("[]").lower() for h in allowed_hosts
+            ),
+        )],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
 
@@ -83,15 +96,21 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 class GuardMiddleware:
     """Applies the POST rule of the module docstring and the headers every answer gets."""
 
-    def __init__(self, app: ASGIApp, read_only: bool) -> None:
+    def __init__(self, app: ASGIApp, read_only: bool, allowed_hosts: frozenset[str] | None) -> None:
         self.app = app
         self.read_only = read_only
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         method = scope["method"]
+        if self.allowed_hosts is not None:
+            host = _hostname(Request(scope).headers.get("host", ""))
+            if host not in self.allowed_hosts:
+                await error(400, f"host {host!r} is not allowed here")(scope, receive, send)
+                return
         if method not in SAFE_METHODS:
             refusal = self.refusal(Request(scope))
             if refusal is not None:
@@ -127,6 +146,14 @@ class GuardMiddleware:
         if _netloc(source) is None or _netloc(source) != _host(host, request.url.scheme):
             return f"cross-site request refused ({name} does not match Host)"
         return None
+
+
+def _hostname(host: str) -> str:
+    """The name or address of a ``Host`` header, without its port or IPv6 brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _host(host: str, scheme: str) -> str:

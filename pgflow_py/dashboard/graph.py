@@ -12,7 +12,7 @@ import attrs
 from ..definition import FlowDefinition
 from ..models import StepRun
 
-__all__ = ("BOX_HEIGHT", "BOX_WIDTH", "Box", "Edge", "Graph", "layout")
+__all__ = ("BOX_HEIGHT", "BOX_WIDTH", "Box", "Edge", "Graph", "layout", "step_status")
 
 BOX_WIDTH = 168
 BOX_HEIGHT = 50
@@ -29,8 +29,7 @@ class Box:
     x: float
     y: float
     status: str
-    """The step's status (``created``, ``started``, ``completed``, ...), or ``retrying`` for a
-    started step with a task waiting out a backoff, or ``unknown`` for a step the run lacks."""
+    """As :func:`step_status` says."""
     detail: str
     """``3/5 tasks`` (a map step), ``attempt 2``, ...: shown after the status."""
     is_map: bool
@@ -90,7 +89,7 @@ def layout(definition: FlowDefinition, steps: Sequence[StepRun] = ()) -> Graph:
         x, y = place[step.slug]
         state = by_slug.get(step.slug)
         boxes.append(Box(
-            slug=step.slug, x=x, y=y, status=_status(state), detail=_detail(step.step_type, state),
+            slug=step.slug, x=x, y=y, status=step_status(state), detail=_detail(step.step_type, state),
             is_map=step.step_type == "map",
         ))
     edges = []
@@ -109,14 +108,20 @@ def layout(definition: FlowDefinition, steps: Sequence[StepRun] = ()) -> Graph:
     return Graph(boxes=tuple(boxes), edges=tuple(edges), width=width, height=height)
 
 
-def _status(state: StepRun | None) -> str:
+def step_status(state: StepRun | None) -> str:
+    """A step's status as the page shows it: the store's (``created``: waiting for its
+    dependencies, ``completed``, ``failed``, ...), except that a ``started`` step is ``running``
+    while a task of it runs, ``retrying`` while one waits out a backoff, and ``queued`` while
+    its tasks wait for a worker; ``unknown`` for a step the run does not have."""
     if state is None:
         return "unknown"
-    if state.status == "started" and any(
-        t.status == "queued" and t.attempts > 0 for t in state.tasks
-    ):
+    if state.status != "started":
+        return state.status
+    if any(t.status == "started" for t in state.tasks):
+        return "running"
+    if any(t.status == "queued" and t.attempts > 0 for t in state.tasks):
         return "retrying"
-    return state.status
+    return "queued"
 
 
 def _detail(step_type: str, state: StepRun | None) -> str:
