@@ -13,6 +13,7 @@ import attrs
 import cattrs
 
 from . import _json
+from .conditions import SKIP_MODES, SkipMode
 from .errors import DefinitionError
 
 __all__ = (
@@ -91,6 +92,48 @@ OPTION_RANGES: dict[str, OptionRange] = {
 }
 """Every numeric option of flows and steps, declared once."""
 
+CONDITION_OPTIONS: tuple[str, ...] = ("if_", "if_not", "when_unmet", "when_exhausted")
+"""The step options of conditional execution (pgflow 0.14), also taken by ``@pf.job``."""
+
+
+def _pattern_text(pattern: object) -> str:
+    return "" if pattern is None else json.dumps(pattern, sort_keys=True)
+
+
+def check_conditions(
+    where: str, *, if_: object, if_not: object, when_unmet: object, when_exhausted: object
+) -> None:
+    """Check a step's condition options; raise :class:`DefinitionError` naming the fix."""
+    for name, pattern in (("if_", if_), ("if_not", if_not)):
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise DefinitionError(
+                f"{where}: {name} must be a JSON object pattern such as {{\"plan\": \"premium\"}} "
+                f"(matched against the step's input with PostgreSQL's @>), "
+                f"got {type(pattern).__name__}: {reprlib.repr(pattern)}"
+            )
+        try:
+            text = _json.dumps(pattern)
+        except (TypeError, ValueError) as exc:
+            raise DefinitionError(
+                f"{where}: {name} must be JSON (dicts with string keys, lists, str, numbers, "
+                f"bools, None): {exc}"
+            ) from None
+        if _json.loads(text) != pattern:
+            raise DefinitionError(
+                f"{where}: {name} does not survive a JSON round trip ({reprlib.repr(pattern)} "
+                "reads back differently); use string keys, lists rather than tuples, and "
+                "plain JSON values"
+            )
+    for name, mode in (("when_unmet", when_unmet), ("when_exhausted", when_exhausted)):
+        if mode not in SKIP_MODES:
+            raise DefinitionError(
+                f"{where}: {name} must be one of {', '.join(map(repr, SKIP_MODES))}, "
+                f"got {mode!r}"
+            )
+
+
 _INHERITED = frozenset({"max_attempts", "base_delay", "timeout"})
 """Step options whose ``None`` means "the flow's value"."""
 
@@ -130,9 +173,26 @@ class StepDefinition:
     isolation: Isolation | None = None
     handler: str | None = None
     """Import path ``module:qualname`` of the handler, used by runners started with ``flows=None``."""
+    if_: dict[str, Any] | None = None
+    """Run only if the step's input (the flow input of a root step, ``{dep: output}`` of a
+    dependent one) contains this JSON pattern, as PostgreSQL's ``@>``."""
+    if_not: dict[str, Any] | None = None
+    """Run only if the step's input does not contain this pattern."""
+    when_unmet: SkipMode = "skip"
+    """What an unmet condition does: ``fail`` the run, ``skip`` the step, or ``skip-cascade``."""
+    when_exhausted: SkipMode = "fail"
+    """What a step whose last attempt failed does: ``fail`` the run, ``skip``, ``skip-cascade``."""
 
-    def shape(self) -> tuple[str, str, tuple[str, ...]]:
-        return (self.slug, self.step_type, tuple(sorted(self.depends_on)))
+    @property
+    def conditional(self) -> bool:
+        return self.if_ is not None or self.if_not is not None
+
+    def shape(self) -> tuple[str, str, tuple[str, ...], tuple[str, str, str, str]]:
+        return (
+            self.slug, self.step_type, tuple(sorted(self.depends_on)),
+            (_pattern_text(self.if_), _pattern_text(self.if_not), self.when_unmet,
+             self.when_exhausted),
+        )
 
 
 @attrs.frozen
@@ -198,8 +258,9 @@ class FlowDefinition:
             isolation=step.isolation if step.isolation is not None else self.isolation,
         )
 
-    def shape(self) -> tuple[str, tuple[tuple[str, str, tuple[str, ...]], ...]]:
-        """What must not change while runs are unfinished: kind, steps, types, dependencies."""
+    def shape(self) -> tuple[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]]:
+        """What must not change while runs are unfinished: kind, steps, types, dependencies,
+        conditions and skip modes."""
         return (self.kind, tuple(sorted(s.shape() for s in self.steps)))
 
     def shape_differences(self, other: FlowDefinition) -> list[str]:
@@ -222,6 +283,10 @@ class FlowDefinition:
                     f"step {slug!r} now depends on {sorted(n.depends_on)} "
                     f"instead of {sorted(o.depends_on)}"
                 )
+            for option in CONDITION_OPTIONS:
+                before, after = getattr(o, option), getattr(n, option)
+                if before != after:
+                    diffs.append(f"step {slug!r} changed {option} from {before!r} to {after!r}")
         return diffs
 
     # --- JSON ----------------------------------------------------------------------------------
@@ -401,6 +466,10 @@ def validate_definition(defn: FlowDefinition) -> None:
             allow_none=True,
         )
         check_isolation(step.isolation, swhere, allow_none=True)
+        check_conditions(
+            swhere, if_=step.if_, if_not=step.if_not, when_unmet=step.when_unmet,
+            when_exhausted=step.when_exhausted,
+        )
         if len(set(step.depends_on)) != len(step.depends_on):
             raise DefinitionError(f"{swhere}: depends_on lists a step twice: {list(step.depends_on)}")
         if step.slug in step.depends_on:

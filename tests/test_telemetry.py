@@ -13,6 +13,7 @@ import pytest
 from _helpers import as_schema_version, drain
 
 import pgflow_py as pf
+from pgflow_py.store.sqlite import SCHEMA_VERSION
 from pgflow_py.telemetry import AttemptInfo
 from pgflow_py.testing import FakeClock
 
@@ -309,7 +310,7 @@ def test_a_version_3_database_gains_the_trace_context_column(
         assert [new.get_run(r.id).output for r in (before, after)] == [1, 2]
         conn = sqlite3.connect(db_path)
         try:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
             stored = dict(conn.execute("SELECT id, trace_context FROM runs").fetchall())
         finally:
             conn.close()

@@ -273,7 +273,8 @@ class _Batches(_Steps):
         for d, run_id, priority, step, known in ready:
             if run_id in failed:
                 continue
-            if step.step_type == "single" and known is not None:
+            if (step.step_type == "single" and known is not None
+                    and step.slug not in self._graph(d).conditional):
                 slug, output = known
                 states.append((run_id, step.slug))
                 tasks.append((run_id, d.slug, self._definitions[d.slug][0], step.slug, None,
