@@ -1045,3 +1045,45 @@ def test_random_conditional_dags_agree_with_perform(
         for step in run.steps:
             assert step.status in ("completed", "skipped")
             assert (step.skip_reason is None) == (step.status == "completed")
+
+
+def test_the_worked_example_of_the_docs_prints_what_they_show(tmp_path: Any) -> None:
+    """docs/quickstart.md, "Conditional steps and skips": the example runs and prints the
+    output shown under it."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "quickstart.md").read_text(encoding="utf-8")
+    section = page[page.index("## Conditional steps and skips"):]
+    code, shown = re.findall(r"```(?:python)?\n(.*?)```", section, re.DOTALL)[:2]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == shown
+
+
+def test_a_job_failed_by_its_condition_can_be_retried_under_a_new_condition(
+    store: pf.Store,
+) -> None:
+    def build(pattern: dict[str, Any]) -> pf.Job:
+        @pf.job(queue="cond_job_retry", if_=pattern, when_unmet="fail")
+        def cond_job_retry(input, ctx):
+            return "ran"
+
+        return cond_job_retry
+
+    run = run_flow(store, build({"tier": "gold"}), {"tier": "silver"})
+    assert run.status == "failed" and run.error == "Condition not met"
+    store.retry(run.id)  # the same condition fails it again
+    assert store.get_run(run.id).status == "failed"
+    relaxed = build({"tier": "silver"})
+    store.register(relaxed)
+    store.retry(run.id)
+    drain(store, relaxed)
+    run = store.get_run(run.id)
+    assert run.status == "completed" and run.output == "ran"
+    assert steps_of(run) == {"cond_job_retry": ("completed", None)}

@@ -137,7 +137,14 @@ class _Steps(_Definitions):
                  for i, item in enumerate(items)],
             )
             return []
-        c.execute(self._START_SINGLES_FROM.format("(?, ?)"), (now, run_id, step.slug))
+        if d.kind == "job":
+            # Only a retry starts a job's step here (a run its condition had failed): the
+            # step keeps its state in its task again.
+            c.execute(
+                "DELETE FROM step_states WHERE run_id = ? AND step_slug = ?", (run_id, step.slug)
+            )
+        else:
+            c.execute(self._START_SINGLES_FROM.format("(?, ?)"), (now, run_id, step.slug))
         self._insert(
             c, self._INSERT_TASKS, self._TASK_VALUES,
             [(run_id, d.slug, version, step.slug, None, max_attempts, priority, run_at,
@@ -340,8 +347,8 @@ class _Steps(_Definitions):
         self, c: Conn, step: StepDefinition, run_id: str, value_json: str, now: float
     ) -> Skip | None:
         """Check a conditional step's condition on its input ``value_json``: ``None`` if it
-        holds; else the skip to apply, or ``None`` too after failing the run
-        (``when_unmet="fail"``; the caller sees the run's status)."""
+        holds, else the skip to apply. Raises :class:`_RunFailed` after failing the run
+        (``when_unmet="fail"``, or a value that cannot be read)."""
         try:
             met = condition_met(step.if_, step.if_not, value_json)
         except Exception as exc:
@@ -384,9 +391,10 @@ class _Steps(_Definitions):
             f"AND step_slug IN ({placeholders(len(step.depends_on))})",
             (run_id, *step.depends_on),
         ).fetchall() if step.depends_on else []
-        if step.step_type == "single" or step.slug in self._graph(d).conditional:
+        conditional = step.slug in self._graph(d).conditional
+        if step.step_type == "single" or conditional:
             deps_json = "{" + ",".join(f"{_json.dumps(slug)}:{out}" for slug, out in deps) + "}"
-        if step.slug in self._graph(d).conditional:
+        if conditional:
             value_json = deps_json if step.depends_on else c.execute(
                 "SELECT input FROM runs WHERE id = ?", (run_id,)
             ).fetchone()[0]
