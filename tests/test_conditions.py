@@ -1024,21 +1024,25 @@ def build_dag(specs: list[dict[str, Any]]) -> pf.Flow:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
-@given(specs=conditional_dags(), flag=st.booleans())
+@given(specs=conditional_dags())
 def test_random_conditional_dags_agree_with_perform(
-    store: pf.Store, specs: list[dict[str, Any]], flag: bool
+    store: pf.Store, specs: list[dict[str, Any]]
 ) -> None:
-    # Maps take arrays: a step feeding one returns an array.
+    """Several runs at once (so results are applied in batches as well as one by one), each
+    compared with ``perform`` on its input."""
     f = build_dag(specs)
-    input = {"flag": flag}
-    run = run_flow(store, f, input)
-    assert run.status in ("completed", "failed")
-    try:
-        expected = f.perform(input)
-    except (RuntimeError, pf.PgflowError):
-        # Which failure fails the run first may differ (the runner runs branches at once).
-        assert run.status == "failed", (specs, run)
-    else:
+    inputs = [{"flag": flag, "copy": i} for i in range(3) for flag in (True, False)]
+    started = store.start_many(f, inputs)
+    drain(store, f, concurrency=8)
+    for input, started_run in zip(inputs, started, strict=True):
+        run = store.get_run(started_run.id)
+        assert run.status in ("completed", "failed")
+        try:
+            expected = f.perform(input)
+        except (RuntimeError, pf.PgflowError):
+            # Which failure fails the run first may differ (the runner runs branches at once).
+            assert run.status == "failed", (specs, run)
+            continue
         assert run.status == "completed", (specs, run.error)
         assert run.output == expected
         # Every step ended completed or skipped, each skip with a reason.
@@ -1087,3 +1091,67 @@ def test_a_job_failed_by_its_condition_can_be_retried_under_a_new_condition(
     run = store.get_run(run.id)
     assert run.status == "completed" and run.output == "ran"
     assert steps_of(run) == {"cond_job_retry": ("completed", None)}
+
+
+def test_a_map_task_exhausted_under_the_runner_skips_the_map(store: pf.Store) -> None:
+    """From fail_task_when_exhausted/skip_archives_sibling_messages.test.sql, under a runner:
+    the first task of a map to run out of attempts skips the map; its siblings still queued are
+    cancelled and never run."""
+    ran: list[int] = []
+    f = pf.flow("cond_map_exhausted")
+
+    @f.map(when_exhausted="skip", max_attempts=2)
+    def items(item, ctx):
+        ran.append(item)
+        if item == 0:
+            raise RuntimeError("item 0 is bad")
+        return item
+
+    @f.step(depends_on=["items"])
+    def after(deps, ctx):
+        return deps
+
+    run = run_flow(store, f, [0, 1, 2])
+    assert run.status == "completed" and run.output == {"after": {}}
+    step = run.step("items")
+    assert (step.status, step.skip_reason, step.error) == (
+        "skipped", "handler_failed", "RuntimeError: item 0 is bad"
+    )
+    assert step.tasks[0].status == "failed" and step.tasks[0].attempts == 2
+    assert all(t.status in ("completed", "cancelled") for t in step.tasks[1:])
+    assert ran.count(0) == 2
+
+
+def test_a_lost_workers_last_attempt_is_exhausted_too(store: pf.Store) -> None:
+    """A task whose worker vanished on its last attempt counts as exhausted: when_exhausted
+    applies as to a handler failure."""
+    import time
+
+    f = pf.flow("cond_lost")
+
+    @f.step(when_exhausted="skip-cascade")
+    def fragile(input, ctx):
+        return 1
+
+    @f.step(depends_on=["fragile"])
+    def below(deps, ctx):
+        return 2
+
+    @f.step(start_delay=60)  # not due when the doomed worker claims
+    def fine(input, ctx):
+        return 3
+
+    run = store.start(f, {})
+    backend = store.backend
+    claimed = backend.claim("gone", ["cond_lost"], 10, 0.01)
+    assert [t.step_slug for t in claimed] == ["fragile"]
+    time.sleep(0.05)
+    assert backend.reclaim_expired(["cond_lost"]) == 1
+    drain(store, f)
+    run = store.get_run(run.id)
+    assert steps_of(run) == {
+        "fragile": ("skipped", "handler_failed"), "below": ("skipped", "dependency_skipped"),
+        "fine": ("completed", None),
+    }
+    assert "lost" in (run.step("fragile").error or "").lower()
+    assert run.status == "completed" and run.output == {"fine": 3}
