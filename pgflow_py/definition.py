@@ -6,8 +6,8 @@ import contextvars
 import json
 import re
 import reprlib
-from collections.abc import Iterable
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, TypedDict
 
 import attrs
 import cattrs
@@ -17,8 +17,12 @@ from .conditions import SKIP_MODES, SkipMode
 from .errors import DefinitionError
 
 __all__ = (
+    "FLOW_DEFAULTS",
+    "STEP_DEFAULTS",
     "FlowDefinition",
+    "FlowOptions",
     "StepDefinition",
+    "StepOptions",
     "StepType",
     "validate_slug",
 )
@@ -27,6 +31,70 @@ StepType = Literal["single", "map"]
 Isolation = Literal["thread", "process"]
 """How a sync handler runs: in a worker thread, or in a child process that can be killed."""
 FlowKind = Literal["job", "flow"]
+Backoff = Literal["exponential", "fixed"]
+
+
+class FlowOptions(TypedDict, total=False):
+    """The options of a flow or job that its definition keeps (``pf.flow``, ``@pf.job``; the
+    hooks ``on_failure``/``on_dead`` stay with the code)."""
+
+    max_attempts: int
+    base_delay: float
+    timeout: float
+    backoff: Backoff
+    max_delay: float
+    jitter: bool
+    cron: str | None
+    cron_input: Any
+    concurrency: int | None
+    isolation: Isolation
+
+
+FLOW_DEFAULTS: FlowOptions = {
+    # PgFlow.Job's defaults. Declared once: FlowDefinition's fields take them, ``Flow`` merges
+    # them with what it is given, and a test checks the keywords of pf.flow and pf.job.
+    "max_attempts": 1,
+    "base_delay": 1.0,
+    "timeout": 30.0,
+    "backoff": "exponential",
+    "max_delay": 3600.0,
+    "jitter": False,
+    "cron": None,
+    "cron_input": None,
+    "concurrency": None,
+    "isolation": "thread",
+}
+
+
+class StepOptions(TypedDict, total=False):
+    """The options of a step (``.step()``, ``.map()``; the condition options on ``@pf.job``
+    too). ``None`` for ``max_attempts``, ``base_delay``, ``timeout`` or ``isolation`` means
+    the flow's value."""
+
+    max_attempts: int | None
+    base_delay: float | None
+    timeout: float | None
+    start_delay: float
+    isolation: Isolation | None
+    if_: dict[str, Any] | None
+    if_not: dict[str, Any] | None
+    when_unmet: SkipMode
+    when_exhausted: SkipMode
+
+
+STEP_DEFAULTS: StepOptions = {
+    # Declared once, as FLOW_DEFAULTS: StepDefinition's fields take them, and a test checks
+    # the keywords of .step(), .map() and pf.job (its condition options).
+    "max_attempts": None,
+    "base_delay": None,
+    "timeout": None,
+    "start_delay": 0.0,
+    "isolation": None,
+    "if_": None,
+    "if_not": None,
+    "when_unmet": "skip",
+    "when_exhausted": "fail",
+}
 
 _SLUG_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _RESERVED_SLUGS = frozenset({"run"})
@@ -166,21 +234,21 @@ class StepDefinition:
     slug: str
     step_type: StepType = "single"
     depends_on: tuple[str, ...] = ()
-    max_attempts: int | None = None
-    base_delay: float | None = None
-    timeout: float | None = None
-    start_delay: float = 0.0
-    isolation: Isolation | None = None
+    max_attempts: int | None = STEP_DEFAULTS["max_attempts"]
+    base_delay: float | None = STEP_DEFAULTS["base_delay"]
+    timeout: float | None = STEP_DEFAULTS["timeout"]
+    start_delay: float = STEP_DEFAULTS["start_delay"]
+    isolation: Isolation | None = STEP_DEFAULTS["isolation"]
     handler: str | None = None
     """Import path ``module:qualname`` of the handler, used by runners started with ``flows=None``."""
-    if_: dict[str, Any] | None = None
+    if_: dict[str, Any] | None = STEP_DEFAULTS["if_"]
     """Run only if the step's input (the flow input of a root step, ``{dep: output}`` of a
     dependent one) contains this JSON pattern, as PostgreSQL's ``@>``."""
-    if_not: dict[str, Any] | None = None
+    if_not: dict[str, Any] | None = STEP_DEFAULTS["if_not"]
     """Run only if the step's input does not contain this pattern."""
-    when_unmet: SkipMode = "skip"
+    when_unmet: SkipMode = STEP_DEFAULTS["when_unmet"]
     """What an unmet condition does: ``fail`` the run, ``skip`` the step, or ``skip-cascade``."""
-    when_exhausted: SkipMode = "fail"
+    when_exhausted: SkipMode = STEP_DEFAULTS["when_exhausted"]
     """What a step whose last attempt failed does: ``fail`` the run, ``skip``, ``skip-cascade``."""
 
     @property
@@ -205,18 +273,18 @@ class FlowDefinition:
     slug: str
     steps: tuple[StepDefinition, ...]
     kind: FlowKind = "flow"
-    max_attempts: int = 1
-    base_delay: float = 1.0
-    timeout: float = 30.0
-    backoff: Literal["exponential", "fixed"] = "exponential"
-    max_delay: float = 3600.0
-    jitter: bool = False
-    cron: str | None = None
+    max_attempts: int = FLOW_DEFAULTS["max_attempts"]
+    base_delay: float = FLOW_DEFAULTS["base_delay"]
+    timeout: float = FLOW_DEFAULTS["timeout"]
+    backoff: Backoff = FLOW_DEFAULTS["backoff"]
+    max_delay: float = FLOW_DEFAULTS["max_delay"]
+    jitter: bool = FLOW_DEFAULTS["jitter"]
+    cron: str | None = FLOW_DEFAULTS["cron"]
     """A 5-field cron expression (UTC): runners serving the flow start one run per tick."""
-    cron_input: Any = None
-    concurrency: int | None = None
+    cron_input: Any = FLOW_DEFAULTS["cron_input"]
+    concurrency: int | None = FLOW_DEFAULTS["concurrency"]
     """At most this many tasks of the flow run at once, across all runners."""
-    isolation: Isolation = "thread"
+    isolation: Isolation = FLOW_DEFAULTS["isolation"]
 
     def __attrs_post_init__(self) -> None:
         validate_definition(self)
@@ -330,7 +398,7 @@ class EffectiveOptions:
     base_delay: float
     timeout: float
     start_delay: float
-    backoff: Literal["exponential", "fixed"]
+    backoff: Backoff
     max_delay: float
     jitter: bool
     isolation: Isolation = "thread"
@@ -375,26 +443,20 @@ def topological_order(steps: Iterable[StepDefinition], flow_slug: str) -> tuple[
     return tuple(ordered)
 
 
-def validate_flow_options(
-    slug: object,
-    *,
-    max_attempts: object,
-    base_delay: object,
-    timeout: object,
-    backoff: object,
-    max_delay: object,
-    jitter: object,
-    cron: object = None,
-    cron_input: object = None,
-    concurrency: object = None,
-    isolation: object = "thread",
-) -> None:
-    """Check a flow's slug and flow-level options (usable before any step exists)."""
+def validate_flow_options(slug: object, options: Mapping[str, Any]) -> None:
+    """Check a flow's slug and flow-level options (usable before any step exists); options
+    not given have their defaults (:data:`FLOW_DEFAULTS`)."""
     validate_slug(slug, "flow slug")
     where = f"flow {slug!r}"
+    unknown = sorted(set(options) - set(FLOW_DEFAULTS))
+    if unknown:
+        raise TypeError(f"{where}: unknown option(s) {unknown}; the options are {list(FLOW_DEFAULTS)}")
+    o: dict[str, Any] = {**FLOW_DEFAULTS, **options}
+    backoff, jitter, isolation = o["backoff"], o["jitter"], o["isolation"]
+    cron, cron_input = o["cron"], o["cron_input"]
     check_options(
-        where, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
-        max_delay=max_delay, concurrency=concurrency,
+        where, max_attempts=o["max_attempts"], base_delay=o["base_delay"], timeout=o["timeout"],
+        max_delay=o["max_delay"], concurrency=o["concurrency"],
     )
     if backoff not in ("exponential", "fixed"):
         raise DefinitionError(f"{where}: backoff must be 'exponential' or 'fixed', got {backoff!r}")
@@ -434,19 +496,7 @@ def validate_cron(expression: object, where: str) -> str:
 
 def validate_definition(defn: FlowDefinition) -> None:
     """Check every rule of a flow definition; raise :class:`DefinitionError` on the first broken."""
-    validate_flow_options(
-        defn.slug,
-        max_attempts=defn.max_attempts,
-        base_delay=defn.base_delay,
-        timeout=defn.timeout,
-        backoff=defn.backoff,
-        max_delay=defn.max_delay,
-        jitter=defn.jitter,
-        cron=defn.cron,
-        cron_input=defn.cron_input,
-        concurrency=defn.concurrency,
-        isolation=defn.isolation,
-    )
+    validate_flow_options(defn.slug, {name: getattr(defn, name) for name in FLOW_DEFAULTS})
     where = f"flow {defn.slug!r}"
     if not defn.steps:
         raise DefinitionError(f"{where} has no steps; add one with @flow.step()")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import attrs
@@ -17,6 +17,9 @@ from . import _json
 from .conditions import CONDITION_NOT_MET, SkipMode, condition_met
 from .context import Context
 from .definition import (
+    CONDITION_OPTIONS,
+    FLOW_DEFAULTS,
+    STEP_DEFAULTS,
     EffectiveOptions,
     FlowDefinition,
     Isolation,
@@ -37,11 +40,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _PERFORM_ATTR = "__pgflow_step_slug__"
 
-Conditions = dict[str, Any]
-"""Condition options of a step by name (see :data:`~pgflow_py.definition.CONDITION_OPTIONS`)."""
-_NO_CONDITIONS: Conditions = {
-    "if_": None, "if_not": None, "when_unmet": "skip", "when_exhausted": "fail"
-}
 
 
 def import_path(fn: Callable[..., Any]) -> str | None:
@@ -102,43 +100,23 @@ class Flow:
         self,
         slug: str,
         *,
-        max_attempts: int = 1,
-        base_delay: float = 1,
-        timeout: float = 30,
-        backoff: Literal["exponential", "fixed"] = "exponential",
-        max_delay: float = 3600,
-        jitter: bool = False,
         on_failure: Hook | None = None,
         on_dead: Hook | None = None,
-        cron: str | None = None,
-        cron_input: Any = None,
-        concurrency: int | None = None,
-        isolation: Isolation = "thread",
         _kind: Literal["job", "flow"] = "flow",
+        **options: Any,
     ) -> None:
-        validate_flow_options(
-            slug, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
-            backoff=backoff, max_delay=max_delay, jitter=jitter, cron=cron,
-            cron_input=cron_input, concurrency=concurrency, isolation=isolation,
-        )
+        """``options``: those of :data:`~pgflow_py.definition.FlowOptions` (see :func:`flow`);
+        the others keep their defaults."""
+        validate_flow_options(slug, options)
         _check_hook("on_failure", on_failure, f"flow {slug!r}")
         _check_hook("on_dead", on_dead, f"flow {slug!r}")
         self.slug = slug
         self.on_failure = on_failure
         self.on_dead = on_dead
         self._kind = _kind
-        self._options: dict[str, Any] = {
-            "max_attempts": max_attempts,
-            "base_delay": float(base_delay),
-            "timeout": float(timeout),
-            "backoff": backoff,
-            "max_delay": float(max_delay),
-            "jitter": jitter,
-            "cron": cron,
-            "cron_input": cron_input,
-            "concurrency": concurrency,
-            "isolation": isolation,
-        }
+        self._options: dict[str, Any] = {**FLOW_DEFAULTS, **options}
+        for seconds in ("base_delay", "timeout", "max_delay"):
+            self._options[seconds] = float(self._options[seconds])
         self._steps: list[StepDefinition] = []
         self._handlers: dict[str, Handler] = {}
         self._definition: FlowDefinition | None = None
@@ -151,13 +129,10 @@ class Flow:
         slug: str | None,
         step_type: StepType,
         depends_on: Sequence[str | Step],
-        max_attempts: int | None,
-        base_delay: float | None,
-        timeout: float | None,
-        start_delay: float,
-        isolation: Isolation | None = None,
-        conditions: Conditions | None = None,
+        options: Mapping[str, Any],
     ) -> Step:
+        """Add a step with ``options`` (names of :data:`~pgflow_py.definition.StepOptions`;
+        those not given keep their defaults)."""
         _check_handler(fn, f"flow {self.slug!r}")
         slug = slug if slug is not None else getattr(fn, "__name__", None)
         step_slug = validate_slug(slug, f"flow {self.slug!r}: step slug")
@@ -178,14 +153,18 @@ class Flow:
                 raise DefinitionError(
                     f"{where}: depends_on takes step slugs or decorated steps, got {dep!r}"
                 )
+        o: dict[str, Any] = {**STEP_DEFAULTS, **options}
         check_options(
-            where, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
-            start_delay=start_delay, allow_none=True,
+            where, max_attempts=o["max_attempts"], base_delay=o["base_delay"],
+            timeout=o["timeout"], start_delay=o["start_delay"], allow_none=True,
         )
-        conditions = conditions or {}
-        check_conditions(where, **{**_NO_CONDITIONS, **conditions})
-        # A copy, so that changing the caller's dict later cannot change the definition.
-        conditions = {k: _json.loads(_json.dumps(v)) for k, v in conditions.items()}
+        check_conditions(where, **{name: o[name] for name in CONDITION_OPTIONS})
+        for seconds in ("base_delay", "timeout", "start_delay"):
+            if o[seconds] is not None:
+                o[seconds] = float(o[seconds])
+        for pattern in ("if_", "if_not"):
+            # A copy, so that changing the caller's dict later cannot change the definition.
+            o[pattern] = _json.loads(_json.dumps(o[pattern]))
         known = {s.slug for s in self._steps}
         if step_slug in known:
             raise DefinitionError(f"flow {self.slug!r}: step {step_slug!r} is defined twice")
@@ -196,16 +175,8 @@ class Flow:
                 f"defined before it (known: {sorted(known)})"
             )
         step = StepDefinition(
-            slug=step_slug,
-            step_type=step_type,
-            depends_on=tuple(deps),
-            max_attempts=max_attempts,
-            base_delay=None if base_delay is None else float(base_delay),
-            timeout=None if timeout is None else float(timeout),
-            start_delay=float(start_delay),
-            isolation=isolation,
-            handler=import_path(fn),
-            **conditions,
+            slug=step_slug, step_type=step_type, depends_on=tuple(deps), handler=import_path(fn),
+            **o,
         )
         # Validate the whole flow with the new step before keeping it.
         definition = FlowDefinition(
@@ -240,20 +211,15 @@ class Flow:
         ``@>``); ``when_unmet`` (default ``"skip"``) and ``when_exhausted`` (after the last
         attempt failed; default ``"fail"``) are ``"fail"``, ``"skip"`` or ``"skip-cascade"``.
         """
+        given = locals()
+        options = {name: given[name] for name in STEP_DEFAULTS}
         if callable(slug):
             raise DefinitionError(
                 f"flow {self.slug!r}: use @flow.step() with parentheses"
             )
-        conditions: Conditions = {
-            "if_": if_, "if_not": if_not, "when_unmet": when_unmet,
-            "when_exhausted": when_exhausted,
-        }
 
         def decorate(fn: Handler) -> Step:
-            return self._add_step(
-                fn, slug, "single", depends_on, max_attempts, base_delay, timeout, start_delay,
-                isolation, conditions,
-            )
+            return self._add_step(fn, slug, "single", depends_on, options)
 
         return decorate
 
@@ -278,19 +244,14 @@ class Flow:
         ``{array: output}`` (or the flow input of a root map), and a map whose ``array`` step
         was skipped runs over ``[]``.
         """
+        given = locals()
+        options = {name: given[name] for name in STEP_DEFAULTS}
         if callable(slug):
             raise DefinitionError(f"flow {self.slug!r}: use @flow.map() with parentheses")
         deps: list[str | Step] = [] if array is None else [array]
-        conditions: Conditions = {
-            "if_": if_, "if_not": if_not, "when_unmet": when_unmet,
-            "when_exhausted": when_exhausted,
-        }
 
         def decorate(fn: Handler) -> Step:
-            return self._add_step(
-                fn, slug, "map", deps, max_attempts, base_delay, timeout, start_delay,
-                isolation, conditions,
-            )
+            return self._add_step(fn, slug, "map", deps, options)
 
         return decorate
 
@@ -475,13 +436,11 @@ class Job(Flow):
         *,
         queue: str,
         step_slug: str | None,
-        conditions: Conditions | None = None,
+        conditions: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
         super().__init__(queue, _kind="job", **options)
-        self._add_step(
-            fn, step_slug or queue, "single", (), None, None, None, 0, conditions=conditions
-        )
+        self._add_step(fn, step_slug or queue, "single", (), conditions or {})
         self.fn = fn
         self.__doc__ = getattr(fn, "__doc__", None)
         self.__wrapped__ = fn
@@ -680,16 +639,9 @@ def job(
     step (see :meth:`Flow.step`): checked against the job's input; a skipped job completes with
     output ``None``.
     """
-    options: dict[str, Any] = {
-        "max_attempts": max_attempts, "base_delay": base_delay, "timeout": timeout,
-        "backoff": backoff, "max_delay": max_delay, "jitter": jitter,
-        "on_failure": on_failure, "on_dead": on_dead,
-        "cron": cron, "cron_input": cron_input, "concurrency": concurrency,
-        "isolation": isolation,
-    }
-    conditions: Conditions = {
-        "if_": if_, "if_not": if_not, "when_unmet": when_unmet, "when_exhausted": when_exhausted,
-    }
+    given = locals()
+    options = {name: given[name] for name in FLOW_DEFAULTS}
+    conditions = {name: given[name] for name in CONDITION_OPTIONS}
 
     def decorate(f: Handler) -> Job:
         if isinstance(f, Flow):
@@ -699,7 +651,7 @@ def job(
         step_slug = getattr(f, _PERFORM_ATTR, None)
         return Job(
             f, queue=slug, step_slug=step_slug, conditions=conditions,  # type: ignore[arg-type]
-            **options,
+            on_failure=on_failure, on_dead=on_dead, **options,
         )
 
     if fn is not None:
@@ -723,12 +675,14 @@ def flow(
     concurrency: int | None = None,
     isolation: Isolation = "thread",
 ) -> Flow:
-    """Create a multi-step flow; add steps with ``@the_flow.step()`` and ``@the_flow.map()``."""
+    """Create a multi-step flow; add steps with ``@the_flow.step()`` and ``@the_flow.map()``.
+
+    Options and defaults are those of :func:`job` (:data:`~pgflow_py.definition.FLOW_DEFAULTS`).
+    """
+    given = locals()
     return Flow(
-        slug, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
-        backoff=backoff, max_delay=max_delay, jitter=jitter,
-        on_failure=on_failure, on_dead=on_dead, cron=cron, cron_input=cron_input,
-        concurrency=concurrency, isolation=isolation,
+        slug, on_failure=on_failure, on_dead=on_dead,
+        **{name: given[name] for name in FLOW_DEFAULTS},
     )
 
 

@@ -163,20 +163,49 @@ def test_condition_options_are_in_the_definition_and_its_json() -> None:
 
 
 def test_the_option_lists_cannot_drift() -> None:
-    """``pf.job``, ``.step()``, ``.map()`` and ``StepDefinition`` take the same condition
-    options with the same defaults."""
+    """Options are declared once (``FLOW_DEFAULTS``, ``STEP_DEFAULTS``); the keywords of
+    ``pf.flow``, ``pf.job``, ``.step()`` and ``.map()``, the fields of the definitions and the
+    ``TypedDict`` s must name the same options with the same defaults."""
     import inspect
 
     import attrs
 
-    from pgflow_py.definition import CONDITION_OPTIONS
+    from pgflow_py.definition import (
+        CONDITION_OPTIONS,
+        FLOW_DEFAULTS,
+        STEP_DEFAULTS,
+        FlowOptions,
+        StepOptions,
+    )
 
-    fields = {f.name: f.default for f in attrs.fields(pf.StepDefinition)}
-    expected = {name: fields[name] for name in CONDITION_OPTIONS}
-    assert expected == {"if_": None, "if_not": None, "when_unmet": "skip", "when_exhausted": "fail"}
-    for fn in (pf.job, pf.Flow.step, pf.Flow.map):
-        params = inspect.signature(fn).parameters
-        assert {name: params[name].default for name in CONDITION_OPTIONS} == expected, fn
+    def keywords(fn: Any, *besides: str) -> dict[str, Any]:
+        return {
+            name: p.default for name, p in inspect.signature(fn).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in besides
+        }
+
+    def fields(cls: Any, *besides: str) -> dict[str, Any]:
+        return {f.name: f.default for f in attrs.fields(cls) if f.name not in besides}
+
+    flow_options = dict(FLOW_DEFAULTS)
+    step_options = dict(STEP_DEFAULTS)
+    assert set(FlowOptions.__annotations__) == set(flow_options)
+    assert set(StepOptions.__annotations__) == set(step_options)
+    assert keywords(pf.flow, "on_failure", "on_dead") == flow_options
+    assert keywords(pf.job, "queue", "on_failure", "on_dead", *CONDITION_OPTIONS) == flow_options
+    assert keywords(pf.job, *flow_options, "queue", "on_failure", "on_dead") == {
+        name: step_options[name] for name in CONDITION_OPTIONS
+    }
+    assert fields(pf.FlowDefinition, "slug", "steps", "kind") == flow_options
+    assert keywords(pf.Flow.step, "depends_on") == step_options
+    assert keywords(pf.Flow.map, "array") == step_options
+    assert fields(pf.StepDefinition, "slug", "step_type", "depends_on", "handler") == step_options
+    assert step_options["when_unmet"] == "skip" and step_options["when_exhausted"] == "fail"
+
+
+def test_an_unknown_flow_option_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['max_attempt'\]"):
+        pf.Flow("typo", max_attempt=3)
 
 
 def test_a_changed_condition_is_a_shape_change(store: pf.Store) -> None:
