@@ -1184,3 +1184,22 @@ def test_a_lost_workers_last_attempt_is_exhausted_too(store: pf.Store) -> None:
     }
     assert "lost" in (run.step("fragile").error or "").lower()
     assert run.status == "completed" and run.output == {"fine": 3}
+
+
+def test_aperform_skips_an_async_handler_that_fails() -> None:
+    import asyncio
+
+    f = pf.flow("cond_async")
+
+    @f.step(when_exhausted="skip")
+    async def flaky(input, ctx):
+        raise ConnectionError("down")
+
+    @f.step(depends_on=["flaky"])
+    async def after(deps, ctx):
+        return {"deps": deps}
+
+    assert asyncio.run(f.aperform({})) == {"after": {"deps": {}}}
+    assert f.perform({}) == {"after": {"deps": {}}}
+    with pytest.raises(ConnectionError):  # perform_step runs the handler itself
+        f.perform_step("flaky", {})
