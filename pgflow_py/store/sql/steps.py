@@ -225,18 +225,19 @@ class _Steps(_Definitions):
         """
         while done:
             step_slug, output = done.pop()
+            skip = output if type(output) is Skip else None
             if d.kind == "job":
                 # A job's one step is its leaf (and has no state row): finish the run.
-                if isinstance(output, Skip):
-                    self._skip_job(c, run_id, step_slug, output, now, started_at, finished)
+                if skip is not None:
+                    self._skip_job(c, run_id, step_slug, skip, now, started_at, finished)
                 elif c.execute(
                     self._COMPLETE_JOB_RUNS_FROM.format(self._RUN_RESULT),
                     (now, run_id, output, started_at, None),
                 ).rowcount:
                     finished.append(run_id)
                 return
-            if isinstance(output, Skip):
-                updated = self._mark_skipped(c, d, run_id, step_slug, output, now)
+            if skip is not None:
+                updated = self._mark_skipped(c, d, run_id, step_slug, skip, now)
             else:
                 updated = c.execute(
                     "UPDATE step_states SET status = 'completed', output = ?, "
@@ -258,15 +259,16 @@ class _Steps(_Definitions):
                 return
             if not updated:
                 continue  # the step had ended before: its dependents were handled then
-            if isinstance(output, Skip) and output.cascade:
+            if skip is not None and skip.cascade:
                 continue  # everything below it is skipped too
             for dependent in self._graph(d).dependents[step_slug]:
                 known: tuple[str, str] | None = None
                 if len(dependent.depends_on) == 1:
                     # Its only dependency just ended: it is ready, and we hold the output
                     # (a skipped dependency leaves it none).
-                    if not isinstance(output, Skip):
-                        known = (step_slug, output)
+                    if skip is None:
+                        # (output is the str of a completion when skip is None)
+                        known = (step_slug, output)  # type: ignore[assignment]
                 else:
                     ready = c.execute(
                         "UPDATE step_states SET remaining_deps = remaining_deps - 1 "
