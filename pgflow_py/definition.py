@@ -6,18 +6,23 @@ import contextvars
 import json
 import re
 import reprlib
-from collections.abc import Iterable
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, TypedDict
 
 import attrs
 import cattrs
 
 from . import _json
+from .conditions import SKIP_MODES, SkipMode
 from .errors import DefinitionError
 
 __all__ = (
+    "FLOW_DEFAULTS",
+    "STEP_DEFAULTS",
     "FlowDefinition",
+    "FlowOptions",
     "StepDefinition",
+    "StepOptions",
     "StepType",
     "validate_slug",
 )
@@ -26,6 +31,70 @@ StepType = Literal["single", "map"]
 Isolation = Literal["thread", "process"]
 """How a sync handler runs: in a worker thread, or in a child process that can be killed."""
 FlowKind = Literal["job", "flow"]
+Backoff = Literal["exponential", "fixed"]
+
+
+class FlowOptions(TypedDict, total=False):
+    """The options of a flow or job that its definition keeps (``pf.flow``, ``@pf.job``; the
+    hooks ``on_failure``/``on_dead`` stay with the code)."""
+
+    max_attempts: int
+    base_delay: float
+    timeout: float
+    backoff: Backoff
+    max_delay: float
+    jitter: bool
+    cron: str | None
+    cron_input: Any
+    concurrency: int | None
+    isolation: Isolation
+
+
+FLOW_DEFAULTS: FlowOptions = {
+    # PgFlow.Job's defaults. Declared once: FlowDefinition's fields take them, ``Flow`` merges
+    # them with what it is given, and a test checks the keywords of pf.flow and pf.job.
+    "max_attempts": 1,
+    "base_delay": 1.0,
+    "timeout": 30.0,
+    "backoff": "exponential",
+    "max_delay": 3600.0,
+    "jitter": False,
+    "cron": None,
+    "cron_input": None,
+    "concurrency": None,
+    "isolation": "thread",
+}
+
+
+class StepOptions(TypedDict, total=False):
+    """The options of a step (``.step()``, ``.map()``; the condition options on ``@pf.job``
+    too). ``None`` for ``max_attempts``, ``base_delay``, ``timeout`` or ``isolation`` means
+    the flow's value."""
+
+    max_attempts: int | None
+    base_delay: float | None
+    timeout: float | None
+    start_delay: float
+    isolation: Isolation | None
+    if_: dict[str, Any] | None
+    if_not: dict[str, Any] | None
+    when_unmet: SkipMode
+    when_exhausted: SkipMode
+
+
+STEP_DEFAULTS: StepOptions = {
+    # Declared once, as FLOW_DEFAULTS: StepDefinition's fields take them, and a test checks
+    # the keywords of .step(), .map() and pf.job (its condition options).
+    "max_attempts": None,
+    "base_delay": None,
+    "timeout": None,
+    "start_delay": 0.0,
+    "isolation": None,
+    "if_": None,
+    "if_not": None,
+    "when_unmet": "skip",
+    "when_exhausted": "fail",
+}
 
 _SLUG_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _RESERVED_SLUGS = frozenset({"run"})
@@ -91,6 +160,48 @@ OPTION_RANGES: dict[str, OptionRange] = {
 }
 """Every numeric option of flows and steps, declared once."""
 
+CONDITION_OPTIONS: tuple[str, ...] = ("if_", "if_not", "when_unmet", "when_exhausted")
+"""The step options of conditional execution (pgflow 0.14), also taken by ``@pf.job``."""
+
+
+def _pattern_text(pattern: object) -> str:
+    return "" if pattern is None else json.dumps(pattern, sort_keys=True)
+
+
+def check_conditions(
+    where: str, *, if_: object, if_not: object, when_unmet: object, when_exhausted: object
+) -> None:
+    """Check a step's condition options; raise :class:`DefinitionError` naming the fix."""
+    for name, pattern in (("if_", if_), ("if_not", if_not)):
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise DefinitionError(
+                f"{where}: {name} must be a JSON object pattern such as {{\"plan\": \"premium\"}} "
+                f"(matched against the step's input with PostgreSQL's @>), "
+                f"got {type(pattern).__name__}: {reprlib.repr(pattern)}"
+            )
+        try:
+            text = _json.dumps(pattern)
+        except (TypeError, ValueError) as exc:
+            raise DefinitionError(
+                f"{where}: {name} must be JSON (dicts with string keys, lists, str, numbers, "
+                f"bools, None): {exc}"
+            ) from None
+        if _json.loads(text) != pattern:
+            raise DefinitionError(
+                f"{where}: {name} does not survive a JSON round trip ({reprlib.repr(pattern)} "
+                "reads back differently); use string keys, lists rather than tuples, and "
+                "plain JSON values"
+            )
+    for name, mode in (("when_unmet", when_unmet), ("when_exhausted", when_exhausted)):
+        if mode not in SKIP_MODES:
+            raise DefinitionError(
+                f"{where}: {name} must be one of {', '.join(map(repr, SKIP_MODES))}, "
+                f"got {mode!r}"
+            )
+
+
 _INHERITED = frozenset({"max_attempts", "base_delay", "timeout"})
 """Step options whose ``None`` means "the flow's value"."""
 
@@ -123,16 +234,33 @@ class StepDefinition:
     slug: str
     step_type: StepType = "single"
     depends_on: tuple[str, ...] = ()
-    max_attempts: int | None = None
-    base_delay: float | None = None
-    timeout: float | None = None
-    start_delay: float = 0.0
-    isolation: Isolation | None = None
+    max_attempts: int | None = STEP_DEFAULTS["max_attempts"]
+    base_delay: float | None = STEP_DEFAULTS["base_delay"]
+    timeout: float | None = STEP_DEFAULTS["timeout"]
+    start_delay: float = STEP_DEFAULTS["start_delay"]
+    isolation: Isolation | None = STEP_DEFAULTS["isolation"]
     handler: str | None = None
     """Import path ``module:qualname`` of the handler, used by runners started with ``flows=None``."""
+    if_: dict[str, Any] | None = STEP_DEFAULTS["if_"]
+    """Run only if the step's input (the flow input of a root step, ``{dep: output}`` of a
+    dependent one) contains this JSON pattern, as PostgreSQL's ``@>``."""
+    if_not: dict[str, Any] | None = STEP_DEFAULTS["if_not"]
+    """Run only if the step's input does not contain this pattern."""
+    when_unmet: SkipMode = STEP_DEFAULTS["when_unmet"]
+    """What an unmet condition does: ``fail`` the run, ``skip`` the step, or ``skip-cascade``."""
+    when_exhausted: SkipMode = STEP_DEFAULTS["when_exhausted"]
+    """What a step whose last attempt failed does: ``fail`` the run, ``skip``, ``skip-cascade``."""
 
-    def shape(self) -> tuple[str, str, tuple[str, ...]]:
-        return (self.slug, self.step_type, tuple(sorted(self.depends_on)))
+    @property
+    def conditional(self) -> bool:
+        return self.if_ is not None or self.if_not is not None
+
+    def shape(self) -> tuple[str, str, tuple[str, ...], tuple[str, str, str, str]]:
+        return (
+            self.slug, self.step_type, tuple(sorted(self.depends_on)),
+            (_pattern_text(self.if_), _pattern_text(self.if_not), self.when_unmet,
+             self.when_exhausted),
+        )
 
 
 @attrs.frozen
@@ -145,18 +273,18 @@ class FlowDefinition:
     slug: str
     steps: tuple[StepDefinition, ...]
     kind: FlowKind = "flow"
-    max_attempts: int = 1
-    base_delay: float = 1.0
-    timeout: float = 30.0
-    backoff: Literal["exponential", "fixed"] = "exponential"
-    max_delay: float = 3600.0
-    jitter: bool = False
-    cron: str | None = None
+    max_attempts: int = FLOW_DEFAULTS["max_attempts"]
+    base_delay: float = FLOW_DEFAULTS["base_delay"]
+    timeout: float = FLOW_DEFAULTS["timeout"]
+    backoff: Backoff = FLOW_DEFAULTS["backoff"]
+    max_delay: float = FLOW_DEFAULTS["max_delay"]
+    jitter: bool = FLOW_DEFAULTS["jitter"]
+    cron: str | None = FLOW_DEFAULTS["cron"]
     """A 5-field cron expression (UTC): runners serving the flow start one run per tick."""
-    cron_input: Any = None
-    concurrency: int | None = None
+    cron_input: Any = FLOW_DEFAULTS["cron_input"]
+    concurrency: int | None = FLOW_DEFAULTS["concurrency"]
     """At most this many tasks of the flow run at once, across all runners."""
-    isolation: Isolation = "thread"
+    isolation: Isolation = FLOW_DEFAULTS["isolation"]
 
     def __attrs_post_init__(self) -> None:
         validate_definition(self)
@@ -198,8 +326,9 @@ class FlowDefinition:
             isolation=step.isolation if step.isolation is not None else self.isolation,
         )
 
-    def shape(self) -> tuple[str, tuple[tuple[str, str, tuple[str, ...]], ...]]:
-        """What must not change while runs are unfinished: kind, steps, types, dependencies."""
+    def shape(self) -> tuple[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]]:
+        """What must not change while runs are unfinished: kind, steps, types, dependencies,
+        conditions and skip modes."""
         return (self.kind, tuple(sorted(s.shape() for s in self.steps)))
 
     def shape_differences(self, other: FlowDefinition) -> list[str]:
@@ -222,6 +351,10 @@ class FlowDefinition:
                     f"step {slug!r} now depends on {sorted(n.depends_on)} "
                     f"instead of {sorted(o.depends_on)}"
                 )
+            for option in CONDITION_OPTIONS:
+                before, after = getattr(o, option), getattr(n, option)
+                if before != after:
+                    diffs.append(f"step {slug!r} changed {option} from {before!r} to {after!r}")
         return diffs
 
     # --- JSON ----------------------------------------------------------------------------------
@@ -265,7 +398,7 @@ class EffectiveOptions:
     base_delay: float
     timeout: float
     start_delay: float
-    backoff: Literal["exponential", "fixed"]
+    backoff: Backoff
     max_delay: float
     jitter: bool
     isolation: Isolation = "thread"
@@ -310,26 +443,20 @@ def topological_order(steps: Iterable[StepDefinition], flow_slug: str) -> tuple[
     return tuple(ordered)
 
 
-def validate_flow_options(
-    slug: object,
-    *,
-    max_attempts: object,
-    base_delay: object,
-    timeout: object,
-    backoff: object,
-    max_delay: object,
-    jitter: object,
-    cron: object = None,
-    cron_input: object = None,
-    concurrency: object = None,
-    isolation: object = "thread",
-) -> None:
-    """Check a flow's slug and flow-level options (usable before any step exists)."""
+def validate_flow_options(slug: object, options: Mapping[str, Any]) -> None:
+    """Check a flow's slug and flow-level options (usable before any step exists); options
+    not given have their defaults (:data:`FLOW_DEFAULTS`)."""
     validate_slug(slug, "flow slug")
     where = f"flow {slug!r}"
+    unknown = sorted(set(options) - set(FLOW_DEFAULTS))
+    if unknown:
+        raise TypeError(f"{where}: unknown option(s) {unknown}; the options are {list(FLOW_DEFAULTS)}")
+    o: dict[str, Any] = {**FLOW_DEFAULTS, **options}
+    backoff, jitter, isolation = o["backoff"], o["jitter"], o["isolation"]
+    cron, cron_input = o["cron"], o["cron_input"]
     check_options(
-        where, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
-        max_delay=max_delay, concurrency=concurrency,
+        where, max_attempts=o["max_attempts"], base_delay=o["base_delay"], timeout=o["timeout"],
+        max_delay=o["max_delay"], concurrency=o["concurrency"],
     )
     if backoff not in ("exponential", "fixed"):
         raise DefinitionError(f"{where}: backoff must be 'exponential' or 'fixed', got {backoff!r}")
@@ -369,19 +496,7 @@ def validate_cron(expression: object, where: str) -> str:
 
 def validate_definition(defn: FlowDefinition) -> None:
     """Check every rule of a flow definition; raise :class:`DefinitionError` on the first broken."""
-    validate_flow_options(
-        defn.slug,
-        max_attempts=defn.max_attempts,
-        base_delay=defn.base_delay,
-        timeout=defn.timeout,
-        backoff=defn.backoff,
-        max_delay=defn.max_delay,
-        jitter=defn.jitter,
-        cron=defn.cron,
-        cron_input=defn.cron_input,
-        concurrency=defn.concurrency,
-        isolation=defn.isolation,
-    )
+    validate_flow_options(defn.slug, {name: getattr(defn, name) for name in FLOW_DEFAULTS})
     where = f"flow {defn.slug!r}"
     if not defn.steps:
         raise DefinitionError(f"{where} has no steps; add one with @flow.step()")
@@ -401,6 +516,10 @@ def validate_definition(defn: FlowDefinition) -> None:
             allow_none=True,
         )
         check_isolation(step.isolation, swhere, allow_none=True)
+        check_conditions(
+            swhere, if_=step.if_, if_not=step.if_not, when_unmet=step.when_unmet,
+            when_exhausted=step.when_exhausted,
+        )
         if len(set(step.depends_on)) != len(step.depends_on):
             raise DefinitionError(f"{swhere}: depends_on lists a step twice: {list(step.depends_on)}")
         if step.slug in step.depends_on:

@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import attrs
 
 from . import _json
+from .conditions import CONDITION_NOT_MET, SkipMode, condition_met
 from .context import Context
 from .definition import (
+    CONDITION_OPTIONS,
+    FLOW_DEFAULTS,
+    STEP_DEFAULTS,
     EffectiveOptions,
     FlowDefinition,
     Isolation,
     StepDefinition,
     StepType,
+    check_conditions,
     check_options,
     validate_flow_options,
     validate_slug,
@@ -34,6 +39,7 @@ Hook = Callable[[Context, BaseException], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _PERFORM_ATTR = "__pgflow_step_slug__"
+
 
 
 def import_path(fn: Callable[..., Any]) -> str | None:
@@ -94,43 +100,23 @@ class Flow:
         self,
         slug: str,
         *,
-        max_attempts: int = 1,
-        base_delay: float = 1,
-        timeout: float = 30,
-        backoff: Literal["exponential", "fixed"] = "exponential",
-        max_delay: float = 3600,
-        jitter: bool = False,
         on_failure: Hook | None = None,
         on_dead: Hook | None = None,
-        cron: str | None = None,
-        cron_input: Any = None,
-        concurrency: int | None = None,
-        isolation: Isolation = "thread",
         _kind: Literal["job", "flow"] = "flow",
+        **options: Any,
     ) -> None:
-        validate_flow_options(
-            slug, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
-            backoff=backoff, max_delay=max_delay, jitter=jitter, cron=cron,
-            cron_input=cron_input, concurrency=concurrency, isolation=isolation,
-        )
+        """``options``: those of :data:`~pgflow_py.definition.FlowOptions` (see :func:`flow`);
+        the others keep their defaults."""
+        validate_flow_options(slug, options)
         _check_hook("on_failure", on_failure, f"flow {slug!r}")
         _check_hook("on_dead", on_dead, f"flow {slug!r}")
         self.slug = slug
         self.on_failure = on_failure
         self.on_dead = on_dead
         self._kind = _kind
-        self._options: dict[str, Any] = {
-            "max_attempts": max_attempts,
-            "base_delay": float(base_delay),
-            "timeout": float(timeout),
-            "backoff": backoff,
-            "max_delay": float(max_delay),
-            "jitter": jitter,
-            "cron": cron,
-            "cron_input": cron_input,
-            "concurrency": concurrency,
-            "isolation": isolation,
-        }
+        self._options: dict[str, Any] = {**FLOW_DEFAULTS, **options}
+        for seconds in ("base_delay", "timeout", "max_delay"):
+            self._options[seconds] = float(self._options[seconds])
         self._steps: list[StepDefinition] = []
         self._handlers: dict[str, Handler] = {}
         self._definition: FlowDefinition | None = None
@@ -143,12 +129,10 @@ class Flow:
         slug: str | None,
         step_type: StepType,
         depends_on: Sequence[str | Step],
-        max_attempts: int | None,
-        base_delay: float | None,
-        timeout: float | None,
-        start_delay: float,
-        isolation: Isolation | None = None,
+        options: Mapping[str, Any],
     ) -> Step:
+        """Add a step with ``options`` (names of :data:`~pgflow_py.definition.StepOptions`;
+        those not given keep their defaults)."""
         _check_handler(fn, f"flow {self.slug!r}")
         slug = slug if slug is not None else getattr(fn, "__name__", None)
         step_slug = validate_slug(slug, f"flow {self.slug!r}: step slug")
@@ -169,10 +153,18 @@ class Flow:
                 raise DefinitionError(
                     f"{where}: depends_on takes step slugs or decorated steps, got {dep!r}"
                 )
+        o: dict[str, Any] = {**STEP_DEFAULTS, **options}
         check_options(
-            where, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
-            start_delay=start_delay, allow_none=True,
+            where, max_attempts=o["max_attempts"], base_delay=o["base_delay"],
+            timeout=o["timeout"], start_delay=o["start_delay"], allow_none=True,
         )
+        check_conditions(where, **{name: o[name] for name in CONDITION_OPTIONS})
+        for seconds in ("base_delay", "timeout", "start_delay"):
+            if o[seconds] is not None:
+                o[seconds] = float(o[seconds])
+        for pattern in ("if_", "if_not"):
+            # A copy, so that changing the caller's dict later cannot change the definition.
+            o[pattern] = _json.loads(_json.dumps(o[pattern]))
         known = {s.slug for s in self._steps}
         if step_slug in known:
             raise DefinitionError(f"flow {self.slug!r}: step {step_slug!r} is defined twice")
@@ -183,15 +175,8 @@ class Flow:
                 f"defined before it (known: {sorted(known)})"
             )
         step = StepDefinition(
-            slug=step_slug,
-            step_type=step_type,
-            depends_on=tuple(deps),
-            max_attempts=max_attempts,
-            base_delay=None if base_delay is None else float(base_delay),
-            timeout=None if timeout is None else float(timeout),
-            start_delay=float(start_delay),
-            isolation=isolation,
-            handler=import_path(fn),
+            slug=step_slug, step_type=step_type, depends_on=tuple(deps), handler=import_path(fn),
+            **o,
         )
         # Validate the whole flow with the new step before keeping it.
         definition = FlowDefinition(
@@ -214,18 +199,27 @@ class Flow:
         timeout: float | None = None,
         start_delay: float = 0,
         isolation: Isolation | None = None,
+        if_: dict[str, Any] | None = None,
+        if_not: dict[str, Any] | None = None,
+        when_unmet: SkipMode = "skip",
+        when_exhausted: SkipMode = "fail",
     ) -> Callable[[Handler], Step]:
-        """Decorate a step handler ``(input_or_deps, ctx) -> output``."""
+        """Decorate a step handler ``(input_or_deps, ctx) -> output``.
+
+        ``if_`` / ``if_not``: JSON object patterns the step's input (the flow input of a root
+        step, ``{dep: output}`` of a dependent one) must / must not contain (PostgreSQL's
+        ``@>``); ``when_unmet`` (default ``"skip"``) and ``when_exhausted`` (after the last
+        attempt failed; default ``"fail"``) are ``"fail"``, ``"skip"`` or ``"skip-cascade"``.
+        """
+        given = locals()
+        options = {name: given[name] for name in STEP_DEFAULTS}
         if callable(slug):
             raise DefinitionError(
                 f"flow {self.slug!r}: use @flow.step() with parentheses"
             )
 
         def decorate(fn: Handler) -> Step:
-            return self._add_step(
-                fn, slug, "single", depends_on, max_attempts, base_delay, timeout, start_delay,
-                isolation,
-            )
+            return self._add_step(fn, slug, "single", depends_on, options)
 
         return decorate
 
@@ -239,17 +233,25 @@ class Flow:
         timeout: float | None = None,
         start_delay: float = 0,
         isolation: Isolation | None = None,
+        if_: dict[str, Any] | None = None,
+        if_not: dict[str, Any] | None = None,
+        when_unmet: SkipMode = "skip",
+        when_exhausted: SkipMode = "fail",
     ) -> Callable[[Handler], Step]:
-        """Decorate a map step: one task per element of ``array``'s output (or of the flow input)."""
+        """Decorate a map step: one task per element of ``array``'s output (or of the flow input).
+
+        The condition options are those of :meth:`step`; a map's condition is checked against
+        ``{array: output}`` (or the flow input of a root map), and a map whose ``array`` step
+        was skipped runs over ``[]``.
+        """
+        given = locals()
+        options = {name: given[name] for name in STEP_DEFAULTS}
         if callable(slug):
             raise DefinitionError(f"flow {self.slug!r}: use @flow.map() with parentheses")
         deps: list[str | Step] = [] if array is None else [array]
 
         def decorate(fn: Handler) -> Step:
-            return self._add_step(
-                fn, slug, "map", deps, max_attempts, base_delay, timeout, start_delay,
-                isolation,
-            )
+            return self._add_step(fn, slug, "map", deps, options)
 
         return decorate
 
@@ -295,9 +297,19 @@ class Flow:
     # see in a runner and may mutate its input without changing what another step sees.
 
     def _step_calls(
-        self, step_slug: str, value_json: str | None, input_json: str, ctx: Context | None
-    ) -> Generator[_Call, Any, str]:
-        """Run one step on ``value_json`` (``None``: the flow input); return its output JSON."""
+        self,
+        step_slug: str,
+        value_json: str | None,
+        input_json: str,
+        ctx: Context | None,
+        skip_failures: bool = False,
+    ) -> Generator[_Call, Any, str | None]:
+        """Run one step on ``value_json`` (``None``: the flow input); return its output JSON.
+
+        With ``skip_failures`` (``when_exhausted`` skips) a failed handler ends the step with
+        ``None`` instead of raising; a map stops at its first failed task, as the runner
+        cancels the others.
+        """
         fn = self.handler(step_slug)
         step = self.definition.step(step_slug)
         where = self._where(step_slug)
@@ -305,8 +317,10 @@ class Flow:
         if step.step_type == "single":
             flow_input = loads(input_json)
             value = flow_input if value_json is None else loads(value_json)
-            output = yield fn, value, self._step_context(step_slug, flow_input, ctx, None)
-            return _output_json(output, where)
+            return (yield from _attempt(
+                fn, value, self._step_context(step_slug, flow_input, ctx, None), where,
+                skip_failures,
+            ))
         array = loads(input_json if value_json is None else value_json)
         if not isinstance(array, list):
             source = step.depends_on[0] if step.depends_on else "the flow input"
@@ -317,12 +331,15 @@ class Flow:
         outputs = []
         for i, item in enumerate(array):
             task_ctx = self._step_context(step_slug, loads(input_json), ctx, i)
-            outputs.append(_output_json((yield fn, item, task_ctx), f"{where}, task {i}"))
+            output = yield from _attempt(fn, item, task_ctx, f"{where}, task {i}", skip_failures)
+            if output is None:
+                return None
+            outputs.append(output)
         return f"[{','.join(outputs)}]"
 
     def _run_calls(self, input: Any, ctx: Context | None) -> Generator[_Call, Any, Any]:
         definition = self.definition
-        input_json = _input_json(input, f"flow {self.slug!r}")
+        input_json = _input_json(input, f"{self._kind} {self.slug!r}")
         for root in definition.root_steps:
             if root.step_type == "map" and not isinstance(input, (list, tuple)):
                 raise InputError(
@@ -332,19 +349,38 @@ class Flow:
         if ctx is None:
             # One run id for the whole run, as in the runtime.
             ctx = Context(flow_slug=self.slug, step_slug=definition.steps[0].slug)
-        outputs: dict[str, str] = {}
+        outputs: dict[str, str] = {}  # of the steps that completed
+        cascading: set[str] = set()  # skipped steps whose dependents are skipped too
         for step in definition.steps:
+            if any(d in cascading for d in step.depends_on):
+                cascading.add(step.slug)  # skip_reason "dependency_skipped"
+                continue
+            # A skipped dependency is left out of the deps; a map over it runs over [].
+            deps = ",".join(
+                f"{_json.dumps(d)}:{outputs[d]}" for d in step.depends_on if d in outputs
+            )
             if not step.depends_on:
                 value_json = None
             elif step.step_type == "map":
-                value_json = outputs[step.depends_on[0]]
+                value_json = outputs.get(step.depends_on[0], "[]")
             else:
-                deps = ",".join(f"{_json.dumps(d)}:{outputs[d]}" for d in step.depends_on)
                 value_json = f"{{{deps}}}"
-            outputs[step.slug] = yield from self._step_calls(step.slug, value_json, input_json, ctx)
-        if definition.kind == "job":
-            return _json.loads(outputs[definition.steps[0].slug])
-        return {leaf.slug: _json.loads(outputs[leaf.slug]) for leaf in definition.leaf_steps}
+            if step.conditional and not condition_met(
+                step.if_, step.if_not, input_json if not step.depends_on else f"{{{deps}}}"
+            ):
+                if step.when_unmet == "fail":
+                    raise PgflowError(f"{self._where(step.slug)}: {CONDITION_NOT_MET}")
+                if step.when_unmet == "skip-cascade":
+                    cascading.add(step.slug)
+                continue
+            output = yield from self._step_calls(
+                step.slug, value_json, input_json, ctx, step.when_exhausted != "fail"
+            )
+            if output is not None:
+                outputs[step.slug] = output
+            elif step.when_exhausted == "skip-cascade":
+                cascading.add(step.slug)
+        return _run_output(definition, outputs)
 
     async def aperform(self, input: Any = None, ctx: Context | None = None) -> Any:
         """Run the whole flow in this event loop, step by step, and return the run output.
@@ -379,6 +415,7 @@ class Flow:
         else:
             flow_input_json = _input_json(ctx.flow_input, f"{where}: ctx.flow_input")
             output_json = yield from self._step_calls(step_slug, input_json, flow_input_json, ctx)
+        assert output_json is not None  # failures raise: no skip_failures here
         return _json.loads(output_json)
 
     async def aperform_step(self, step_slug: str, input: Any = None, ctx: Context | None = None) -> Any:
@@ -393,9 +430,17 @@ class Flow:
 class Job(Flow):
     """A flow with exactly one step, made by :func:`job`. Calling it calls the plain function."""
 
-    def __init__(self, fn: Handler, *, queue: str, step_slug: str | None, **options: Any) -> None:
+    def __init__(
+        self,
+        fn: Handler,
+        *,
+        queue: str,
+        step_slug: str | None,
+        conditions: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(queue, _kind="job", **options)
-        self._add_step(fn, step_slug or queue, "single", (), None, None, None, 0)
+        self._add_step(fn, step_slug or queue, "single", (), conditions or {})
         self.fn = fn
         self.__doc__ = getattr(fn, "__doc__", None)
         self.__wrapped__ = fn
@@ -407,13 +452,34 @@ class Job(Flow):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
-    def _run_calls(self, input: Any, ctx: Context | None) -> Generator[_Call, Any, Any]:
-        input_json = _input_json(input, f"job {self.slug!r}")
-        output_json = yield from self._step_calls(self.step_slug, None, input_json, ctx)
-        return _json.loads(output_json)
 
 
 _Call = tuple[Handler, Any, Context]
+
+
+def _attempt(
+    fn: Handler, value: Any, ctx: Context, where: str, skip_failures: bool
+) -> Generator[_Call, Any, str | None]:
+    """One handler call: its output JSON, or ``None`` if it failed and ``skip_failures``."""
+    try:
+        return _output_json((yield fn, value, ctx), where)
+    except Exception:
+        if not skip_failures:
+            raise
+        return None
+
+
+def _run_output(definition: FlowDefinition, outputs: dict[str, str]) -> Any:
+    """A run's output from its completed steps' outputs (JSON): a job's one output, else
+    ``{leaf: output}`` over the leaves that completed, ``None`` when none did."""
+    if definition.kind == "job":
+        only = outputs.get(definition.steps[0].slug)
+        return None if only is None else _json.loads(only)
+    leaves = {
+        leaf.slug: _json.loads(outputs[leaf.slug])
+        for leaf in definition.leaf_steps if leaf.slug in outputs
+    }
+    return leaves or None
 
 
 def _input_json(value: Any, where: str) -> str:
@@ -438,14 +504,22 @@ def _output_json(output: Any, where: str) -> str:
         ) from None
 
 
+# A handler's exception is thrown into the walk, which re-raises it unchanged unless its step
+# skips when exhausted.
+
+
 async def _drive_async(calls: Generator[_Call, Any, Any]) -> Any:
     try:
         fn, value, ctx = next(calls)
         while True:
-            result = fn(value, ctx)
-            if inspect.isawaitable(result):
-                result = await result
-            fn, value, ctx = calls.send(result)
+            try:
+                result = fn(value, ctx)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:
+                fn, value, ctx = calls.throw(exc)
+            else:
+                fn, value, ctx = calls.send(result)
     except StopIteration as done:
         return done.value
 
@@ -454,12 +528,23 @@ def _drive_sync(calls: Generator[_Call, Any, Any], name: str) -> Any:
     try:
         fn, value, ctx = next(calls)
         while True:
-            result = fn(value, ctx)
-            if inspect.isawaitable(result):
-                result = _await_here(result, name)
-            fn, value, ctx = calls.send(result)
+            try:
+                result = fn(value, ctx)
+                if inspect.isawaitable(result):
+                    result = _await_here(result, name)
+            except _AsyncInLoop:
+                raise
+            except Exception as exc:
+                fn, value, ctx = calls.throw(exc)
+            else:
+                fn, value, ctx = calls.send(result)
     except StopIteration as done:
         return done.value
+
+
+class _AsyncInLoop(RuntimeError):
+    """``perform`` met an async handler inside a running event loop: a usage error, never a
+    handler failure."""
 
 
 def _await_here(awaitable: Any, name: str) -> Any:
@@ -469,7 +554,7 @@ def _await_here(awaitable: Any, name: str) -> Any:
         return asyncio.run(_awaited(awaitable))
     if inspect.iscoroutine(awaitable):
         awaitable.close()
-    raise RuntimeError(
+    raise _AsyncInLoop(
         f"{name}() met an async handler inside a running event loop; use 'await ...a{name}(...)'"
     )
 
@@ -517,6 +602,10 @@ def job(
     cron_input: Any = None,
     concurrency: int | None = None,
     isolation: Isolation = "thread",
+    if_: dict[str, Any] | None = None,
+    if_not: dict[str, Any] | None = None,
+    when_unmet: SkipMode = "skip",
+    when_exhausted: SkipMode = "fail",
 ) -> Callable[[Handler], Job]: ...
 def job(
     fn: Handler | None = None,
@@ -535,6 +624,10 @@ def job(
     cron_input: Any = None,
     concurrency: int | None = None,
     isolation: Isolation = "thread",
+    if_: dict[str, Any] | None = None,
+    if_not: dict[str, Any] | None = None,
+    when_unmet: SkipMode = "skip",
+    when_exhausted: SkipMode = "fail",
 ) -> Job | Callable[[Handler], Job]:
     """Make a function a job: a flow with one step whose slug is the queue.
 
@@ -542,14 +635,13 @@ def job(
     of ``PgFlow.Job``: ``max_attempts=1``, ``base_delay=1`` s, ``timeout=30`` s. Also
     ``backoff``/``max_delay``/``jitter`` (retry delays), ``on_failure``/``on_dead`` (hooks),
     ``cron``/``cron_input`` (start a run per tick) and ``concurrency`` (cap on running tasks).
+    ``if_``/``if_not``/``when_unmet``/``when_exhausted`` are the condition options of its one
+    step (see :meth:`Flow.step`): checked against the job's input; a skipped job completes with
+    output ``None``.
     """
-    options: dict[str, Any] = {
-        "max_attempts": max_attempts, "base_delay": base_delay, "timeout": timeout,
-        "backoff": backoff, "max_delay": max_delay, "jitter": jitter,
-        "on_failure": on_failure, "on_dead": on_dead,
-        "cron": cron, "cron_input": cron_input, "concurrency": concurrency,
-        "isolation": isolation,
-    }
+    given = locals()
+    options = {name: given[name] for name in FLOW_DEFAULTS}
+    conditions = {name: given[name] for name in CONDITION_OPTIONS}
 
     def decorate(f: Handler) -> Job:
         if isinstance(f, Flow):
@@ -557,7 +649,10 @@ def job(
         _check_handler(f, f"job {queue!r}")
         slug = queue if queue is not None else getattr(f, "__name__", None)
         step_slug = getattr(f, _PERFORM_ATTR, None)
-        return Job(f, queue=slug, step_slug=step_slug, **options)  # type: ignore[arg-type]
+        return Job(
+            f, queue=slug, step_slug=step_slug, conditions=conditions,  # type: ignore[arg-type]
+            on_failure=on_failure, on_dead=on_dead, **options,
+        )
 
     if fn is not None:
         return decorate(fn)
@@ -580,12 +675,14 @@ def flow(
     concurrency: int | None = None,
     isolation: Isolation = "thread",
 ) -> Flow:
-    """Create a multi-step flow; add steps with ``@the_flow.step()`` and ``@the_flow.map()``."""
+    """Create a multi-step flow; add steps with ``@the_flow.step()`` and ``@the_flow.map()``.
+
+    Options and defaults are those of :func:`job` (:data:`~pgflow_py.definition.FLOW_DEFAULTS`).
+    """
+    given = locals()
     return Flow(
-        slug, max_attempts=max_attempts, base_delay=base_delay, timeout=timeout,
-        backoff=backoff, max_delay=max_delay, jitter=jitter,
-        on_failure=on_failure, on_dead=on_dead, cron=cron, cron_input=cron_input,
-        concurrency=concurrency, isolation=isolation,
+        slug, on_failure=on_failure, on_dead=on_dead,
+        **{name: given[name] for name in FLOW_DEFAULTS},
     )
 
 

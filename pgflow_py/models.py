@@ -69,7 +69,7 @@ class TaskRun:
 @attrs.frozen
 class StepRun:
     """One step of a run: ``created`` (waiting for dependencies), ``started``, ``completed``,
-    ``failed`` or ``cancelled``."""
+    ``skipped``, ``failed`` or ``cancelled``."""
 
     slug: str
     status: str
@@ -77,6 +77,10 @@ class StepRun:
     output: Any
     error: str | None
     tasks: tuple[TaskRun, ...] = ()
+    skip_reason: str | None = None
+    """Why a ``skipped`` step was skipped: ``"condition_unmet"`` (its ``if_``/``if_not`` did
+    not hold), ``"handler_failed"`` (its last attempt failed and ``when_exhausted`` skips; its
+    ``error`` is that attempt's) or ``"dependency_skipped"`` (a ``skip-cascade`` above it)."""
 
 
 @attrs.frozen

@@ -161,7 +161,7 @@ def _render_steps(steps: tuple[StepRun, ...], width: int) -> list[str]:
     styles = []
     for step in steps:
         note = step.error or ""
-        reason = getattr(step, "skip_reason", None)
+        reason = step.skip_reason
         if reason:
             note = f"({reason}) {note}".strip()
         rows.append([step.slug, step.status, str(step.attempts), note])

@@ -152,6 +152,10 @@ class _StartPlan:
     steps: tuple[StepRun, ...]
 
 
+_STEP_ENDED = frozenset({"completed", "skipped", "failed"})
+"""The statuses of a step that :meth:`Store.wait` with ``step=`` waits for."""
+
+
 class Store:
     """Runs and definitions in a database. Create with :func:`connect`; use as a context manager."""
 
@@ -489,8 +493,14 @@ class Store:
         """The stored flow definitions, by slug."""
         return self.backend.definitions()
 
-    def wait(self, run_id: str, timeout: float | timedelta | None = None) -> Run:
+    def wait(
+        self, run_id: str, timeout: float | timedelta | None = None, *, step: str | None = None
+    ) -> Run:
         """Block until the run is completed, failed or cancelled; return it.
+
+        With ``step="slug"``: until that step is completed, skipped or failed (pgflow's
+        ``FlowStep.waitForStatus``), or the run has ended without it (cancelled, or failed
+        by another step); the run is returned as it is then.
 
         Raises :class:`~pgflow_py.WaitTimeout` after ``timeout`` real seconds (a finite,
         non-negative number or a timedelta; ``None`` waits for good).
@@ -502,18 +512,37 @@ class Store:
         pause = 0.001
         while True:
             run = self.get_run(run_id)
-            if run.status.is_terminal:
+            if step is not None:
+                status = self._step_status(run, step)
+                if status in _STEP_ENDED or run.status.is_terminal:
+                    return run
+            elif run.status.is_terminal:
                 return run
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise WaitTimeout(
-                    f"run {run_id} is still {run.status.value} after {timeout}s; "
-                    "is a runner serving its flow?"
+                what = (
+                    f"step {step!r} of run {run_id} is still {status}"
+                    if step is not None else f"run {run_id} is still {run.status.value}"
                 )
+                raise WaitTimeout(f"{what} after {timeout}s; is a runner serving its flow?")
             # Woken at once by a runner in this process; polls for runners elsewhere.
             with self._finished:
                 self._finished.wait(pause if remaining is None else min(pause, remaining))
             pause = min(pause * 2, 0.05)
+
+    def _step_status(self, run: Run, step: str) -> str:
+        """The status of ``step`` in ``run`` (``created`` while it has no row yet); an unknown
+        step slug raises :class:`~pgflow_py.InputError`."""
+        for found in run.steps:
+            if found.slug == step:
+                return found.status
+        definition = self.backend.get_definition(run.flow_slug)
+        slugs = [] if definition is None else list(definition.step_slugs)
+        if step not in slugs:
+            raise InputError(
+                f"flow {run.flow_slug!r} has no step {step!r}; wait on one of its steps: {slugs}"
+            )
+        return "created"
 
     # --- control -------------------------------------------------------------------------------
 

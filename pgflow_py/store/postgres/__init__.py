@@ -28,10 +28,11 @@ log = logging.getLogger("pgflow_py.store")
 
 __all__ = ("SCHEMA_VERSION", "PostgresBackend")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _MIGRATIONS = {
     1: "postgres_0001_initial.sql", 2: "postgres_0002_operations.sql",
     3: "postgres_0003_trace_context.sql", 4: "postgres_0004_throughput.sql",
+    5: "postgres_0005_conditions.sql",
 }
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -241,7 +242,9 @@ class PostgresBackend(SqlBackend):
                     f"(schema version {version}; this version knows up to {SCHEMA_VERSION}); "
                     "upgrade pgflow_py to use it"
                 )
-            for target in range(version + 1, SCHEMA_VERSION + 1):
+            # A version without a file here is one this branch skipped (its number was taken by
+            # a migration of another branch); the merge fills it in.
+            for target in sorted(t for t in _MIGRATIONS if version < t <= SCHEMA_VERSION):
                 sql = resources.files(__package__) / "schema" / _MIGRATIONS[target]
                 self._db.execute(sql.read_text(encoding="utf-8"))
                 self._db.execute(

@@ -273,11 +273,13 @@ class _Batches(_Steps):
         for d, run_id, priority, step, known in ready:
             if run_id in failed:
                 continue
-            if step.step_type == "single" and known is not None:
+            graph = self._graph(d)
+            if (step.step_type == "single" and known is not None
+                    and step.slug not in graph.conditional):
                 slug, output = known
                 states.append((run_id, step.slug))
                 tasks.append((run_id, d.slug, self._definitions[d.slug][0], step.slug, None,
-                               self._graph(d).max_attempts[step.slug], priority,
+                               graph.max_attempts[step.slug], priority,
                                now + step.start_delay, f"{{{_json.dumps(slug)}:{output}}}", now))
                 continue
             done = self._begin_step(c, d, run_id, priority, step, now, known)

@@ -65,11 +65,14 @@ class _Control(_Claims):
             "RETURNING flow_slug, priority",
             (run_id,),
         ).fetchone()
-        # Tasks that did not complete run again with fresh attempts; history is kept.
+        # Tasks that did not complete run again with fresh attempts; history is kept. Those
+        # of a skipped step (when_exhausted) stay as they are: the step ended.
         c.execute(
             "UPDATE step_tasks SET status = 'queued', attempts = 0, run_at = ?, "
-            "finished_at = NULL WHERE run_id = ? AND status IN ('failed', 'cancelled')",
-            (now, run_id),
+            "finished_at = NULL WHERE run_id = ? AND status IN ('failed', 'cancelled') "
+            "AND step_slug NOT IN (SELECT s.step_slug FROM step_states s "
+            "WHERE s.run_id = ? AND s.status = 'skipped')",
+            (now, run_id, run_id),
         )
         # Steps that had tasks go back to work; the others wait for their dependencies.
         c.execute(
@@ -86,13 +89,17 @@ class _Control(_Claims):
             "WHERE run_id = ? AND status IN ('failed', 'cancelled') AND remaining_tasks IS NULL",
             (run_id,),
         )
-        # Waiting steps count again the dependencies that have not completed (a step
-        # started on its sole dependency never had its count decremented).
+        # Waiting steps count again the dependencies that have not ended (a step started on
+        # its sole dependency never had its count decremented). A skipped dependency has
+        # ended: a waiting step below it was not skipped with it, so the skip was plain.
         statuses = dict(c.execute(
             "SELECT step_slug, status FROM step_states WHERE run_id = ?", (run_id,)
         ).fetchall())
         waiting = {
-            slug: sum(statuses.get(dep) != "completed" for dep in d.step(slug).depends_on)
+            slug: sum(
+                statuses.get(dep) not in ("completed", "skipped")
+                for dep in d.step(slug).depends_on
+            )
             for slug, status in statuses.items() if status == "created"
         }
         c.executemany(

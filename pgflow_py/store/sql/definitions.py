@@ -12,13 +12,31 @@ from .connection import Conn, _Connection
 class _Graph:
     """What completing steps needs of a definition, looked up once per definition."""
 
-    __slots__ = ("definition", "dependents", "leaves", "max_attempts")
+    __slots__ = (
+        "conditional", "definition", "dependents", "downstream", "leaves", "max_attempts",
+        "skip_exhausted",
+    )
 
     def __init__(self, d: FlowDefinition) -> None:
         self.definition = d
         self.dependents = {s.slug: d.dependents(s.slug) for s in d.steps}
         self.leaves = tuple(s.slug for s in d.leaf_steps)
         self.max_attempts = {s.slug: d.effective(s.slug).max_attempts for s in d.steps}
+        # Conditional execution: empty for most flows, which then take no other path.
+        self.conditional = frozenset(s.slug for s in d.steps if s.conditional)
+        self.skip_exhausted = {
+            s.slug: s.when_exhausted for s in d.steps if s.when_exhausted != "fail"
+        }
+        # Every step below each step (its dependents, theirs, ...), in topological order.
+        below: dict[str, set[str]] = {}
+        for step in reversed(d.steps):
+            below[step.slug] = set()
+            for dependent in self.dependents[step.slug]:
+                below[step.slug] |= {dependent.slug} | below[dependent.slug]
+        order = {s.slug: i for i, s in enumerate(d.steps)}
+        self.downstream = {
+            slug: tuple(sorted(steps, key=order.__getitem__)) for slug, steps in below.items()
+        }
 
 
 

@@ -58,6 +58,7 @@ class _Reading(_Control):
     # walking it backwards stops after `limit` rows instead of sorting them all.
     _NEWEST_FIRST = "r.rowid DESC"
     _SEQ = "rowid"  # the column of that order
+    _SKIP_REASON = "skip_reason"  # the column (schema version 6 on SQLite, 5 on PostgreSQL)
 
     def get_run(self, run_id: str) -> Run | None:
         """The run, or ``None``. An input or output whose stored JSON cannot be decoded reads as
@@ -120,8 +121,8 @@ class _Reading(_Control):
             ids = [r[0] for r in rows]
             marks = placeholders(len(ids))
             step_rows = conn.execute(
-                "SELECT run_id, step_slug, status, output, error FROM step_states "
-                f"WHERE run_id IN ({marks})",
+                f"SELECT run_id, step_slug, status, output, error, {self._SKIP_REASON} "
+                f"FROM step_states WHERE run_id IN ({marks})",
                 ids,
             ).fetchall()
             task_rows = conn.execute(
@@ -149,7 +150,7 @@ class _Reading(_Control):
             )
             tasks.setdefault((run_id, step), []).append((record, started))
         steps: dict[str, dict[str, StepRun]] = {}
-        for run_id, step, status, output, error in step_rows:
+        for run_id, step, status, output, error, skip_reason in step_rows:
             step_tasks = sorted(tasks.get((run_id, step), []), key=lambda t: t[0].index or 0)
             steps.setdefault(run_id, {})[step] = StepRun(
                 slug=step,
@@ -158,6 +159,7 @@ class _Reading(_Control):
                 output=decode(output),
                 error=error,
                 tasks=tuple(t for t, _ in step_tasks),
+                skip_reason=skip_reason,
             )
         for (run_id, step), step_tasks in tasks.items():
             if step not in steps.get(run_id, {}):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ...definition import FlowDefinition
+from ...conditions import CONDITION_NOT_MET, Skip, condition_met
+from ...definition import FlowDefinition, StepDefinition
 from ..base import NewRun
 from .batches import _Batches
 
@@ -60,11 +61,20 @@ class _Starting(_Batches):
             tasks: list[tuple[Any, ...]] = []
             empty_maps: list[tuple[NewRun, str]] = []
             max_attempts_of = self._graph(d).max_attempts
+            conditional = self._graph(d).conditional
+            unmet: list[tuple[NewRun, StepDefinition]] = []  # root steps whose condition fails
             job = d.kind == "job"  # a job's one step keeps its state in its task
             for r in fresh:
                 for step in d.steps:
                     if step.depends_on:
                         states.append((r.id, step.slug, "created", len(step.depends_on), None, None))
+                        continue
+                    if conditional and step.slug in conditional and not condition_met(
+                        step.if_, step.if_not, r.input_json
+                    ):
+                        # No task; a state row (a job's too) to fail or skip below.
+                        states.append((r.id, step.slug, "created", 0, None, None))
+                        unmet.append((r, step))
                         continue
                     max_attempts = max_attempts_of[step.slug]
                     due = r.run_at + step.start_delay
@@ -91,6 +101,14 @@ class _Starting(_Batches):
                 states,
             )
             self._insert(c, self._INSERT_TASKS, self._TASK_VALUES, tasks)
+            for r, step in unmet:
+                if step.when_unmet == "fail":
+                    self._fail_run(c, r.id, step.slug, CONDITION_NOT_MET, now, report=False)
+                    continue
+                skip = Skip("condition_unmet", cascade=step.when_unmet == "skip-cascade")
+                self._complete_steps(
+                    c, d, r.id, r.priority, [(step.slug, skip)], now, [], not_before=r.run_at
+                )
             for r, slug in empty_maps:  # a root map over an empty array completes at once
                 self._complete_steps(
                     c, d, r.id, r.priority, [(slug, "[]")], now, [], not_before=r.run_at

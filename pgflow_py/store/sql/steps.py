@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ... import _json
+from ...conditions import CONDITION_NOT_MET, Skip, condition_met
 from ...definition import FlowDefinition, StepDefinition
 from ..base import RunFailure, TaskFailure, TaskSuccess, Undecodable
 from .connection import Conn, placeholders
@@ -108,7 +109,7 @@ class _Steps(_Definitions):
         now: float,
         items: Sequence[str] | None,
         input_json: str | None = None,
-    ) -> list[tuple[str, str]]:
+    ) -> list[tuple[str, str | Skip]]:
         """Queue a step's tasks; a map over no items completes at once.
 
         Returns ``(step_slug, output_json)`` of a step that completed immediately, for cascading.
@@ -136,7 +137,14 @@ class _Steps(_Definitions):
                  for i, item in enumerate(items)],
             )
             return []
-        c.execute(self._START_SINGLES_FROM.format("(?, ?)"), (now, run_id, step.slug))
+        if d.kind == "job":
+            # Only a retry starts a job's step here (a run its condition had failed): the
+            # step keeps its state in its task again.
+            c.execute(
+                "DELETE FROM step_states WHERE run_id = ? AND step_slug = ?", (run_id, step.slug)
+            )
+        else:
+            c.execute(self._START_SINGLES_FROM.format("(?, ?)"), (now, run_id, step.slug))
         self._insert(
             c, self._INSERT_TASKS, self._TASK_VALUES,
             [(run_id, d.slug, version, step.slug, None, max_attempts, priority, run_at,
@@ -201,37 +209,47 @@ class _Steps(_Definitions):
         d: FlowDefinition,
         run_id: str,
         priority: int,
-        done: list[tuple[str, str]],
+        done: list[tuple[str, str | Skip]],
         now: float,
         finished: list[str],
         not_before: float = 0.0,
         started_at: float | None = None,
     ) -> None:
-        """Mark steps completed and start the dependents that became ready, cascading.
+        """Mark steps completed (or skipped: a :class:`Skip` for output) and start the
+        dependents that became ready, cascading.
 
         Dependents are due no earlier than ``not_before`` (a delayed run's start time);
-        ``started_at`` is when the completing attempt started.
+        ``started_at`` is when the completing attempt started. A plain skip readies dependents
+        as a completion does (they receive deps without the skipped step); a cascading one
+        skips every step below it too.
         """
         while done:
             step_slug, output = done.pop()
+            skip = output if type(output) is Skip else None
             if d.kind == "job":
                 # A job's one step is its leaf (and has no state row): finish the run.
-                if c.execute(
+                if skip is not None:
+                    self._skip_job(c, run_id, step_slug, skip, now, started_at, finished)
+                elif c.execute(
                     self._COMPLETE_JOB_RUNS_FROM.format(self._RUN_RESULT),
                     (now, run_id, output, started_at, None),
                 ).rowcount:
                     finished.append(run_id)
                 return
-            updated = c.execute(
-                "UPDATE step_states SET status = 'completed', output = ?, remaining_tasks = 0, "
-                "finished_at = ? WHERE run_id = ? AND step_slug = ? AND status != 'completed'",
-                (output, now, run_id, step_slug),
-            ).rowcount
+            if skip is not None:
+                updated = self._mark_skipped(c, d, run_id, step_slug, skip, now)
+            else:
+                updated = c.execute(
+                    "UPDATE step_states SET status = 'completed', output = ?, "
+                    "remaining_tasks = 0, finished_at = ? WHERE run_id = ? AND step_slug = ? "
+                    "AND status IN ('created', 'started')",
+                    (output, now, run_id, step_slug),
+                ).rowcount
             left = c.execute(
                 "UPDATE runs SET remaining_steps = remaining_steps - ?, "
                 "started_at = coalesce(started_at, ?) "
                 "WHERE id = ? AND status = 'started' RETURNING remaining_steps",
-                (1 if updated else 0, started_at, run_id),
+                (updated, started_at, run_id),
             ).fetchone()
             if left is None:
                 return  # the run failed or was cancelled meanwhile
@@ -239,13 +257,18 @@ class _Steps(_Definitions):
                 self._finish_run_completed(c, d, run_id, now)
                 finished.append(run_id)
                 return
+            if not updated:
+                continue  # the step had ended before: its dependents were handled then
+            if skip is not None and skip.cascade:
+                continue  # everything below it is skipped too
             for dependent in self._graph(d).dependents[step_slug]:
                 known: tuple[str, str] | None = None
-                if not updated:
-                    break  # the step had completed before: its dependents were handled then
                 if len(dependent.depends_on) == 1:
-                    # Its only dependency just completed: it is ready, and we hold the output.
-                    known = (step_slug, output)
+                    # Its only dependency just ended: it is ready, and we hold the output
+                    # (a skipped dependency leaves it none).
+                    if skip is None:
+                        # (output is the str of a completion when skip is None)
+                        known = (step_slug, output)  # type: ignore[assignment]
                 else:
                     ready = c.execute(
                         "UPDATE step_states SET remaining_deps = remaining_deps - 1 "
@@ -263,6 +286,89 @@ class _Steps(_Definitions):
                     return
                 done.extend(started)
 
+    def _mark_skipped(
+        self, c: Conn, d: FlowDefinition, run_id: str, step_slug: str, skip: Skip, now: float
+    ) -> int:
+        """Mark a step skipped (with everything below it, for a cascade); return how many
+        steps that ended. Its tasks still queued or running are cancelled: their late results
+        change nothing."""
+        skipped: int = c.execute(
+            "UPDATE step_states SET status = 'skipped', skip_reason = ?, error = ?, "
+            "output = NULL, finished_at = ? WHERE run_id = ? AND step_slug = ? "
+            "AND status IN ('created', 'started')",
+            (skip.reason, skip.error, now, run_id, step_slug),
+        ).rowcount
+        if not skipped:
+            return 0
+        if skip.reason == "handler_failed":  # a map's other tasks
+            c.execute(
+                "UPDATE step_tasks SET status = 'cancelled', finished_at = ?, lease_owner = NULL, "
+                "lease_expires = NULL WHERE run_id = ? AND step_slug = ? "
+                "AND status IN ('queued', 'started')",
+                (now, run_id, step_slug),
+            )
+        below = self._graph(d).downstream[step_slug] if skip.cascade else ()
+        if below:
+            # Nothing below a step that had not completed can have started.
+            skipped += c.execute(
+                "UPDATE step_states SET status = 'skipped', skip_reason = 'dependency_skipped', "
+                "finished_at = ? WHERE run_id = ? AND status = 'created' "
+                f"AND step_slug IN ({placeholders(len(below))})",
+                (now, run_id, *below),
+            ).rowcount
+        return skipped
+
+    def _skip_job(
+        self,
+        c: Conn,
+        run_id: str,
+        step_slug: str,
+        skip: Skip,
+        now: float,
+        started_at: float | None,
+        finished: list[str],
+    ) -> None:
+        """A skipped job completes with output ``None``; its step gets a state row, so the
+        skip and its reason can be read back."""
+        if not c.execute(
+            self._COMPLETE_JOB_RUNS_FROM.format(self._RUN_RESULT),
+            (now, run_id, None, started_at, None),
+        ).rowcount:
+            return
+        c.execute(
+            "DELETE FROM step_states WHERE run_id = ? AND step_slug = ?", (run_id, step_slug)
+        )
+        c.execute(
+            "INSERT INTO step_states (run_id, step_slug, status, remaining_deps, skip_reason, "
+            "error, finished_at) VALUES (?, ?, 'skipped', 0, ?, ?, ?)",
+            (run_id, step_slug, skip.reason, skip.error, now),
+        )
+        finished.append(run_id)
+
+    def _unmet(
+        self, c: Conn, step: StepDefinition, run_id: str, value_json: str, now: float
+    ) -> Skip | None:
+        """Check a conditional step's condition on its input ``value_json``: ``None`` if it
+        holds, else the skip to apply. Raises :class:`_RunFailed` after failing the run
+        (``when_unmet="fail"``, or a value that cannot be read)."""
+        try:
+            met = condition_met(step.if_, step.if_not, value_json)
+        except Exception as exc:
+            # Not raised: that would undo the whole batch of results, again on every try.
+            self._fail_run(
+                c, run_id, step.slug,
+                f"the condition of step {step.slug!r} cannot be checked: "
+                f"{Undecodable.of(exc).error}",
+                now, report=False,
+            )
+            raise _RunFailed from None
+        if met:
+            return None
+        if step.when_unmet == "fail":
+            self._fail_run(c, run_id, step.slug, CONDITION_NOT_MET, now, report=False)
+            raise _RunFailed
+        return Skip("condition_unmet", cascade=step.when_unmet == "skip-cascade")
+
     def _begin_step(
         self,
         c: Conn,
@@ -273,19 +379,36 @@ class _Steps(_Definitions):
         now: float,
         known: tuple[str, str] | None = None,
         due_from: float | None = None,
-    ) -> list[tuple[str, str]] | None:
-        """Start a step whose dependencies are all complete, handing it their outputs.
+    ) -> list[tuple[str, str | Skip]] | None:
+        """Start a step whose dependencies have all ended, handing it the outputs of those
+        that completed (skipped ones are left out).
 
         ``known`` is the ``(slug, output)`` of a sole dependency the caller already holds.
-        Returns steps completed at once (an empty map), or ``None`` if the run failed because
-        a map step received something other than an array.
+        Returns steps that ended at once (an empty map, a skip), or ``None`` if the run failed
+        because a map step received something other than an array, or a condition failed it.
         """
         run_at = (now if due_from is None else due_from) + step.start_delay
         deps = [known] if known is not None else c.execute(
-            "SELECT step_slug, output FROM step_states WHERE run_id = ? "
+            "SELECT step_slug, output FROM step_states WHERE run_id = ? AND status = 'completed' "
             f"AND step_slug IN ({placeholders(len(step.depends_on))})",
             (run_id, *step.depends_on),
-        ).fetchall()
+        ).fetchall() if step.depends_on else []
+        conditional = step.slug in self._graph(d).conditional
+        if step.step_type == "single" or conditional:
+            deps_json = "{" + ",".join(f"{_json.dumps(slug)}:{out}" for slug, out in deps) + "}"
+        if conditional:
+            value_json = deps_json if step.depends_on else c.execute(
+                "SELECT input FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()[0]
+            try:
+                skip = self._unmet(c, step, run_id, value_json, now)
+            except _RunFailed:
+                return None
+            if skip is not None:
+                return [(step.slug, skip)]
+        if step.step_type == "map" and not deps:
+            # Its array's step was skipped: a map over nothing.
+            return self._start_step(c, d, step, run_id, priority, run_at, now, [])
         if step.step_type == "map":
             source, array_json = deps[0]
             try:
@@ -309,7 +432,6 @@ class _Steps(_Definitions):
                 )
                 return None
             return self._start_step(c, d, step, run_id, priority, run_at, now, items)
-        deps_json = "{" + ",".join(f"{_json.dumps(slug)}:{out}" for slug, out in deps) + "}"
         return self._start_step(c, d, step, run_id, priority, run_at, now, None, deps_json)
 
     def _finish_run_completed(
@@ -326,18 +448,22 @@ class _Steps(_Definitions):
             chunk = [run_id for _d, run_id in runs[start:start + 500]]
             for run_id, slug, output in c.execute(
                 "SELECT run_id, step_slug, output FROM step_states "
-                f"WHERE run_id IN ({placeholders(len(chunk))})",
+                f"WHERE run_id IN ({placeholders(len(chunk))}) AND status = 'completed'",
                 chunk,
             ).fetchall():
                 outputs.setdefault(run_id, {})[slug] = output
         c.executemany(
             "UPDATE runs SET status = 'completed', output = ?, finished_at = ? WHERE id = ?",
-            [
-                ("{" + ",".join(f"{_json.dumps(slug)}:{outputs[run_id][slug]}"
-                                for slug in self._graph(d).leaves) + "}", now, run_id)
-                for d, run_id in runs
-            ],
+            [(self._run_output(self._graph(d).leaves, outputs.get(run_id, {})), now, run_id)
+             for d, run_id in runs],
         )
+
+    @staticmethod
+    def _run_output(leaves: tuple[str, ...], outputs: dict[str, str]) -> str | None:
+        """``{leaf: output}`` over the leaves that completed; ``None`` when none did (a
+        skipped leaf is left out, as pgflow's ``jsonb_object_agg`` does)."""
+        parts = [f"{_json.dumps(slug)}:{outputs[slug]}" for slug in leaves if slug in outputs]
+        return "{" + ",".join(parts) + "}" if parts else None
 
     def _fail_task(
         self, c: Conn, f: TaskFailure, now: float, finished: list[str]
@@ -359,13 +485,22 @@ class _Steps(_Definitions):
             f"UPDATE step_tasks SET status = 'failed', error = ?, {history_sql}, finished_at = ?, "
             "lease_owner = NULL, lease_expires = NULL "
             "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
-            "RETURNING run_id, step_slug, task_index, started_at",
+            "RETURNING run_id, step_slug, task_index, started_at, flow_slug, flow_version, priority",
             (f.error, f.error, now, cap_traceback(f.traceback), now, f.task_id, f.attempt,
              f.claim),
         ).fetchone()
         if row is None:
             return
         self._mark_started(c, row[0], row[3])
+        d = self._definition(row[4], row[5])
+        mode = self._graph(d).skip_exhausted.get(row[1])
+        if mode is not None:
+            # when_exhausted skips: the step (a map: at its first exhausted task) ends skipped.
+            skip = Skip("handler_failed", cascade=mode == "skip-cascade", error=f.error)
+            self._complete_steps(
+                c, d, row[0], row[6], [(row[1], skip)], now, finished, started_at=row[3]
+            )
+            return
         if self._fail_run(c, row[0], row[1], f.error, now, (f.task_id, row[2], f.attempt)):
             finished.append(row[0])
 
@@ -377,8 +512,12 @@ class _Steps(_Definitions):
         error: str,
         now: float,
         task: tuple[int, int | None, int] | None = None,
+        report: bool = True,
     ) -> bool:
-        """Fail a run for good (``task``: the id, index and attempt of the task that did it)."""
+        """Fail a run for good (``task``: the id, index and attempt of the task that did it).
+
+        ``report=False``: not a failure for ``on_dead`` (an unmet condition; no handler failed).
+        """
         row = c.execute(
             "UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
             "WHERE id = ? AND status = 'started' RETURNING flow_slug, input",
@@ -386,7 +525,7 @@ class _Steps(_Definitions):
         ).fetchone()
         if row is None:
             return False
-        if self._failed_runs is not None:
+        if self._failed_runs is not None and report:
             task_id, index, attempt = task if task is not None else (None, None, 0)
             try:
                 flow_input = _json.loads(row[1])
@@ -415,3 +554,7 @@ class _Steps(_Definitions):
             "WHERE run_id = ? AND status IN ('created', 'started')",
             (now, run_id),
         )
+
+
+class _RunFailed(Exception):
+    """Raised by :meth:`_Steps._unmet` once it has failed the run (caught by its caller)."""
