@@ -42,9 +42,15 @@ def _total(items: list[dict[str, Any]]) -> float:
     return float(sum(i["price"] * i["qty"] for i in items))
 
 
-@orders.step(depends_on=[charge, reserve])
+@orders.step(if_={"gift": True})
+def wrap_gift(input: dict[str, Any], ctx: pf.Context) -> dict[str, Any]:
+    """Only for gifts: other orders skip it (its condition is not met) and ship without it."""
+    return {"wrapped": True}
+
+
+@orders.step(depends_on=[charge, reserve, wrap_gift])
 def ship(deps: dict[str, Any], ctx: pf.Context) -> dict[str, Any]:
-    return {"parcels": len(deps["reserve"]), "carrier": "DHL"}
+    return {"parcels": len(deps["reserve"]), "carrier": "DHL", "gift": "wrap_gift" in deps}
 
 
 @orders.step(depends_on=[ship])
@@ -73,7 +79,7 @@ FLOWS: list[pf.Flow] = [orders, send_email, nightly_report]
 
 def order(n: int, card: str = "visa") -> dict[str, Any]:
     return {
-        "order": n, "card": card, "email": f"buyer{n}@example.com",
+        "order": n, "card": card, "email": f"buyer{n}@example.com", "gift": n % 4 == 0,
         "items": [{"sku": f"SKU-{n}-{i}", "qty": 1 + i, "price": 9.5 + i} for i in range(1 + n % 3)],
     }
 

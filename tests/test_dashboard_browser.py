@@ -209,6 +209,8 @@ def test_retry_then_watch_the_run_complete_without_a_reload(
     for step in ["validate", "reserve", "charge", "ship", "notify"]:
         expect(page.locator(f'#dag .step-box[data-step="{step}"]')).to_have_attribute(
             "data-status", "completed")
+    expect(page.locator('#dag .step-box[data-step="wrap_gift"]')).to_have_attribute(
+        "data-status", "skipped")  # not a gift
     expect(page.locator("#run-output")).to_contain_text('"sent_to": "buyer9@example.com"')
     assert page.evaluate("window.loadedOnce") is True
     # the failed attempts of before the retry are kept, and the one the reader opened is open

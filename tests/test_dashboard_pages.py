@@ -177,11 +177,16 @@ def test_a_runs_dag_has_a_box_per_step_coloured_by_status_and_an_arrow_per_depen
     page = client.get(f"/runs/{named['declined']}").text
     assert boxes(page) == {
         "validate": "completed", "reserve": "completed", "charge": "failed",
-        "ship": "cancelled", "notify": "cancelled",
+        "wrap_gift": "skipped", "ship": "cancelled", "notify": "cancelled",
     }
     edges = set(re.findall(r'data-from="([^"]+)" data-to="([^"]+)"', page))
     assert edges == {("validate", "reserve"), ("validate", "charge"), ("charge", "ship"),
-                     ("reserve", "ship"), ("ship", "notify")}
+                     ("reserve", "ship"), ("wrap_gift", "ship"), ("ship", "notify")}
+    # not a gift: the conditional step was skipped, and says why
+    assert "skipped · condition not met" in page
+    assert re.search(r'<h3>wrap_gift <span class="status s-skipped">skipped</span>\s*'
+                     r'<span class="muted skip-reason" title="condition_unmet">condition not met</span>',
+                     page)
     assert re.search(r'class="step-box s-failed" data-step="charge"', page)
     # the order had one item: the map step ran one task
     assert "completed · 1/1 tasks" in page
@@ -217,7 +222,7 @@ def test_an_unfinished_run_offers_cancel(client: TestClient, named: dict[str, st
     assert 'data-action="cancel"' in page and 'data-action="retry"' not in page
     # waiting for a worker, not running; the steps after it wait for their dependencies
     assert boxes(page) == {"validate": "queued", "reserve": "created", "charge": "created",
-                           "ship": "created", "notify": "created"}
+                           "wrap_gift": "skipped", "ship": "created", "notify": "created"}
     assert re.search(r'<h3>validate <span class="status s-queued">queued</span>', page)
 
 

@@ -124,9 +124,19 @@ def step_status(state: StepRun | None) -> str:
     return "queued"
 
 
+SKIP_REASONS = {
+    "condition_unmet": "condition not met",
+    "handler_failed": "failed, skipped",
+    "dependency_skipped": "dependency skipped",
+}
+"""How the page words each :attr:`StepRun.skip_reason`."""
+
+
 def _detail(step_type: str, state: StepRun | None) -> str:
     if state is None:
         return "map" if step_type == "map" else ""
+    if state.status == "skipped":
+        return SKIP_REASONS.get(state.skip_reason or "", state.skip_reason or "")
     if step_type == "map":
         if state.status == "created":
             return "map"

@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 from ..errors import InputError, PgflowError, RunNotFound
 from ..models import FlowStats, Run, RunStatus, WorkerInfo
 from ..store import Store
-from .graph import BOX_HEIGHT, BOX_WIDTH, layout, step_status
+from .graph import BOX_HEIGHT, BOX_WIDTH, SKIP_REASONS, layout, step_status
 from .present import CHART_MINUTES, FILTERS, TASKS_SHOWN, flow_rows
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def page_routes(store: Store, read_only: bool) -> list[BaseRoute]:
             can_cancel=not found.status.is_terminal,
             step_types={s.slug: s.step_type for s in definition.steps} if definition else {},
             step_statuses={s.slug: step_status(s) for s in found.steps},
-            tasks_shown=TASKS_SHOWN,
+            tasks_shown=TASKS_SHOWN, skip_reasons=SKIP_REASONS,
         )
 
     @page
