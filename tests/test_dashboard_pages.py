@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -11,6 +12,8 @@ from html import unescape
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pgflow_py as pf
 
@@ -23,8 +26,10 @@ from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 from pgflow_py.dashboard import create_app
+from pgflow_py.dashboard.graph import BOX_HEIGHT, BOX_WIDTH, layout
 from pgflow_py.dashboard.pages import PAGE_SIZE
 from pgflow_py.dashboard.present import JSON_LIMIT, TASKS_SHOWN
+from pgflow_py.definition import FlowDefinition, StepDefinition
 from pgflow_py.errors import StoreError
 
 PARTIAL = {"X-Pgflow-Partial": "1"}
@@ -433,3 +438,34 @@ def test_only_allowed_host_names_are_answered(store: pf.Store) -> None:
             refused = client.get("/api/stats", headers={"Host": host})
             assert refused.status_code == 400, host
             assert "is not allowed here" in refused.json()["error"]
+
+
+# --- the DAG's layout ------------------------------------------------------------------------------
+
+
+@st.composite
+def dags(draw: st.DrawFn) -> FlowDefinition:
+    size = draw(st.integers(1, 14))
+    steps = []
+    for i in range(size):
+        deps = draw(st.sets(st.integers(0, i - 1), max_size=3)) if i else set()
+        steps.append(StepDefinition(f"s{i}", depends_on=tuple(f"s{d}" for d in sorted(deps))))
+    return FlowDefinition("dag", tuple(steps))
+
+
+@given(dags())
+def test_every_arrow_points_right_and_no_boxes_overlap(definition: FlowDefinition) -> None:
+    graph = layout(definition)
+    place = {b.slug: (b.x, b.y) for b in graph.boxes}
+    assert set(place) == {s.slug for s in definition.steps}
+    for step in definition.steps:
+        for dep in step.depends_on:
+            assert place[dep][0] + BOX_WIDTH < place[step.slug][0]
+    spots = sorted(place.values())
+    for (x1, y1), (x2, y2) in itertools.pairwise(spots):
+        assert x1 != x2 or y2 - y1 >= BOX_HEIGHT
+    assert {(e.source, e.target) for e in graph.edges} == {
+        (d, s.slug) for s in definition.steps for d in s.depends_on
+    }
+    assert all(b.x >= 0 and b.x + BOX_WIDTH <= graph.width for b in graph.boxes)
+    assert all(b.y >= 0 and b.y + BOX_HEIGHT <= graph.height for b in graph.boxes)

@@ -14,7 +14,7 @@ from ..models import StepRun
 
 __all__ = ("BOX_HEIGHT", "BOX_WIDTH", "Box", "Edge", "Graph", "layout", "step_status")
 
-BOX_WIDTH = 168
+BOX_WIDTH = 184
 BOX_HEIGHT = 50
 COLUMN_GAP = 64
 ROW_GAP = 18
@@ -54,12 +54,22 @@ class Graph:
 
 
 def layout(definition: FlowDefinition, steps: Sequence[StepRun] = ()) -> Graph:
-    """Columns by longest path from a root step; within a column, steps ordered by where their
-    dependencies sit (fewer crossings), ties kept in definition order."""
+    """Columns by longest path from a root step (a root feeding only later steps moved up to
+    them); within a column, steps ordered by where their dependencies sit (fewer crossings),
+    ties kept in definition order."""
     by_slug: Mapping[str, StepRun] = {s.slug: s for s in steps}
     depth: dict[str, int] = {}
     for step in definition.steps:  # topological order: dependencies come first
         depth[step.slug] = 1 + max((depth[d] for d in step.depends_on), default=-1)
+    # A root step feeding only later steps sits just before the first of them, so that its
+    # arrow does not cross the columns between.
+    children: dict[str, list[str]] = {}
+    for step in definition.steps:
+        for dep in step.depends_on:
+            children.setdefault(dep, []).append(step.slug)
+    for step in definition.steps:
+        if not step.depends_on and step.slug in children:
+            depth[step.slug] = min(depth[c] for c in children[step.slug]) - 1
     columns: list[list[str]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
     for step in definition.steps:
         columns[depth[step.slug]].append(step.slug)
