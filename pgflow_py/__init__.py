@@ -32,6 +32,7 @@ from .models import (
     ThroughputPoint,
     WorkerInfo,
 )
+from .payloads import converter
 from .runtime import RunnerStats, arun_flows, run_flows
 from .store import Store, connect
 
@@ -70,6 +71,7 @@ __all__ = (
     "__version__",
     "arun_flows",
     "connect",
+    "converter",
     "flow",
     "job",
     "perform",

@@ -26,6 +26,7 @@ from .definition import (
     validate_slug,
 )
 from .errors import DefinitionError, InputError, PgflowError
+from .payloads import Payloads, payloads_of
 
 __all__ = ("Flow", "Hook", "Job", "Step", "distinct_flows", "flow", "job", "perform")
 
@@ -133,6 +134,7 @@ class Flow:
         }
         self._steps: list[StepDefinition] = []
         self._handlers: dict[str, Handler] = {}
+        self._payloads: dict[str, Payloads] = {}
         self._definition: FlowDefinition | None = None
 
     # --- building ------------------------------------------------------------------------------
@@ -199,6 +201,9 @@ class Flow:
         )
         if definition.effective(step_slug).isolation == "process":
             _check_isolatable(fn, where)
+        payloads = payloads_of(fn, self._where(step_slug))
+        if payloads is not None:
+            self._payloads[step_slug] = payloads
         self._steps.append(step)
         self._handlers[step_slug] = fn
         self._definition = definition
@@ -270,6 +275,10 @@ class Flow:
                 f"flow {self.slug!r} has no step {step_slug!r}; steps: {sorted(self._handlers)}"
             ) from None
 
+    def payloads(self, step_slug: str) -> Payloads | None:
+        """How a step's input is structured and its output unstructured (``None``: untyped)."""
+        return self._payloads.get(step_slug)
+
     def __repr__(self) -> str:
         return f"<pgflow {self._kind} {self.slug!r} steps={[s.slug for s in self._steps]}>"
 
@@ -302,10 +311,15 @@ class Flow:
         step = self.definition.step(step_slug)
         where = self._where(step_slug)
         loads = _json.loads
+        payloads = self._payloads.get(step_slug)
         if step.step_type == "single":
             flow_input = loads(input_json)
             value = flow_input if value_json is None else loads(value_json)
+            if payloads is not None:
+                value = payloads.structure(value)
             output = yield fn, value, self._step_context(step_slug, flow_input, ctx, None)
+            if payloads is not None:
+                output = payloads.unstructure(output)
             return _output_json(output, where)
         array = loads(input_json if value_json is None else value_json)
         if not isinstance(array, list):
@@ -317,7 +331,12 @@ class Flow:
         outputs = []
         for i, item in enumerate(array):
             task_ctx = self._step_context(step_slug, loads(input_json), ctx, i)
-            outputs.append(_output_json((yield fn, item, task_ctx), f"{where}, task {i}"))
+            if payloads is not None:
+                item = Payloads(f"{where}, task {i}", payloads.input_type).structure(item)
+            output = yield fn, item, task_ctx
+            if payloads is not None:
+                output = payloads.unstructure(output)
+            outputs.append(_output_json(output, f"{where}, task {i}"))
         return f"[{','.join(outputs)}]"
 
     def _run_calls(self, input: Any, ctx: Context | None) -> Generator[_Call, Any, Any]:
@@ -379,7 +398,17 @@ class Flow:
         else:
             flow_input_json = _input_json(ctx.flow_input, f"{where}: ctx.flow_input")
             output_json = yield from self._step_calls(step_slug, input_json, flow_input_json, ctx)
-        return _json.loads(output_json)
+        return self._output(step_slug, output_json)
+
+    def _output(self, step_slug: str, output_json: str) -> Any:
+        """A step's stored output as ``perform`` returns it: in its handler's return type."""
+        payloads = self._payloads.get(step_slug)
+        output = _json.loads(output_json)
+        if payloads is None:
+            return output
+        if self.definition.step(step_slug).step_type == "map":  # one output per task
+            return [payloads.output(item) for item in output]
+        return payloads.output(output)
 
     async def aperform_step(self, step_slug: str, input: Any = None, ctx: Context | None = None) -> Any:
         """Run one step: ``input`` is the flow input (root), ``{dep: output}``, or a map's array."""
@@ -410,7 +439,7 @@ class Job(Flow):
     def _run_calls(self, input: Any, ctx: Context | None) -> Generator[_Call, Any, Any]:
         input_json = _input_json(input, f"job {self.slug!r}")
         output_json = yield from self._step_calls(self.step_slug, None, input_json, ctx)
-        return _json.loads(output_json)
+        return self._output(self.step_slug, output_json)
 
 
 _Call = tuple[Handler, Any, Context]
