@@ -6,7 +6,7 @@ Everything public is importable from here: ``import pgflow_py as pf``.
 from . import testing
 from .context import Context
 from .definition import FlowDefinition, StepDefinition
-from .dsl import Flow, Job, Step, flow, job, perform
+from .dsl import Flow, Job, MapStep, Step, flow, job, perform
 from .errors import (
     DefinitionError,
     FlowNotFound,
@@ -49,6 +49,7 @@ __all__ = (
     "InputError",
     "IsolatedError",
     "Job",
+    "MapStep",
     "PermanentFailure",
     "PgflowError",
     "Retry",

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Generator, Iterable, Sequence
-from typing import Any, Literal, TypeVar, overload
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
+from typing import Any, Generic, Literal, Protocol, cast, overload
 
 import attrs
+from typing_extensions import TypeVar
 
 from . import _json
 from .context import Context
@@ -28,11 +29,47 @@ from .definition import (
 from .errors import DefinitionError, InputError, PgflowError
 from .payloads import Payloads, payloads_of
 
-__all__ = ("Flow", "Hook", "Job", "Step", "distinct_flows", "flow", "job", "perform")
+__all__ = ("Flow", "Hook", "Job", "MapStep", "Step", "distinct_flows", "flow", "job", "perform")
 
 Handler = Callable[..., Any]
 Hook = Callable[[Context, BaseException], Any]
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Static types of payloads (pgflow_py.payloads does the run-time side): a job or step is generic
+# in its handler's input and output; unannotated handlers make them Any, as does a bare `Flow`.
+InputT = TypeVar("InputT", default=Any)
+OutputT = TypeVar("OutputT", default=Any)
+_I = TypeVar("_I")
+_O = TypeVar("_O")
+
+
+class _StepDecorator(Protocol):
+    """What ``flow.step(...)`` returns: keeps the handler's input and output types (an async
+    handler's output is what its coroutine returns)."""
+
+    @overload
+    def __call__(self, fn: Callable[[_I, Context], Awaitable[_O]], /) -> Step[_I, _O]: ...
+    @overload
+    def __call__(self, fn: Callable[[_I, Context], _O], /) -> Step[_I, _O]: ...
+
+
+class _MapDecorator(Protocol):
+    """What ``flow.map(...)`` returns: the handler takes one element."""
+
+    @overload
+    def __call__(self, fn: Callable[[_I, Context], Awaitable[_O]], /) -> MapStep[_I, _O]: ...
+    @overload
+    def __call__(self, fn: Callable[[_I, Context], _O], /) -> MapStep[_I, _O]: ...
+
+
+class _JobDecorator(Protocol):
+    """What ``job(...)`` returns."""
+
+    @overload
+    def __call__(self, fn: Callable[[_I, Context], Awaitable[_O]], /) -> Job[_I, _O]: ...
+    @overload
+    def __call__(self, fn: Callable[[_I, Context], _O], /) -> Job[_I, _O]: ...
+
 
 _PERFORM_ATTR = "__pgflow_step_slug__"
 
@@ -71,8 +108,11 @@ def _check_handler(fn: object, where: str) -> None:
         raise DefinitionError(f"{where}: the handler must be a function, got {fn!r}")
 
 
-class Step:
-    """A decorated step function. Calling it calls the plain function (it never enqueues)."""
+class Step(Generic[InputT, OutputT]):
+    """A decorated step function. Calling it calls the plain function (it never enqueues).
+
+    Generic in its handler's input (the flow input, or ``{dep: output}``) and output.
+    """
 
     def __init__(self, flow: Flow, slug: str, fn: Handler) -> None:
         self.flow = flow
@@ -88,8 +128,16 @@ class Step:
         return f"<pgflow step {self.flow.slug}.{self.slug}>"
 
 
-class Flow:
-    """A multi-step flow: create with :func:`flow`, add steps with :meth:`step` and :meth:`map`."""
+class MapStep(Step[InputT, OutputT]):
+    """A decorated map step: its handler takes one element (``InputT``) and the step's input and
+    output are lists of them."""
+
+
+class Flow(Generic[InputT]):
+    """A multi-step flow: create with :func:`flow`, add steps with :meth:`step` and :meth:`map`.
+
+    Generic in its input for :class:`Job` (a flow's own input is not typed: ``Flow[Any]``).
+    """
 
     def __init__(
         self,
@@ -207,7 +255,7 @@ class Flow:
         self._steps.append(step)
         self._handlers[step_slug] = fn
         self._definition = definition
-        return Step(self, step_slug, fn)
+        return (MapStep if step_type == "map" else Step)(self, step_slug, fn)
 
     def step(
         self,
@@ -219,7 +267,7 @@ class Flow:
         timeout: float | None = None,
         start_delay: float = 0,
         isolation: Isolation | None = None,
-    ) -> Callable[[Handler], Step]:
+    ) -> _StepDecorator:
         """Decorate a step handler ``(input_or_deps, ctx) -> output``."""
         if callable(slug):
             raise DefinitionError(
@@ -232,7 +280,7 @@ class Flow:
                 isolation,
             )
 
-        return decorate
+        return cast(_StepDecorator, decorate)
 
     def map(
         self,
@@ -244,7 +292,7 @@ class Flow:
         timeout: float | None = None,
         start_delay: float = 0,
         isolation: Isolation | None = None,
-    ) -> Callable[[Handler], Step]:
+    ) -> _MapDecorator:
         """Decorate a map step: one task per element of ``array``'s output (or of the flow input)."""
         if callable(slug):
             raise DefinitionError(f"flow {self.slug!r}: use @flow.map() with parentheses")
@@ -256,7 +304,7 @@ class Flow:
                 isolation,
             )
 
-        return decorate
+        return cast(_MapDecorator, decorate)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -365,23 +413,23 @@ class Flow:
             return _json.loads(outputs[definition.steps[0].slug])
         return {leaf.slug: _json.loads(outputs[leaf.slug]) for leaf in definition.leaf_steps}
 
-    async def aperform(self, input: Any = None, ctx: Context | None = None) -> Any:
+    async def aperform(self, input: Any = None, ctx: Context | None = None) -> dict[str, Any]:
         """Run the whole flow in this event loop, step by step, and return the run output.
 
         Each step runs once (no retries); a handler's exception propagates unchanged. Inputs and
         outputs go through the runtime's JSON round trip: an input it cannot store raises
         :class:`InputError`, an output it cannot store ``TypeError``/``ValueError``.
         """
-        return await _drive_async(self._run_calls(input, ctx))
+        return await _drive_async(self._run_calls(input, ctx))  # type: ignore[no-any-return]
 
-    def perform(self, input: Any = None, ctx: Context | None = None) -> Any:
+    def perform(self, input: Any = None, ctx: Context | None = None) -> dict[str, Any]:
         """Run the whole flow in this thread, step by step, and return the run output.
 
         Sync handlers are called directly; an async handler is run to completion (outside a
         running event loop; inside one, use :meth:`aperform`). Values go through JSON as in
         :meth:`aperform`.
         """
-        return _drive_sync(self._run_calls(input, ctx), "perform")
+        return _drive_sync(self._run_calls(input, ctx), "perform")  # type: ignore[no-any-return]
 
     def _where(self, step_slug: str) -> str:
         if self._kind == "job":
@@ -410,17 +458,58 @@ class Flow:
             return [payloads.output(item) for item in output]
         return payloads.output(output)
 
-    async def aperform_step(self, step_slug: str, input: Any = None, ctx: Context | None = None) -> Any:
-        """Run one step: ``input`` is the flow input (root), ``{dep: output}``, or a map's array."""
-        return await _drive_async(self._one_step(step_slug, input, ctx))
+    @overload
+    async def aperform_step(
+        self, step_slug: MapStep[_I, _O], input: Sequence[_I], ctx: Context | None = None
+    ) -> list[_O]: ...
+    @overload
+    async def aperform_step(
+        self, step_slug: Step[_I, _O], input: _I, ctx: Context | None = None
+    ) -> _O: ...
+    @overload
+    async def aperform_step(
+        self, step_slug: str, input: Any = None, ctx: Context | None = None
+    ) -> Any: ...
+    async def aperform_step(
+        self, step_slug: str | Step[Any, Any], input: Any = None, ctx: Context | None = None
+    ) -> Any:
+        """Run one step: ``input`` is the flow input (root), ``{dep: output}``, or a map's array.
 
-    def perform_step(self, step_slug: str, input: Any = None, ctx: Context | None = None) -> Any:
+        The step is its slug or its decorated object (then mypy checks ``input`` against its
+        handler). A typed handler's output comes back in its return type (a map's as a list).
+        """
+        return await _drive_async(self._one_step(self._step_slug(step_slug), input, ctx))
+
+    @overload
+    def perform_step(
+        self, step_slug: MapStep[_I, _O], input: Sequence[_I], ctx: Context | None = None
+    ) -> list[_O]: ...
+    @overload
+    def perform_step(self, step_slug: Step[_I, _O], input: _I, ctx: Context | None = None) -> _O: ...
+    @overload
+    def perform_step(self, step_slug: str, input: Any = None, ctx: Context | None = None) -> Any: ...
+    def perform_step(
+        self, step_slug: str | Step[Any, Any], input: Any = None, ctx: Context | None = None
+    ) -> Any:
         """Run one step in this thread (see :meth:`aperform_step`)."""
-        return _drive_sync(self._one_step(step_slug, input, ctx), "perform_step")
+        return _drive_sync(self._one_step(self._step_slug(step_slug), input, ctx), "perform_step")
+
+    def _step_slug(self, step: str | Step[Any, Any]) -> str:
+        if not isinstance(step, Step):
+            return step
+        if step.flow is not self:
+            raise DefinitionError(
+                f"flow {self.slug!r}: step {step.slug!r} belongs to flow {step.flow.slug!r}"
+            )
+        return step.slug
 
 
-class Job(Flow):
-    """A flow with exactly one step, made by :func:`job`. Calling it calls the plain function."""
+class Job(Flow[InputT], Generic[InputT, OutputT]):
+    """A flow with exactly one step, made by :func:`job`. Calling it calls the plain function.
+
+    Generic in its handler's input and output: ``store.start``, ``start_many``, :meth:`perform`
+    and :meth:`aperform` are checked against them.
+    """
 
     def __init__(self, fn: Handler, *, queue: str, step_slug: str | None, **options: Any) -> None:
         super().__init__(queue, _kind="job", **options)
@@ -435,6 +524,27 @@ class Job(Flow):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
+
+    # A job's run output is its one step's output (in the handler's return type), not the
+    # {leaf: output} of a flow: hence the overrides' other return type.
+
+    @overload  # type: ignore[override]
+    def perform(self: Job[None, _O], input: None = None, ctx: Context | None = None) -> _O: ...
+    @overload
+    def perform(self, input: InputT, ctx: Context | None = None) -> OutputT: ...
+    def perform(self, input: Any = None, ctx: Context | None = None) -> Any:
+        """Run the handler in this thread and return its output (see :meth:`Flow.perform`)."""
+        return _drive_sync(self._run_calls(input, ctx), "perform")
+
+    @overload  # type: ignore[override]
+    async def aperform(
+        self: Job[None, _O], input: None = None, ctx: Context | None = None
+    ) -> _O: ...
+    @overload
+    async def aperform(self, input: InputT, ctx: Context | None = None) -> OutputT: ...
+    async def aperform(self, input: Any = None, ctx: Context | None = None) -> Any:
+        """Run the handler in this event loop and return its output."""
+        return await _drive_async(self._run_calls(input, ctx))
 
     def _run_calls(self, input: Any, ctx: Context | None) -> Generator[_Call, Any, Any]:
         input_json = _input_json(input, f"job {self.slug!r}")
@@ -507,6 +617,10 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
+@overload
+def perform(name: F, /) -> F: ...
+@overload
+def perform(name: str | None = None) -> Callable[[F], F]: ...
 def perform(name: str | F | None = None) -> Any:
     """Name the step of a job: ``@perform("send")``; ``@perform`` or ``@perform()`` use the queue."""
     if callable(name):
@@ -527,7 +641,9 @@ def perform(name: str | F | None = None) -> Any:
 
 
 @overload
-def job(fn: Handler, /) -> Job: ...
+def job(fn: Callable[[_I, Context], Awaitable[_O]], /) -> Job[_I, _O]: ...
+@overload
+def job(fn: Callable[[_I, Context], _O], /) -> Job[_I, _O]: ...
 @overload
 def job(
     fn: None = None,
@@ -546,7 +662,7 @@ def job(
     cron_input: Any = None,
     concurrency: int | None = None,
     isolation: Isolation = "thread",
-) -> Callable[[Handler], Job]: ...
+) -> _JobDecorator: ...
 def job(
     fn: Handler | None = None,
     /,
@@ -590,7 +706,7 @@ def job(
 
     if fn is not None:
         return decorate(fn)
-    return decorate
+    return cast(_JobDecorator, decorate)
 
 
 def flow(

@@ -216,6 +216,8 @@ def _format(exc: BaseException, tp: type | None) -> str:
             f"no cattrs hook structures {name}: register one with "
             f"pf.converter.register_structure_hook({name}, ...)"
         )
+    if isinstance(exc, NameError):  # a string annotation naming what its module does not hold
+        return f"an annotation cannot be resolved ({exc})"
     return _cattrs_format_exception(exc, tp)
 
 

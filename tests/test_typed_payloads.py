@@ -187,6 +187,16 @@ def test_perform_refuses_an_input_that_does_not_fit_naming_the_field() -> None:
         orders.perform_step("priced", [{"sku": "a", "quantity": 1}, {"sku": "b", "quantity": "2"}])
 
 
+def test_perform_step_takes_the_step_object() -> None:
+    assert orders.perform_step(priced, [{"sku": "fig", "quantity": 1}]) == [Priced("fig", 250)]
+    assert isinstance(priced, pf.MapStep) and isinstance(priced, pf.Step)
+    assert not isinstance(order, pf.MapStep)
+    assert orders.perform_step(order, ORDER) == ORDER
+    with pytest.raises(pf.DefinitionError, match=r"flow 'typed_line_costs': step 'order' belongs "
+                       r"to flow 'typed_orders'"):
+        line_costs.perform_step(order, ORDER)
+
+
 # --- the runner, SQLite and PostgreSQL -----------------------------------------------------------
 
 
