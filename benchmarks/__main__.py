@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 import pgflow_py as pf
 
 from . import arrivals, backlog, floor, fresh_db, huey_compare, latency, memory
@@ -29,6 +31,27 @@ async def bench_async(input, ctx):
 @pf.job(queue="bench_sync")
 def bench_sync(input, ctx):
     return None
+
+
+@attrs.frozen
+class BenchInput:
+    i: int
+
+
+@attrs.frozen
+class BenchOutput:
+    i: int
+
+
+@pf.job(queue="bench_typed")
+async def bench_typed(input: BenchInput, ctx: pf.Context) -> BenchOutput:
+    """bench_async with typed payloads: the input structured, the output unstructured."""
+    return BenchOutput(input.i)
+
+
+@pf.job(queue="bench_typed_sync")
+def bench_typed_sync(input: BenchInput, ctx: pf.Context) -> BenchOutput:
+    return BenchOutput(input.i)
 
 
 three = pf.flow("bench_three_steps")
@@ -145,6 +168,8 @@ BENCHMARKS: list[tuple[str, str, Callable[[Path, int], float], float]] = [
     ("end-to-end no-op async jobs (concurrency 100)", "jobs/s", drain(bench_async, 100), 1.0),
     ("end-to-end no-op sync jobs (concurrency 10)", "jobs/s", drain(bench_sync, 10), 1.0),
     ("end-to-end no-op sync jobs (concurrency 100)", "jobs/s", drain(bench_sync, 100), 1.0),
+    ("end-to-end no-op async jobs, typed attrs in/out (concurrency 100)", "jobs/s",
+     drain(bench_typed, 100), 1.0),
     ("end-to-end async jobs, +50% arriving (concurrency 100)", "jobs/s",
      arrivals.drain_while_starting, 1.0),
     ("map step over n elements (concurrency 100)", "tasks/s", map_tasks, 0.5),
@@ -194,6 +219,23 @@ def _telemetry(directory: Path, args: argparse.Namespace) -> Rows:
             ("the same with OpenTelemetry spans and metrics", "jobs/s", statistics.median(on))]
 
 
+def _typed(directory: Path, args: argparse.Namespace) -> Rows:
+    rows: Rows = []
+    for label, plain, typed, concurrency in (
+        ("async", bench_async, bench_typed, 100), ("sync", bench_sync, bench_typed_sync, 10),
+    ):
+        untyped, attrs_in_out = [], []
+        for _ in range(args.repeat):  # interleaved, so the machine's phase moves both alike
+            untyped.append(drain(plain, concurrency)(directory, args.jobs))
+            attrs_in_out.append(drain(typed, concurrency)(directory, args.jobs))
+        rows += [
+            (f"no-op {label} jobs (concurrency {concurrency}), untyped", "jobs/s",
+             statistics.median(untyped)),
+            ("the same, typed (attrs input and output)", "jobs/s", statistics.median(attrs_in_out)),
+        ]
+    return rows
+
+
 def _huey(directory: Path, args: argparse.Namespace) -> Rows:
     theirs, workers = huey_compare.best(directory, args.jobs)  # ImportError without huey
     ours = drain(bench_async, 100)(directory, args.jobs)
@@ -209,6 +251,7 @@ SINGLE_FIGURES: list[tuple[str, Callable[[Path, argparse.Namespace], Rows]]] = [
     ("backlog ratio", _backlog),
     ("huey side by side", _huey),
     ("telemetry off and on", _telemetry),
+    ("typed payloads", _typed),
 ]
 
 

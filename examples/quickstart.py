@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import pgflow_py as pf
 
 
 @pf.job(queue="greet", max_attempts=3, base_delay=0.1, timeout=10)
-def greet(input: dict, ctx: pf.Context) -> dict:
+def greet(input: dict[str, Any], ctx: pf.Context) -> dict[str, Any]:
     """A handler: takes the run input and a context, returns any JSON value."""
     return {"greeting": f"Hello, {input['name']}!", "attempt": ctx.attempt}
 

@@ -6,7 +6,7 @@ Everything public is importable from here: ``import pgflow_py as pf``.
 from . import testing
 from .context import Context
 from .definition import FlowDefinition, StepDefinition
-from .dsl import Flow, Job, Step, flow, job, perform
+from .dsl import Flow, Job, MapStep, Step, flow, job, perform
 from .errors import (
     DefinitionError,
     FlowNotFound,
@@ -32,6 +32,7 @@ from .models import (
     ThroughputPoint,
     WorkerInfo,
 )
+from .payloads import converter
 from .runtime import RunnerStats, arun_flows, run_flows
 from .store import Store, connect
 
@@ -48,6 +49,7 @@ __all__ = (
     "InputError",
     "IsolatedError",
     "Job",
+    "MapStep",
     "PermanentFailure",
     "PgflowError",
     "Retry",
@@ -70,6 +72,7 @@ __all__ = (
     "__version__",
     "arun_flows",
     "connect",
+    "converter",
     "flow",
     "job",
     "perform",

@@ -9,9 +9,8 @@ import re
 from typing import Any
 
 import attrs
-import cattrs
 
-_converter = cattrs.Converter()
+from .payloads import converter as _converter
 
 
 def _default(obj: Any) -> Any:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from typing import Any, Literal, TypeVar, overload
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from typing import Any, Generic, Literal, Protocol, cast, overload
 
 import attrs
+from typing_extensions import TypeVar
 
 from . import _json
 from .conditions import CONDITION_NOT_MET, SkipMode, condition_met
@@ -31,12 +32,49 @@ from .definition import (
     validate_slug,
 )
 from .errors import DefinitionError, InputError, PgflowError
+from .payloads import Payloads, payloads_of
 
-__all__ = ("Flow", "Hook", "Job", "Step", "distinct_flows", "flow", "job", "perform")
+__all__ = ("Flow", "Hook", "Job", "MapStep", "Step", "distinct_flows", "flow", "job", "perform")
 
 Handler = Callable[..., Any]
 Hook = Callable[[Context, BaseException], Any]
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Static types of payloads (pgflow_py.payloads does the run-time side): a job or step is generic
+# in its handler's input and output; unannotated handlers make them Any, as does a bare `Flow`.
+InputT = TypeVar("InputT", default=Any)
+OutputT = TypeVar("OutputT", default=Any)
+_I = TypeVar("_I")
+_O = TypeVar("_O")
+
+
+class _StepDecorator(Protocol):
+    """What ``flow.step(...)`` returns: keeps the handler's input and output types (an async
+    handler's output is what its coroutine returns)."""
+
+    @overload
+    def __call__(self, fn: Callable[[_I, Context], Awaitable[_O]], /) -> Step[_I, _O]: ...
+    @overload
+    def __call__(self, fn: Callable[[_I, Context], _O], /) -> Step[_I, _O]: ...
+
+
+class _MapDecorator(Protocol):
+    """What ``flow.map(...)`` returns: the handler takes one element."""
+
+    @overload
+    def __call__(self, fn: Callable[[_I, Context], Awaitable[_O]], /) -> MapStep[_I, _O]: ...
+    @overload
+    def __call__(self, fn: Callable[[_I, Context], _O], /) -> MapStep[_I, _O]: ...
+
+
+class _JobDecorator(Protocol):
+    """What ``job(...)`` returns."""
+
+    @overload
+    def __call__(self, fn: Callable[[_I, Context], Awaitable[_O]], /) -> Job[_I, _O]: ...
+    @overload
+    def __call__(self, fn: Callable[[_I, Context], _O], /) -> Job[_I, _O]: ...
+
 
 _PERFORM_ATTR = "__pgflow_step_slug__"
 
@@ -76,8 +114,11 @@ def _check_handler(fn: object, where: str) -> None:
         raise DefinitionError(f"{where}: the handler must be a function, got {fn!r}")
 
 
-class Step:
-    """A decorated step function. Calling it calls the plain function (it never enqueues)."""
+class Step(Generic[InputT, OutputT]):
+    """A decorated step function. Calling it calls the plain function (it never enqueues).
+
+    Generic in its handler's input (the flow input, or ``{dep: output}``) and output.
+    """
 
     def __init__(self, flow: Flow, slug: str, fn: Handler) -> None:
         self.flow = flow
@@ -93,8 +134,16 @@ class Step:
         return f"<pgflow step {self.flow.slug}.{self.slug}>"
 
 
-class Flow:
-    """A multi-step flow: create with :func:`flow`, add steps with :meth:`step` and :meth:`map`."""
+class MapStep(Step[InputT, OutputT]):
+    """A decorated map step: its handler takes one element (``InputT``) and the step's input and
+    output are lists of them."""
+
+
+class Flow(Generic[InputT]):
+    """A multi-step flow: create with :func:`flow`, add steps with :meth:`step` and :meth:`map`.
+
+    Generic in its input for :class:`Job` (a flow's own input is not typed: ``Flow[Any]``).
+    """
 
     def __init__(
         self,
@@ -119,6 +168,7 @@ class Flow:
             self._options[seconds] = float(self._options[seconds])
         self._steps: list[StepDefinition] = []
         self._handlers: dict[str, Handler] = {}
+        self._payloads: dict[str, Payloads] = {}
         self._definition: FlowDefinition | None = None
 
     # --- building ------------------------------------------------------------------------------
@@ -184,10 +234,13 @@ class Flow:
         )
         if definition.effective(step_slug).isolation == "process":
             _check_isolatable(fn, where)
+        payloads = payloads_of(fn, self._where(step_slug))
+        if payloads is not None:
+            self._payloads[step_slug] = payloads
         self._steps.append(step)
         self._handlers[step_slug] = fn
         self._definition = definition
-        return Step(self, step_slug, fn)
+        return (MapStep if step_type == "map" else Step)(self, step_slug, fn)
 
     def step(
         self,
@@ -203,7 +256,7 @@ class Flow:
         if_not: dict[str, Any] | None = None,
         when_unmet: SkipMode = "skip",
         when_exhausted: SkipMode = "fail",
-    ) -> Callable[[Handler], Step]:
+    ) -> _StepDecorator:
         """Decorate a step handler ``(input_or_deps, ctx) -> output``.
 
         ``if_`` / ``if_not``: JSON object patterns the step's input (the flow input of a root
@@ -221,7 +274,7 @@ class Flow:
         def decorate(fn: Handler) -> Step:
             return self._add_step(fn, slug, "single", depends_on, options)
 
-        return decorate
+        return cast(_StepDecorator, decorate)
 
     def map(
         self,
@@ -237,7 +290,7 @@ class Flow:
         if_not: dict[str, Any] | None = None,
         when_unmet: SkipMode = "skip",
         when_exhausted: SkipMode = "fail",
-    ) -> Callable[[Handler], Step]:
+    ) -> _MapDecorator:
         """Decorate a map step: one task per element of ``array``'s output (or of the flow input).
 
         The condition options are those of :meth:`step`; a map's condition is checked against
@@ -253,7 +306,7 @@ class Flow:
         def decorate(fn: Handler) -> Step:
             return self._add_step(fn, slug, "map", deps, options)
 
-        return decorate
+        return cast(_MapDecorator, decorate)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -271,6 +324,10 @@ class Flow:
             raise DefinitionError(
                 f"flow {self.slug!r} has no step {step_slug!r}; steps: {sorted(self._handlers)}"
             ) from None
+
+    def payloads(self, step_slug: str) -> Payloads | None:
+        """How a step's input is structured and its output unstructured (``None``: untyped)."""
+        return self._payloads.get(step_slug)
 
     def __repr__(self) -> str:
         return f"<pgflow {self._kind} {self.slug!r} steps={[s.slug for s in self._steps]}>"
@@ -314,12 +371,13 @@ class Flow:
         step = self.definition.step(step_slug)
         where = self._where(step_slug)
         loads = _json.loads
+        payloads = self._payloads.get(step_slug)
         if step.step_type == "single":
             flow_input = loads(input_json)
             value = flow_input if value_json is None else loads(value_json)
             return (yield from _attempt(
                 fn, value, self._step_context(step_slug, flow_input, ctx, None), where,
-                skip_failures,
+                skip_failures, payloads,
             ))
         array = loads(input_json if value_json is None else value_json)
         if not isinstance(array, list):
@@ -331,7 +389,12 @@ class Flow:
         outputs = []
         for i, item in enumerate(array):
             task_ctx = self._step_context(step_slug, loads(input_json), ctx, i)
-            output = yield from _attempt(fn, item, task_ctx, f"{where}, task {i}", skip_failures)
+            task_payloads = None if payloads is None else attrs.evolve(
+                payloads, where=f"{where}, task {i}"
+            )
+            output = yield from _attempt(
+                fn, item, task_ctx, f"{where}, task {i}", skip_failures, task_payloads
+            )
             if output is None:
                 return None
             outputs.append(output)
@@ -382,23 +445,23 @@ class Flow:
                 cascading.add(step.slug)
         return _run_output(definition, outputs)
 
-    async def aperform(self, input: Any = None, ctx: Context | None = None) -> Any:
+    async def aperform(self, input: Any = None, ctx: Context | None = None) -> dict[str, Any]:
         """Run the whole flow in this event loop, step by step, and return the run output.
 
         Each step runs once (no retries); a handler's exception propagates unchanged. Inputs and
         outputs go through the runtime's JSON round trip: an input it cannot store raises
         :class:`InputError`, an output it cannot store ``TypeError``/``ValueError``.
         """
-        return await _drive_async(self._run_calls(input, ctx))
+        return await _drive_async(self._run_calls(input, ctx))  # type: ignore[no-any-return]
 
-    def perform(self, input: Any = None, ctx: Context | None = None) -> Any:
+    def perform(self, input: Any = None, ctx: Context | None = None) -> dict[str, Any]:
         """Run the whole flow in this thread, step by step, and return the run output.
 
         Sync handlers are called directly; an async handler is run to completion (outside a
         running event loop; inside one, use :meth:`aperform`). Values go through JSON as in
         :meth:`aperform`.
         """
-        return _drive_sync(self._run_calls(input, ctx), "perform")
+        return _drive_sync(self._run_calls(input, ctx), "perform")  # type: ignore[no-any-return]
 
     def _where(self, step_slug: str) -> str:
         if self._kind == "job":
@@ -416,19 +479,70 @@ class Flow:
             flow_input_json = _input_json(ctx.flow_input, f"{where}: ctx.flow_input")
             output_json = yield from self._step_calls(step_slug, input_json, flow_input_json, ctx)
         assert output_json is not None  # failures raise: no skip_failures here
-        return _json.loads(output_json)
+        return self._output(step_slug, output_json)
 
-    async def aperform_step(self, step_slug: str, input: Any = None, ctx: Context | None = None) -> Any:
-        """Run one step: ``input`` is the flow input (root), ``{dep: output}``, or a map's array."""
-        return await _drive_async(self._one_step(step_slug, input, ctx))
+    def _output(self, step_slug: str, output_json: str) -> Any:
+        """A step's stored output as ``perform`` returns it: in its handler's return type."""
+        payloads = self._payloads.get(step_slug)
+        output = _json.loads(output_json)
+        if payloads is None:
+            return output
+        if self.definition.step(step_slug).step_type == "map":  # one output per task
+            return [payloads.output(item) for item in output]
+        return payloads.output(output)
 
-    def perform_step(self, step_slug: str, input: Any = None, ctx: Context | None = None) -> Any:
+    @overload
+    async def aperform_step(
+        self, step_slug: MapStep[_I, _O], input: Sequence[_I], ctx: Context | None = None
+    ) -> list[_O]: ...
+    @overload
+    async def aperform_step(
+        self, step_slug: Step[_I, _O], input: _I, ctx: Context | None = None
+    ) -> _O: ...
+    @overload
+    async def aperform_step(
+        self, step_slug: str, input: Any = None, ctx: Context | None = None
+    ) -> Any: ...
+    async def aperform_step(
+        self, step_slug: str | Step[Any, Any], input: Any = None, ctx: Context | None = None
+    ) -> Any:
+        """Run one step: ``input`` is the flow input (root), ``{dep: output}``, or a map's array.
+
+        The step is its slug or its decorated object (then mypy checks ``input`` against its
+        handler). A typed handler's output comes back in its return type (a map's as a list).
+        """
+        return await _drive_async(self._one_step(self._step_slug(step_slug), input, ctx))
+
+    @overload
+    def perform_step(
+        self, step_slug: MapStep[_I, _O], input: Sequence[_I], ctx: Context | None = None
+    ) -> list[_O]: ...
+    @overload
+    def perform_step(self, step_slug: Step[_I, _O], input: _I, ctx: Context | None = None) -> _O: ...
+    @overload
+    def perform_step(self, step_slug: str, input: Any = None, ctx: Context | None = None) -> Any: ...
+    def perform_step(
+        self, step_slug: str | Step[Any, Any], input: Any = None, ctx: Context | None = None
+    ) -> Any:
         """Run one step in this thread (see :meth:`aperform_step`)."""
-        return _drive_sync(self._one_step(step_slug, input, ctx), "perform_step")
+        return _drive_sync(self._one_step(self._step_slug(step_slug), input, ctx), "perform_step")
+
+    def _step_slug(self, step: str | Step[Any, Any]) -> str:
+        if not isinstance(step, Step):
+            return step
+        if step.flow is not self:
+            raise DefinitionError(
+                f"flow {self.slug!r}: step {step.slug!r} belongs to flow {step.flow.slug!r}"
+            )
+        return step.slug
 
 
-class Job(Flow):
-    """A flow with exactly one step, made by :func:`job`. Calling it calls the plain function."""
+class Job(Flow[InputT], Generic[InputT, OutputT]):
+    """A flow with exactly one step, made by :func:`job`. Calling it calls the plain function.
+
+    Generic in its handler's input and output: ``store.start``, ``start_many``, :meth:`perform`
+    and :meth:`aperform` are checked against them.
+    """
 
     def __init__(
         self,
@@ -452,17 +566,52 @@ class Job(Flow):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
+    # A job's run output is its one step's output (in the handler's return type), not the
+    # {leaf: output} of a flow: hence the overrides' other return type.
+
+    @overload  # type: ignore[override]
+    def perform(self: Job[None, _O], input: None = None, ctx: Context | None = None) -> _O: ...
+    @overload
+    def perform(self, input: InputT, ctx: Context | None = None) -> OutputT: ...
+    def perform(self, input: Any = None, ctx: Context | None = None) -> Any:
+        """Run the handler in this thread and return its output (see :meth:`Flow.perform`)."""
+        return _drive_sync(self._run_calls(input, ctx), "perform")
+
+    @overload  # type: ignore[override]
+    async def aperform(
+        self: Job[None, _O], input: None = None, ctx: Context | None = None
+    ) -> _O: ...
+    @overload
+    async def aperform(self, input: InputT, ctx: Context | None = None) -> OutputT: ...
+    async def aperform(self, input: Any = None, ctx: Context | None = None) -> Any:
+        """Run the handler in this event loop and return its output."""
+        return await _drive_async(self._run_calls(input, ctx))
+
+    def _run_calls(self, input: Any, ctx: Context | None) -> Generator[_Call, Any, Any]:
+        # The flow's rules (conditions, skips), then the output in the handler's return type;
+        # a skipped job's output is None.
+        output = yield from super()._run_calls(input, ctx)
+        payloads = self._payloads.get(self.step_slug)
+        return output if payloads is None or output is None else payloads.output(output)
 
 
 _Call = tuple[Handler, Any, Context]
 
 
 def _attempt(
-    fn: Handler, value: Any, ctx: Context, where: str, skip_failures: bool
+    fn: Handler, value: Any, ctx: Context, where: str, skip_failures: bool,
+    payloads: Payloads | None,
 ) -> Generator[_Call, Any, str | None]:
-    """One handler call: its output JSON, or ``None`` if it failed and ``skip_failures``."""
+    """One handler call (its input structured and output unstructured by ``payloads``): its
+    output JSON, or ``None`` if it failed and ``skip_failures``. An input that does not fit
+    the handler's type fails like the handler, as it is a failed attempt in the runner."""
     try:
-        return _output_json((yield fn, value, ctx), where)
+        if payloads is not None:
+            value = payloads.structure(value)
+        output = yield fn, value, ctx
+        if payloads is not None:
+            output = payloads.unstructure(output)
+        return _output_json(output, where)
     except Exception:
         if not skip_failures:
             raise
@@ -563,6 +712,10 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
+@overload
+def perform(name: F, /) -> F: ...
+@overload
+def perform(name: str | None = None) -> Callable[[F], F]: ...
 def perform(name: str | F | None = None) -> Any:
     """Name the step of a job: ``@perform("send")``; ``@perform`` or ``@perform()`` use the queue."""
     if callable(name):
@@ -583,7 +736,9 @@ def perform(name: str | F | None = None) -> Any:
 
 
 @overload
-def job(fn: Handler, /) -> Job: ...
+def job(fn: Callable[[_I, Context], Awaitable[_O]], /) -> Job[_I, _O]: ...
+@overload
+def job(fn: Callable[[_I, Context], _O], /) -> Job[_I, _O]: ...
 @overload
 def job(
     fn: None = None,
@@ -606,7 +761,7 @@ def job(
     if_not: dict[str, Any] | None = None,
     when_unmet: SkipMode = "skip",
     when_exhausted: SkipMode = "fail",
-) -> Callable[[Handler], Job]: ...
+) -> _JobDecorator: ...
 def job(
     fn: Handler | None = None,
     /,
@@ -656,7 +811,7 @@ def job(
 
     if fn is not None:
         return decorate(fn)
-    return decorate
+    return cast(_JobDecorator, decorate)
 
 
 def flow(

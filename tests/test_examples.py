@@ -18,6 +18,8 @@ def _load(path: Path):
     spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # Registered as an import would be: annotations (typed payloads) are resolved in the module.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -784,11 +785,13 @@ def test_perform_and_perform_step_agree_with_the_runner(store):
 # --- the ETL example ---------------------------------------------------------------------------
 
 
-def test_etl_example_extracts_transforms_and_summarises(tmp_path, capsys):
+def test_etl_example_extracts_transforms_and_summarises(tmp_path, capsys, monkeypatch):
     path = Path(__file__).parent.parent / "examples" / "etl_flow.py"
     spec = importlib.util.spec_from_file_location("example_etl_flow", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # As an import registers it: its TypedDict's string annotations resolve in the module.
+    monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
 
     run = module.main(str(tmp_path / "etl.db"))

@@ -16,9 +16,9 @@ from typing import Any, Final
 from .. import _json
 from ..backoff import retry_delay
 from ..context import CancelFlag, Context
-from ..errors import IsolatedError, PermanentFailure, Retry, StepTimeout
+from ..errors import InputError, IsolatedError, PermanentFailure, Retry, StepTimeout
 from ..store import ClaimedTask, TaskFailure, Undecodable
-from .executor import StepRuntime, StoredOutput, UnstorableOutput, run_attempt
+from .executor import StepRuntime, StoredOutput, UnfitInput, UnstorableOutput, run_attempt
 from .threads import HandlerThreads
 
 __all__ = (
@@ -101,11 +101,18 @@ async def attempt(
             else (task.flow_input, "flow input")
         )
         return Failed(PermanentFailure(f"the task's {what} cannot be read: {bad.error}"))
+    value = task.input
+    payloads = step.payloads
+    if payloads is not None and step.options.isolation != "process":  # a child structures its own
+        try:
+            value = payloads.structure(value)
+        except InputError as exc:  # the same input would never fit: no retry
+            return Failed(exc, permanent=True)
     try:
         if step.is_async:
-            output = await step.handler(task.input, ctx)
+            output = await step.handler(value, ctx)
         else:
-            output = await run_attempt(step, task.input, ctx, threads)
+            output = await run_attempt(step, value, ctx, threads)
     except asyncio.CancelledError as exc:
         if handle.stopped is None:
             if _runner_cancelled(handle.worker):
@@ -126,12 +133,16 @@ async def attempt(
     if error is not None:
         if isinstance(error, UnstorableOutput):  # as below, found by a child process
             return Failed(TypeError(str(error)), permanent=True)
+        if isinstance(error, UnfitInput):
+            return Failed(error, permanent=True)  # as above, found by a child process
         return Failed(error)
     if output is None:
         return _NULL
     if type(output) is StoredOutput:
         return Completed(output.json)
     try:
+        if payloads is not None:
+            output = payloads.unstructure(output)
         return Completed(_json.dumps(output))
     except Exception as exc:
         # The handler did its work (an e-mail sent is sent): running it again would repeat it.

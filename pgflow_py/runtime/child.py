@@ -20,19 +20,34 @@ def _outcome(payload: dict[str, Any]) -> dict[str, Any]:
     from .. import _json
     from ..context import Context
     from ..dsl import Flow, Step
-    from ..errors import PermanentFailure, Retry
+    from ..errors import InputError, PermanentFailure, Retry
+    from ..payloads import payloads_of
     from .loader import resolve_import_path
 
     try:
         target = resolve_import_path(payload["handler"])
+        step_slug = payload["ctx"]["step_slug"]
         if isinstance(target, Flow):
-            target = target.handler(payload["ctx"]["step_slug"])
+            payloads = target.payloads(step_slug)
+            target = target.handler(step_slug)
         elif isinstance(target, Step):
+            payloads = target.flow.payloads(target.slug)
             target = target.fn
+        else:
+            payloads = payloads_of(target, f"flow {payload['ctx']['flow_slug']!r}, step {step_slug!r}")
         fields = dict(payload["ctx"])
         if fields.get("deadline"):
             fields["deadline"] = datetime.fromisoformat(fields["deadline"])
-        output = target(payload["input"], Context(**fields))
+        value = payload["input"]
+        if payloads is not None:
+            try:
+                value = payloads.structure(value)
+            except InputError as exc:
+                return {"ok": False, "type": "InputError", "message": str(exc), "kind": "input",
+                        "delay": None, "traceback": "".join(traceback.format_exception(exc))}
+        output = target(value, Context(**fields))
+        if payloads is not None:
+            output = payloads.unstructure(output)
     except BaseException as exc:
         kind = "permanent" if isinstance(exc, PermanentFailure) else (
             "retry" if isinstance(exc, Retry) else "error"

@@ -18,9 +18,10 @@ from ..context import Context
 from ..definition import EffectiveOptions
 from ..dsl import Hook, import_path
 from ..errors import IsolatedError, PermanentFailure, Retry
+from ..payloads import Payloads
 from .threads import HandlerThreads
 
-__all__ = ("StepRuntime", "StoredOutput", "UnstorableOutput", "call_hook", "run_attempt")
+__all__ = ("StepRuntime", "StoredOutput", "UnfitInput", "UnstorableOutput", "call_hook", "run_attempt")
 
 log = logging.getLogger("pgflow_py.runner")
 
@@ -36,6 +37,7 @@ class StepRuntime:
     on_failure: Hook | None = None
     on_dead: Hook | None = None
     is_job: bool = False
+    payloads: Payloads | None = None  # a typed handler's: structured in the attempt (or child)
     is_async: bool = attrs.field(init=False)
 
     @is_async.default
@@ -54,6 +56,10 @@ class StoredOutput:
 
 class UnstorableOutput(TypeError):
     """A child process's handler returned a value the store cannot keep."""
+
+
+class UnfitInput(IsolatedError):
+    """A child process's input did not fit its handler's annotation (a permanent failure)."""
 
 
 async def run_attempt(step: StepRuntime, value: Any, ctx: Context, threads: HandlerThreads) -> Any:
@@ -111,6 +117,8 @@ async def _run_in_child(step: StepRuntime, value: Any, ctx: Context) -> Any:
         raise UnstorableOutput(result["message"])
     if result["kind"] == "permanent":
         raise PermanentFailure(result["message"])
+    if result["kind"] == "input":
+        raise UnfitInput("InputError", result["message"], result.get("traceback"))
     if result["kind"] == "retry":
         raise Retry(result["delay"], result["message"])
     raise IsolatedError(result["type"], result["message"], result.get("traceback"))

@@ -29,6 +29,7 @@ def step_runtimes(flow: Flow) -> list[StepRuntime]:
             on_failure=flow.on_failure,
             on_dead=flow.on_dead,
             is_job=definition.kind == "job",
+            payloads=flow.payloads(step.slug),
         )
         for step in definition.steps
     ]

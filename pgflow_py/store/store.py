@@ -17,7 +17,7 @@ import attrs
 from .. import _json
 from ..clock import Clock, SystemClock, utc_datetime
 from ..definition import FlowDefinition, StepDefinition
-from ..dsl import Flow
+from ..dsl import Flow, InputT
 from ..errors import FlowNotFound, InputError, RunNotFound, StoreError, WaitTimeout
 from ..models import FlowStats, Run, RunStatus, StepRun, ThroughputPoint, WorkerInfo
 from ..telemetry.propagation import current_context
@@ -281,8 +281,8 @@ class Store:
 
     def start(
         self,
-        flow: Flow | str,
-        input: Any = None,
+        flow: Flow[InputT] | str,
+        input: InputT = None,  # type: ignore[assignment]  # mypy checks it against a job's handler
         *,
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,
@@ -330,8 +330,8 @@ class Store:
 
     def start_many(
         self,
-        flow: Flow | str,
-        inputs: Iterable[Any],
+        flow: Flow[InputT] | str,
+        inputs: Iterable[InputT],
         *,
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,

@@ -1,0 +1,32 @@
+"""Every plain ```python block of docs/typed-jobs.md runs as its own program, so the page never rots."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_docs import Block, parse_blocks
+
+PAGE = Path(__file__).parent.parent / "docs" / "typed-jobs.md"
+SNIPPETS = [b for b in parse_blocks(PAGE.read_text(encoding="utf-8")) if b.info == "python"]
+
+
+def test_the_page_has_its_examples() -> None:
+    headings = {b.heading for b in SNIPPETS}
+    assert {"With attrs", "With dataclasses, async handlers and flows",
+            "When the input does not fit", "The converter: custom types"} <= headings
+
+
+@pytest.mark.parametrize("block", SNIPPETS, ids=lambda b: b.id)
+def test_snippet_runs(block: Block, tmp_path: Path) -> None:
+    script = tmp_path / "snippet.py"
+    script.write_text(block.source, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, (
+        f"{PAGE.name}:{block.line} (section {block.heading!r}) exited with {done.returncode}\n"
+        f"--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
+    )
