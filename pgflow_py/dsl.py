@@ -445,17 +445,22 @@ class Flow(Generic[InputT]):
                 cascading.add(step.slug)
         return _run_output(definition, outputs)
 
-    async def aperform(self, input: Any = None, ctx: Context | None = None) -> dict[str, Any]:
-        """Run the whole flow in this event loop, step by step, and return the run output.
+    async def aperform(
+        self, input: Any = None, ctx: Context | None = None
+    ) -> dict[str, Any] | None:
+        """Run the whole flow in this event loop, step by step, and return the run output:
+        ``{leaf: output}`` over the leaf steps that completed, ``None`` if all were skipped.
 
-        Each step runs once (no retries); a handler's exception propagates unchanged. Inputs and
+        Each step runs once (no retries); a handler's exception propagates unchanged unless its
+        step's ``when_exhausted`` skips it; conditions apply as in the runner. Inputs and
         outputs go through the runtime's JSON round trip: an input it cannot store raises
         :class:`InputError`, an output it cannot store ``TypeError``/``ValueError``.
         """
         return await _drive_async(self._run_calls(input, ctx))  # type: ignore[no-any-return]
 
-    def perform(self, input: Any = None, ctx: Context | None = None) -> dict[str, Any]:
-        """Run the whole flow in this thread, step by step, and return the run output.
+    def perform(self, input: Any = None, ctx: Context | None = None) -> dict[str, Any] | None:
+        """Run the whole flow in this thread, step by step, and return the run output
+        (see :meth:`aperform`).
 
         Sync handlers are called directly; an async handler is run to completion (outside a
         running event loop; inside one, use :meth:`aperform`). Values go through JSON as in

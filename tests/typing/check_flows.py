@@ -54,8 +54,8 @@ def summary(deps: SummaryDeps, ctx: pf.Context) -> int:
 assert_type(summary, pf.Step[SummaryDeps, int])
 
 # The run output: {leaf: output}, as JSON
-assert_type(analyze.perform(Site("https://example.com")), dict[str, Any])
-assert_type(analyze.perform({"url": "https://example.com"}), dict[str, Any])
+assert_type(analyze.perform(Site("https://example.com")), dict[str, Any] | None)
+assert_type(analyze.perform({"url": "https://example.com"}), dict[str, Any] | None)
 
 # One step, by object: checked against its handler
 assert_type(analyze.perform_step(website, Site("https://example.com")), list[str])
