@@ -191,7 +191,7 @@ def test_a_version_4_sqlite_database_gains_the_throughput_table(
         assert (only.flow_slug, only.completed, only.failed) == ("tp_ok", 1, 0)
     conn = sqlite3.connect(db_path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     finally:
         conn.close()
 
@@ -221,6 +221,6 @@ def test_a_version_3_postgres_schema_gains_the_throughput_table(
             version = backend._conn.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'"
             ).fetchone()[0]
-            assert int(version) == postgres.SCHEMA_VERSION == 4
+            assert int(version) == postgres.SCHEMA_VERSION == 5
     finally:
         backend.drop_schema_and_close()

@@ -28,10 +28,11 @@ log = logging.getLogger("pgflow_py.store")
 
 __all__ = ("SCHEMA_VERSION", "PostgresBackend")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5  # 6 once merged with the conditional steps' version 5
 _MIGRATIONS = {
     1: "postgres_0001_initial.sql", 2: "postgres_0002_operations.sql",
     3: "postgres_0003_trace_context.sql", 4: "postgres_0004_throughput.sql",
+    5: "postgres_0006_dashboard.sql",
 }
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
