@@ -169,6 +169,9 @@ class PostgresBackend(SqlBackend):
     )
     _NEWEST_FIRST = "r.seq DESC"
     _SEQ = "seq"
+    _CANDIDATES = "r.id IN ({ids}{more})"
+    _CANDIDATE_KEY = "id"
+    _DERIVE_IN_ORDER = True  # else the status of every candidate is derived, then sorted
 
     _db: Any  # the psycopg connection
 
@@ -206,6 +209,11 @@ class PostgresBackend(SqlBackend):
             # the URL, password and all) is neither its cause nor its context.
             raise error
         db.execute(f"SET search_path TO {self._schema}")
+        # The store's statements read a few rows through indexes, but the planner's cost of
+        # one with a correlated subquery per row of a large table (a runs listing by status
+        # at a million runs) passes jit_above_cost, and compiling it took 450 ms of a 2 ms
+        # query (python -m benchmarks.dashboard). No statement here gains from JIT.
+        db.execute("SET jit = off")
         self._db = db
         self._conn = _Translating(db, self._psycopg.RawCursor)
 
