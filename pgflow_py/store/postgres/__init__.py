@@ -28,11 +28,11 @@ log = logging.getLogger("pgflow_py.store")
 
 __all__ = ("SCHEMA_VERSION", "PostgresBackend")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _MIGRATIONS = {
     1: "postgres_0001_initial.sql", 2: "postgres_0002_operations.sql",
     3: "postgres_0003_trace_context.sql", 4: "postgres_0004_throughput.sql",
-    5: "postgres_0005_conditions.sql",
+    5: "postgres_0005_conditions.sql", 6: "postgres_0006_dashboard.sql",
 }
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -169,6 +169,9 @@ class PostgresBackend(SqlBackend):
     )
     _NEWEST_FIRST = "r.seq DESC"
     _SEQ = "seq"
+    _CANDIDATES = "r.id IN ({ids}{more})"
+    _CANDIDATE_KEY = "id"
+    _DERIVE_IN_ORDER = True  # else the status of every candidate is derived, then sorted
 
     _db: Any  # the psycopg connection
 
@@ -206,6 +209,11 @@ class PostgresBackend(SqlBackend):
             # the URL, password and all) is neither its cause nor its context.
             raise error
         db.execute(f"SET search_path TO {self._schema}")
+        # The store's statements read a few rows through indexes, but the planner's cost of
+        # one with a correlated subquery per row of a large table (a runs listing by status
+        # at a million runs) passes jit_above_cost, and compiling it took 450 ms of a 2 ms
+        # query (python -m benchmarks.dashboard). No statement here gains from JIT.
+        db.execute("SET jit = off")
         self._db = db
         self._conn = _Translating(db, self._psycopg.RawCursor)
 

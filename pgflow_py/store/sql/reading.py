@@ -59,6 +59,15 @@ class _Reading(_Control):
     _NEWEST_FIRST = "r.rowid DESC"
     _SEQ = "rowid"  # the column of that order
     _SKIP_REASON = "skip_reason"  # the column (schema version 6 on SQLite, 5 on PostgreSQL)
+    # The condition on run r of being a candidate: one whose id {ids} selects, or whose
+    # _CANDIDATE_KEY {more} selects (empty, or a UNION ALL). SQLite keeps an IN list of rowids
+    # as a sorted b-tree and walks it newest first, so only the first page's candidates have
+    # their status derived; PostgreSQL joins the ids to the runs by primary key and sorts.
+    _CANDIDATES = "r.rowid IN (SELECT rowid FROM runs WHERE id IN ({ids}){more})"
+    _CANDIDATE_KEY = "rowid"  # what {more} selects
+    # Whether to order the candidates before deriving their finer status, in a subquery of
+    # its own: SQLite's walk of the rowids reads only the first page's already.
+    _DERIVE_IN_ORDER = False
 
     def get_run(self, run_id: str) -> Run | None:
         """The run, or ``None``. An input or output whose stored JSON cannot be decoded reads as
@@ -75,6 +84,7 @@ class _Reading(_Control):
         before: str | None = None,
     ) -> list[Run]:
         where: list[str] = []
+        derived: str | None = None  # the finer status's condition, on the candidates
         params: dict[str, Any] = {"limit": limit}
         if flow_slug is not None:
             where.append("r.flow_slug = :flow")
@@ -83,8 +93,10 @@ class _Reading(_Control):
             where.append("r.key = :key")
             params["key"] = key
         if status is not None:
-            where.append(self._status_condition(status))
-            params["status"] = str(RunStatus(status).value)
+            condition, derived = self._status_condition(
+                RunStatus(status).value, flow_slug is not None
+            )
+            where.append(condition)
         if before is not None:
             # Keyset paging in the order of the listing (insertion order): runs started
             # meanwhile come after the cursor, never onto a later page. A cursor run since
@@ -99,18 +111,57 @@ class _Reading(_Control):
             else:
                 where.append("r.id < :before")
                 params["before"] = before
-        sql = f"SELECT {_RUN_COLUMNS} FROM runs r"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        if derived is not None and self._DERIVE_IN_ORDER:
+            # The candidates in order first (OFFSET 0 keeps the subquery apart), then the finer
+            # status derived for as many as the page takes.
+            sql = (f"SELECT {_RUN_COLUMNS} FROM (SELECT * FROM runs r WHERE "
+                   f"{' AND '.join(where)} ORDER BY {self._NEWEST_FIRST} OFFSET 0) r "
+                   f"WHERE {derived}")
+        else:
+            if derived is not None:
+                where.append(derived)
+            sql = f"SELECT {_RUN_COLUMNS} FROM runs r"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY {self._NEWEST_FIRST} LIMIT :limit"
         return self._read_runs(sql, params)
 
-    @staticmethod
-    def _status_condition(status: str) -> str:
-        """The SQL condition on run ``r`` of having ``status`` (bound as ``:status``)."""
-        if RunStatus(status).is_terminal:
-            return "r.status = :status"
-        return f"r.status = 'started' AND ({_STATUS_SQL}) = :status"
+    def _status_condition(self, status: str, by_flow: bool) -> tuple[str, str | None]:
+        """The SQL condition on run ``r`` of having ``status`` (a known value, written into the
+        statement so that the partial indexes on it apply): of being a candidate, and of
+        having that finer status (``None`` if the first says it all).
+
+        Completed and queued runs are common: the listing walks the runs newest first (of the
+        flow: its index of unfinished runs is in that order too) and finds them near the top as
+        a rule. The other statuses are rare, and a walk would read every run newer than the
+        newest of them, evaluating the finer status of each unfinished one on the way (half a
+        second at a million runs): their runs are picked from the partial indexes that count
+        them instead (see ``_UNFINISHED_SQL``), and only those candidates are ordered.
+        """
+        seq = self._SEQ
+        f = " AND flow_slug = :flow" if by_flow else ""
+        if status == "completed":
+            return "r.status = 'completed'", None
+        if status == "queued":
+            return f"r.status = 'started' AND ({_STATUS_SQL}) = 'queued'", None
+        if status in ("failed", "cancelled"):
+            return (f"r.status = '{status}' AND r.{seq} IN (SELECT {seq} FROM runs "
+                    f"INDEXED BY runs_{status} WHERE status = '{status}'{f})"), None
+        tasks = {
+            # A running task, or (below) a first attempt ended and nothing waiting or running.
+            "running": "step_tasks_running WHERE status = 'started'",
+            "retrying": "step_tasks_retrying WHERE status = 'queued' AND attempts > 0",
+            # Every queued task due later (a scheduled run has one).
+            "scheduled": "step_tasks_queued WHERE status = 'queued' AND run_at > :now",
+        }[status]
+        more = ""
+        if status == "running":
+            more = (f" UNION ALL SELECT {self._CANDIDATE_KEY} FROM runs INDEXED BY runs_begun "
+                    f"WHERE status = 'started' AND started_at IS NOT NULL{f}")
+        candidates = self._CANDIDATES.format(
+            ids=f"SELECT run_id FROM step_tasks INDEXED BY {tasks}{f}", more=more
+        )
+        return f"r.status = 'started' AND {candidates}", f"({_STATUS_SQL}) = '{status}'"
 
     def _read_runs(self, sql: str, params: dict[str, Any]) -> list[Run]:
         params = {**params, "now": self.clock.now()}
