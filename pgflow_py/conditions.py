@@ -1,7 +1,7 @@
 """Conditional steps (pgflow 0.14): JSON containment as PostgreSQL's ``@>``, and skip modes.
 
-Pure functions, shared by ``flow.perform`` and the store (which evaluates a step's condition in
-the transaction that finds the step ready, on SQLite and PostgreSQL alike).
+Pure functions, shared by ``flow.perform`` and the SQLite store (which evaluates a step's
+condition in the transaction that finds the step ready; PostgreSQL's store asks ``@>`` itself).
 """
 
 from __future__ import annotations

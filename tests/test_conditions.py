@@ -1203,3 +1203,47 @@ def test_aperform_skips_an_async_handler_that_fails() -> None:
     assert f.perform({}) == {"after": {"deps": {}}}
     with pytest.raises(ConnectionError):  # perform_step runs the handler itself
         f.perform_step("flaky", {})
+
+
+# --- where the condition is evaluated ----------------------------------------------------------------
+
+where_flow = pf.flow("cond_where")
+
+
+@where_flow.step()
+def where_account(input, ctx):
+    return {"plan": input["plan"], "note": input.get("note", "")}
+
+
+@where_flow.step(depends_on=["where_account"], if_={"where_account": {"plan": "premium"}})
+def where_perks(deps, ctx):
+    return "perks"
+
+
+@where_flow.step(depends_on=["where_account"], if_not={"where_account": {"plan": "premium"}})
+def where_upsell(deps, ctx):
+    return "upsell"
+
+
+@pytest.mark.skipif(POSTGRES_URL is None, reason="needs a PostgreSQL server")
+def test_postgres_decides_conditions_with_its_own_containment(
+    store: pf.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pgflow_py.store.sql.steps as steps
+
+    def not_here(*args: Any) -> bool:
+        raise AssertionError("the Python containment was used")
+
+    monkeypatch.setattr(steps, "condition_met", not_here)
+    premium = run_flow(store, where_flow, {"plan": "premium"})
+    free = run_flow(store, where_flow, {"plan": "free"})
+    assert premium.output == {"where_perks": "perks"}
+    assert free.output == {"where_upsell": "upsell"}
+
+
+def test_an_output_holding_a_nul_character_is_matched_too(store: pf.Store) -> None:
+    # jsonb cannot hold U+0000: on PostgreSQL such a value is decided in Python, the same way.
+    run = run_flow(store, where_flow, {"plan": "premium", "note": "a\x00b"})
+    assert run.status is pf.RunStatus.COMPLETED
+    assert run.output == {"where_perks": "perks"}
+    assert steps_of(run)["where_upsell"] == ("skipped", "condition_unmet")

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
+from ... import _json
 from ...clock import Clock
 from ...definition import FlowDefinition
 from ...errors import SchemaError, StoreError
@@ -34,6 +35,7 @@ _MIGRATIONS = {
     3: "postgres_0003_trace_context.sql", 4: "postgres_0004_throughput.sql",
     5: "postgres_0005_conditions.sql", 6: "postgres_0006_dashboard.sql",
 }
+NUL_ESCAPE = "\\u0000"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 _INDEXED_BY = re.compile(r"\s+INDEXED BY \w+")
@@ -260,6 +262,21 @@ class PostgresBackend(SqlBackend):
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (str(target),),
                 )
+
+    def _condition_met(self, c: Conn, if_: Any, if_not: Any, value_json: str) -> bool:
+        # PostgreSQL's own jsonb @>, which pgflow evaluates; pgflow_py.conditions implements
+        # the same for SQLite and flow.perform (a test holds the two to the same answers).
+        patterns = [None if p is None else _json.dumps(p) for p in (if_, if_not)]
+        if any(NUL_ESCAPE in text for text in (value_json, *patterns) if text is not None):
+            # jsonb cannot hold U+0000, which a step's output (stored as text) may: the cast
+            # would abort the transaction, so these few are decided in Python.
+            return super()._condition_met(c, if_, if_not, value_json)
+        row = c.execute(
+            "SELECT (CAST(? AS jsonb) IS NULL OR CAST(? AS jsonb) @> CAST(? AS jsonb)) "
+            "AND (CAST(? AS jsonb) IS NULL OR NOT CAST(? AS jsonb) @> CAST(? AS jsonb))",
+            (patterns[0], value_json, patterns[0], patterns[1], value_json, patterns[1]),
+        ).fetchone()
+        return bool(row[0])
 
     def _store_error(self, exc: Exception) -> StoreError:
         error = super()._store_error(exc)

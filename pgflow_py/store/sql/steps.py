@@ -345,6 +345,12 @@ class _Steps(_Definitions):
         )
         finished.append(run_id)
 
+    def _condition_met(self, c: Conn, if_: Any, if_not: Any, value_json: str) -> bool:
+        """Whether a step with patterns ``if_`` / ``if_not`` runs on ``value_json``: evaluated
+        here in Python (:func:`~pgflow_py.conditions.condition_met`, the same function as
+        ``flow.perform``'s), as SQLite has no ``@>``; PostgreSQL asks its own ``@>``."""
+        return condition_met(if_, if_not, value_json)
+
     def _unmet(
         self, c: Conn, step: StepDefinition, run_id: str, value_json: str, now: float
     ) -> Skip | None:
@@ -352,7 +358,7 @@ class _Steps(_Definitions):
         holds, else the skip to apply. Raises :class:`_RunFailed` after failing the run
         (``when_unmet="fail"``, or a value that cannot be read)."""
         try:
-            met = condition_met(step.if_, step.if_not, value_json)
+            met = self._condition_met(c, step.if_, step.if_not, value_json)
         except Exception as exc:
             # Not raised: that would undo the whole batch of results, again on every try.
             self._fail_run(
