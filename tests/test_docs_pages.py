@@ -99,3 +99,14 @@ def test_the_testing_guide_test_file_passes(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 passed" in done.stdout
+
+
+def test_the_readme_links_point_at_files_that_exist() -> None:
+    """The site checks its own links (mkdocs build --strict); the README is outside it."""
+    root = DOCS.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [t for t in targets if not re.match(r"[a-z]+:", t)]
+    assert len(local) >= 8
+    missing = [t for t in local if not (root / t).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"

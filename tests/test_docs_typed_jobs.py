@@ -1,4 +1,4 @@
-"""Every plain ```python block of docs/how-to/typed-jobs.md runs as its own program, so the page never rots."""
+"""Every plain ```python block of docs/how-to/typed-jobs.md runs as its own program, so it never rots."""
 
 from __future__ import annotations
 
