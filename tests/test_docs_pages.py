@@ -21,6 +21,7 @@ from test_docs import Block, parse_blocks
 
 DOCS = Path(__file__).parent.parent / "docs"
 PAGES = [
+    "index.md",
     "quickstart.md",
     "how-to/retries.md",
     "how-to/scheduling.md",
