@@ -1,11 +1,12 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``.
+"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``, ``nox -s docs``.
 
 ``nox -s bench [-- --only map --repeat 1]`` prints the benchmarks (not run by default).
+``nox -s docs -- serve`` serves the site at http://127.0.0.1:8000/ while you edit it.
 """
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 
 
 @nox.session
@@ -25,7 +26,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.4")
-    session.run("ruff", "check", "pgflow_py", "tests", "examples", "benchmarks")
+    session.run("ruff", "check", "pgflow_py", "tests", "examples", "benchmarks", "tools")
 
 
 @nox.session
@@ -38,3 +39,14 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the site into site/ with every warning an error (a broken link or reference)."""
+    session.install("-e", ".[docs]")
+    session.env["NO_MKDOCS_2_WARNING"] = "1"  # Material's notice, not a warning about the site
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", *session.posargs[1:])
+    else:
+        session.run("mkdocs", "build", "--strict", *session.posargs)

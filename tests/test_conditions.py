@@ -1081,14 +1081,14 @@ def test_random_conditional_dags_agree_with_perform(
 
 
 def test_the_worked_example_of_the_docs_prints_what_they_show(tmp_path: Any) -> None:
-    """docs/quickstart.md, "Conditional steps and skips": the example runs and prints the
+    """docs/how-to/flows.md, "Conditional steps and skips": the example runs and prints the
     output shown under it."""
     import re
     import subprocess
     import sys
     from pathlib import Path
 
-    page = (Path(__file__).parent.parent / "docs" / "quickstart.md").read_text(encoding="utf-8")
+    page = (Path(__file__).parent.parent / "docs" / "how-to" / "flows.md").read_text(encoding="utf-8")
     section = page[page.index("## Conditional steps and skips"):]
     code, shown = re.findall(r"```(?:python)?\n(.*?)```", section, re.DOTALL)[:2]
     result = subprocess.run(

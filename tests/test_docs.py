@@ -1,4 +1,4 @@
-"""Every pgflow_py snippet of docs/coming-from.md runs as its own program, so the page never rots.
+"""Every pgflow_py snippet of docs/explanation/coming-from.md runs as its own program, so the page never rots.
 
 A snippet is a fenced block whose info string is exactly ``python``; the other systems' snippets
 (```` ```python celery ````, ```` ```elixir ````, ...) are sketches and are not run.
@@ -14,7 +14,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-PAGE = Path(__file__).parent.parent / "docs" / "coming-from.md"
+PAGE = Path(__file__).parent.parent / "docs" / "explanation" / "coming-from.md"
 
 SYSTEMS = ("PhoenixKit", "RouteMQ", "Portico", "Celery", "Huey", "RQ")
 

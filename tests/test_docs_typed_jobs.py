@@ -1,4 +1,4 @@
-"""Every plain ```python block of docs/typed-jobs.md runs as its own program, so the page never rots."""
+"""Every plain ```python block of docs/how-to/typed-jobs.md runs as its own program, so it never rots."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_docs import Block, parse_blocks
 
-PAGE = Path(__file__).parent.parent / "docs" / "typed-jobs.md"
+PAGE = Path(__file__).parent.parent / "docs" / "how-to" / "typed-jobs.md"
 SNIPPETS = [b for b in parse_blocks(PAGE.read_text(encoding="utf-8")) if b.info == "python"]
 
 

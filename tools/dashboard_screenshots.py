@@ -1,6 +1,6 @@
 """Take the dashboard screenshots in docs/images from the demo database (tests/dashboard_demo.py).
 
-    python docs/screenshots.py          # needs .[test] (Playwright) and Debian's chromium
+    python tools/dashboard_screenshots.py   # needs .[test] (Playwright) and Debian's chromium
 
 Serves a fresh demo database with uvicorn on a free port, opens each page in headless
 Chromium and saves it as a PNG.
@@ -21,8 +21,9 @@ from playwright.sync_api import sync_playwright
 import pgflow_py as pf
 from pgflow_py.dashboard import create_app
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+ROOT = Path(__file__).parent.parent
+IMAGES = ROOT / "docs" / "images"
+sys.path.insert(0, str(ROOT / "tests"))
 import dashboard_demo as demo  # noqa: E402
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
@@ -57,8 +58,8 @@ def main() -> None:
             for name, url in shots.items():
                 page.goto(base + url)
                 page.wait_for_timeout(200)
-                page.screenshot(path=str(HERE / "images" / name), full_page=name != "dashboard-runs.png")
-                print("saved", HERE / "images" / name)
+                page.screenshot(path=str(IMAGES / name), full_page=name != "dashboard-runs.png")
+                print("saved", IMAGES / name)
             browser.close()
         server.should_exit = True
         thread.join()
