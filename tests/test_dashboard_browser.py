@@ -281,6 +281,7 @@ def test_workers_marks_a_lost_worker(serve: Callable[..., Served], page: Page) -
     served = serve()
     served.store.backend.heartbeat("web-1:4242:a", ["process_order"], [], 30)
     served.store.backend.heartbeat("web-2:4343:b", ["send_email"], [], 0.01)
+    time.sleep(0.05)  # web-2's lease is over: it is lost
     page.goto(served.url + "/workers")
     expect(page.locator("#workers tbody tr")).to_have_count(2)
     expect(page.locator("#workers tr.lost")).to_contain_text("send_email")
