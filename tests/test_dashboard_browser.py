@@ -45,6 +45,7 @@ pytestmark = pytest.mark.browser
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
         "--disable-component-update", "--disable-sync", "--disable-quic"]
 WAIT = 15_000  # ms: a live update comes within a page's refresh period (2-5 s)
+expect.set_options(timeout=WAIT)  # (its default, 5 s, is one overview refresh: too close)
 
 
 @pytest.fixture(scope="module")
