@@ -563,7 +563,7 @@ def _two_versions() -> tuple[pf.Flow, pf.Flow]:
 def test_changed_shape_with_a_started_run_is_refused_until_it_is_cancelled(store):
     v1, v2 = _two_versions()
     old = store.start(v1, {"n": 1})
-    (task,) = store.backend.claim("w", ["evolving"], 10, 30)  # its first attempt is running
+    (_task,) = store.backend.claim("w", ["evolving"], 10, 30)  # its first attempt is running
 
     with pytest.raises(pf.ShapeMismatch) as excinfo:
         store.register(v2)

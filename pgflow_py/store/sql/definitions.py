@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, ClassVar
 
 from ... import _json
 from ...clock import utc_datetime
@@ -46,6 +46,8 @@ class _Graph:
 
 class _Definitions(_Connection):
     """Flow definitions: registered in the write that starts their runs, cached per version."""
+
+    _SEQ: ClassVar[str] = "rowid"  # the column of runs in insertion order
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -132,7 +134,7 @@ class _Definitions(_Connection):
             "SELECT r.id, r.input, r.run_at, r.created_at, r.priority, r.key, r.trace_context, "
             "r.started_at IS NULL AND NOT EXISTS (SELECT 1 FROM step_tasks t "
             "WHERE t.run_id = r.id AND (t.claims > 0 OR t.status != 'queued')) "
-            "FROM runs r WHERE r.flow_slug = ? AND r.status = 'started' ORDER BY r.created_at, r.id",
+            f"FROM runs r WHERE r.flow_slug = ? AND r.status = 'started' ORDER BY r.{self._SEQ}",
             (definition.slug,),
         ).fetchall()
         if not rows:

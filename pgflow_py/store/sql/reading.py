@@ -42,7 +42,6 @@ class _Reading(_Control):
     # Newest first: rows are appended in creation order, so the rowid is that order too, and
     # walking it backwards stops after `limit` rows instead of sorting them all.
     _NEWEST_FIRST = "r.rowid DESC"
-    _SEQ = "rowid"  # the column of that order
     _SKIP_REASON = "skip_reason"  # the column (schema version 6 on SQLite, 5 on PostgreSQL)
 
     def get_run(self, run_id: str) -> Run | None:
