@@ -221,7 +221,10 @@ class _Definitions(_Connection):
                 "stored version are unfinished and cannot move to the new shape "
                 f"({started} already started):"
             )
-            moved = "Runs that have not started move to the new shape by themselves."
+            moved = (
+                "Runs that have not started do not block: they move to the new shape when it "
+                "is registered."
+            )
         else:
             head = (
                 f"flow {slug!r} changed shape ({diffs}) while {len(blocking)} run(s) of the "
