@@ -141,7 +141,8 @@ def test_django_worker_command_serves_until_sigterm(tmp_path: Path) -> None:
         run = store.start(jobs.welcome_email, {"email": "ada@example.com"})
         env = {**os.environ, "PGFLOW_DATABASE": str(database)}
         proc = subprocess.Popen(
-            [sys.executable, "manage.py", "pgflow_worker", "--concurrency", "2"],
+            [sys.executable, "manage.py", "pgflow_worker", "--concurrency", "2",
+             "--shutdown-timeout", "5"],
             cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:

@@ -21,12 +21,14 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--concurrency", type=int, default=10,
                             help="tasks run at once by this worker (default 10)")
+        parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                            help="seconds running tasks get to finish after SIGTERM (default 30)")
         parser.add_argument("--until-idle", action="store_true",
                             help="return once nothing is queued, running or scheduled")
 
     def handle(self, *args: Any, **options: Any) -> None:
         stats = pf.run_flows(
             FLOWS, store=get_store(), concurrency=options["concurrency"],
-            until_idle=options["until_idle"],
+            shutdown_timeout=options["shutdown_timeout"], until_idle=options["until_idle"],
         )
         self.stdout.write(f"worker stopped: {stats}")
