@@ -127,9 +127,9 @@ class _Definitions(_Connection):
         self, c: Conn, definition: FlowDefinition, stored: FlowDefinition, move: bool,
         now: float,
     ) -> list[NewRun]:
-        """The unfinished runs that may move to ``definition``'s shape (all of them, if any
-        other blocks the change: then nothing moves); raise :class:`ShapeMismatch` if some may
-        not, listing them."""
+        """The flow's unfinished runs, to move to ``definition``'s shape; if any of them may
+        not move (or ``move`` is false), raise :class:`ShapeMismatch` listing those, and
+        nothing moves."""
         rows = c.execute(
             "SELECT r.id, r.input, r.run_at, r.created_at, r.priority, r.key, r.trace_context, "
             "r.started_at IS NULL AND NOT EXISTS (SELECT 1 FROM step_tasks t "
