@@ -11,7 +11,7 @@ nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,integrations]")
     # coverage must start before pytest loads the pgflow_py plugin, hence `coverage run`.
     # Subprocesses (workers, isolation children) are measured too, each into a .coverage.*
     # file of its own (see [tool.coverage.run] in pyproject.toml): combine them, then report.

@@ -40,7 +40,8 @@ class FlowNotFound(PgflowError, LookupError):
 
 
 class ShapeMismatch(PgflowError):
-    """A flow's steps or dependencies differ from the stored definition while runs are unfinished."""
+    """A flow's shape (steps, dependencies, conditions) differs from the stored definition while
+    runs of it that cannot move to the new shape are unfinished (see ``Store.register``)."""
 
 
 class SchemaError(PgflowError):

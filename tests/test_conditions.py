@@ -220,6 +220,7 @@ def test_a_changed_condition_is_a_shape_change(store: pf.Store) -> None:
 
     first = build("skip")
     run = store.start(first, {"go": True})
+    store.backend.claim("w", ["cond_shape"], 10, 30)  # started: it blocks the change
     with pytest.raises(pf.ShapeMismatch, match="changed when_unmet from 'skip' to 'fail'"):
         store.register(build("fail"))
     store.cancel(run.id)

@@ -13,6 +13,9 @@ import pgflow_py as pf
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 
+# Examples of integrations, and what they need beyond the test extra (the integrations extra).
+NEEDS = {"fastapi_app": ("fastapi", "httpx")}
+
 
 def _load(path: Path):
     spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
@@ -30,6 +33,8 @@ def test_there_are_examples():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_main_completes_its_runs(path: Path, tmp_path: Path):
+    for name in NEEDS.get(path.stem, ()):
+        pytest.importorskip(name, reason=f"{name} is not installed (the integrations extra)")
     module = _load(path)
     result = module.main(str(tmp_path / f"{path.stem}.db"))
     runs = result if isinstance(result, list) else [result]

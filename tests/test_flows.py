@@ -560,16 +560,18 @@ def _two_versions() -> tuple[pf.Flow, pf.Flow]:
     return v1, v2
 
 
-def test_changed_shape_with_unfinished_runs_is_refused_until_they_are_cancelled(store):
+def test_changed_shape_with_a_started_run_is_refused_until_it_is_cancelled(store):
     v1, v2 = _two_versions()
     old = store.start(v1, {"n": 1})
+    (_task,) = store.backend.claim("w", ["evolving"], 10, 30)  # its first attempt is running
 
     with pytest.raises(pf.ShapeMismatch) as excinfo:
         store.register(v2)
     message = str(excinfo.value)
     assert "evolving" in message
     assert "'enrich'" in message and "added" in message
-    assert "cancel" in message and "new slug" in message
+    assert f"{old.id}  running" in message
+    assert f"pgflow cancel {old.id}" in message and "new slug" in message
     # Starting the new version is refused the same way, and writes nothing.
     with pytest.raises(pf.ShapeMismatch):
         store.start(v2, {"n": 2})
@@ -655,7 +657,9 @@ def test_a_process_holding_the_old_version_cannot_serve_it_over_a_changed_shape(
     """Two stores on one file are two processes: one still has v1 loaded, the other deployed v2.
 
     Serving a flow object checks it against the stored definition, so the old process must be
-    refused (ShapeMismatch) rather than run v2's tasks with v1's handlers and step graph.
+    refused (ShapeMismatch) rather than run v2's tasks with v1's handlers and step graph, while
+    a run of v2 has started. (A run that has not started would move back to v1's shape: serving
+    v1 again is how a rollback deploys; see test_shape_changes.py.)
     """
     v1, v2 = _two_versions()
     with pf.connect(tmp_path / "shared.db", clock=clock) as old_proc, \
@@ -666,8 +670,13 @@ def test_a_process_holding_the_old_version_cannot_serve_it_over_a_changed_shape(
 
         new_proc.register(v2)  # no unfinished runs: the shape may change
         run = new_proc.start(v2, {"n": 5})
+        (task,) = new_proc.backend.claim("w", ["evolving"], 10, 30)
         with pytest.raises(pf.ShapeMismatch):
             drain(old_proc, v1)
+        new_proc.backend.finish(
+            [pf.store.TaskSuccess(task.id, task.attempt, '{"v": 2, "n": 5}', run.id, "fetch",
+                                  False, task.claim)], [],
+        )
 
         drain(new_proc, v2)
         done = new_proc.get_run(run.id)

@@ -956,6 +956,7 @@ def test_shape_change_with_unfinished_runs_is_refused(store: pf.Store, db_path: 
     v1 = _two_step_flow("evolving", extra_step=False)
     v2 = _two_step_flow("evolving", extra_step=True)
     pending = store.start(v1, 1)
+    store.backend.claim("w", ["evolving"], 10, 30)  # started: it blocks the change
     before = table_counts(db_path)
     with pytest.raises(pf.ShapeMismatch) as info:
         store.register(v2)

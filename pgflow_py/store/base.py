@@ -135,8 +135,9 @@ class Backend(Protocol):
     clock: Clock
 
     def register(self, definition: FlowDefinition) -> int:
-        """Store or update a definition and return its version; raise ``ShapeMismatch`` if its
-        shape changed while runs are unfinished."""
+        """Store or update a definition and return its version. If its shape changed, runs that
+        have not started move to it; raise ``ShapeMismatch`` (writing nothing) if any other
+        unfinished run blocks it."""
         ...
 
     def get_definition(self, flow_slug: str) -> FlowDefinition | None: ...

@@ -174,7 +174,13 @@ class Store:
     def register(self, flow: Flow) -> int:
         """Write ``flow``'s definition to the store (or update its options); return its version.
 
-        Raises :class:`~pgflow_py.ShapeMismatch` if its steps changed while runs are unfinished.
+        If its shape (steps, dependencies, step types, conditions) changed, unfinished runs that
+        have not started (queued or scheduled, no attempt made) move to the new shape in the
+        same transaction, keeping their id, input, key, priority and due time. Raises
+        :class:`~pgflow_py.ShapeMismatch`, changing nothing, if a run has started, or cannot
+        move (a step it is queued for is gone; a new root map step and an input that is not an
+        array); the message lists those runs. Starting a run (``start``) registers its flow too
+        but moves no runs: there, any unfinished run blocks a changed shape.
         """
         return self.backend.register(flow.definition)
 

@@ -16,6 +16,21 @@ from typing import Any, ClassVar, Protocol
 from ...clock import Clock
 from ...errors import StoreError
 
+# A non-terminal run's finer status is derived from its tasks when read.
+_STATUS_SQL = """
+CASE
+  WHEN r.status != 'started' THEN r.status
+  WHEN EXISTS (SELECT 1 FROM step_tasks t
+               WHERE t.run_id = r.id AND t.status = 'started') THEN 'running'
+  WHEN EXISTS (SELECT 1 FROM step_tasks t
+               WHERE t.run_id = r.id AND t.status = 'queued' AND t.attempts > 0) THEN 'retrying'
+  WHEN r.started_at IS NULL THEN
+    CASE WHEN (SELECT min(t.run_at) FROM step_tasks t
+               WHERE t.run_id = r.id AND t.status = 'queued') > :now
+         THEN 'scheduled' ELSE 'queued' END
+  ELSE 'running'
+END"""
+
 
 class Cursor(Protocol):
     """What the layers use of a DB-API cursor."""

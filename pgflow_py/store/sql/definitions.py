@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+import abc
+from typing import Any, ClassVar
 
+from ... import _json
+from ...clock import utc_datetime
 from ...definition import FlowDefinition
 from ...errors import SchemaError, ShapeMismatch
-from .connection import Conn, _Connection
+from ..base import NewRun
+from .connection import _STATUS_SQL, Conn, _Connection
 
 
 class _Graph:
@@ -43,6 +47,8 @@ class _Graph:
 class _Definitions(_Connection):
     """Flow definitions: registered in the write that starts their runs, cached per version."""
 
+    _SEQ: ClassVar[str] = "rowid"  # the column of runs in insertion order
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._definitions: dict[str, tuple[int, FlowDefinition]] = {}
@@ -53,7 +59,7 @@ class _Definitions(_Connection):
 
     def register(self, definition: FlowDefinition) -> int:
         with self._write() as c:
-            return self._register(c, definition)
+            return self._register(c, definition, move=True)
 
     def _json_of(self, definition: FlowDefinition) -> str:
         # Definitions are immutable: encode each once; one entry per flow slug.
@@ -63,8 +69,15 @@ class _Definitions(_Connection):
             self._json_cache[definition.slug] = cached
         return cached[1]
 
-    def _register(self, c: Conn, definition: FlowDefinition) -> int:
-        """Write or update ``definition`` inside the caller's transaction; return its version."""
+    def _register(self, c: Conn, definition: FlowDefinition, move: bool = False) -> int:
+        """Write or update ``definition`` inside the caller's transaction; return its version.
+
+        A changed shape is refused (:class:`ShapeMismatch`) while runs of the stored version
+        have started and are unfinished. With ``move`` (an explicit registration: a deploy, a
+        worker starting), runs that have not started are re-planned under the new shape instead
+        of blocking it; without (registration by ``start``), they block too, so that a process
+        still running the old code cannot move the new version's runs back.
+        """
         # Unchanged since this connection found it stored, if no other connection has committed
         # anything since: then the read can be skipped.
         seen = self._unchanged_token(c)
@@ -77,6 +90,7 @@ class _Definitions(_Connection):
         row = c.execute(
             "SELECT definition, version FROM flows WHERE flow_slug = ?", (definition.slug,)
         ).fetchone()
+        moving: list[NewRun] = []
         if row is not None and row[0] == text:
             version = int(row[1])
             self._verified[definition.slug] = (definition, version, seen)
@@ -94,7 +108,7 @@ class _Definitions(_Connection):
             stored = FlowDefinition.from_stored_json(row[0])
             version = int(row[1])
             if stored.shape() != definition.shape():
-                self._check_no_unfinished(c, definition, stored)
+                moving = self._unfinished_runs(c, definition, stored, move, now)
                 version += 1
             c.execute(
                 "UPDATE flows SET kind = ?, definition = ?, version = ?, updated_at = ? "
@@ -105,23 +119,150 @@ class _Definitions(_Connection):
             c.execute("DELETE FROM deps WHERE flow_slug = ?", (definition.slug,))
             self._insert_steps(c, definition)
         self._definitions[definition.slug] = (version, definition)
+        if moving:
+            self._replan(c, definition, version, moving, now)
         return version
 
-    @staticmethod
-    def _check_no_unfinished(
-        c: Conn, definition: FlowDefinition, stored: FlowDefinition
-    ) -> None:
-        unfinished = c.execute(
-            "SELECT count(*) FROM runs WHERE flow_slug = ? AND status = 'started'",
+    def _unfinished_runs(
+        self, c: Conn, definition: FlowDefinition, stored: FlowDefinition, move: bool,
+        now: float,
+    ) -> list[NewRun]:
+        """The flow's unfinished runs, to move to ``definition``'s shape; if any of them may
+        not move (or ``move`` is false), raise :class:`ShapeMismatch` listing those, and
+        nothing moves."""
+        rows = c.execute(
+            "SELECT r.id, r.input, r.run_at, r.created_at, r.priority, r.key, r.trace_context, "
+            "r.started_at IS NULL AND NOT EXISTS (SELECT 1 FROM step_tasks t "
+            "WHERE t.run_id = r.id AND (t.claims > 0 OR t.status != 'queued')) "
+            f"FROM runs r WHERE r.flow_slug = ? AND r.status = 'started' ORDER BY r.{self._SEQ}",
             (definition.slug,),
-        ).fetchone()[0]
-        if unfinished:
-            diffs = "; ".join(definition.shape_differences(stored))
-            raise ShapeMismatch(
-                f"flow {definition.slug!r} changed shape ({diffs}) while {unfinished} run(s) "
-                "of the stored version are unfinished. Let them finish or cancel them "
-                "(store.cancel), or give the new version a new slug."
+        ).fetchall()
+        if not rows:
+            return []
+        # The steps each run has work queued for: it moves only if they are all still steps.
+        queued: dict[str, set[str]] = {}
+        for run_id, step_slug in c.execute(
+            "SELECT DISTINCT run_id, step_slug FROM step_tasks "
+            "WHERE flow_slug = ? AND status = 'queued'",
+            (definition.slug,),
+        ).fetchall():
+            queued.setdefault(run_id, set()).add(step_slug)
+        steps = {s.slug for s in definition.steps}
+        root_map = next(
+            (s for s in definition.steps if not s.depends_on and s.step_type == "map"), None
+        )
+        movable: list[NewRun] = []
+        blocking: list[tuple[str, str]] = []  # (run id, why)
+        for run_id, input_json, run_at, created_at, priority, key, trace, unstarted in rows:
+            gone = sorted(queued.get(run_id, set()) - steps)
+            items: tuple[str, ...] | None = None
+            if root_map is not None:
+                try:
+                    value = _json.loads(input_json)
+                except ValueError:
+                    value = None
+                if isinstance(value, list):
+                    items = tuple(_json.dumps(item) for item in value)
+            if not unstarted:
+                blocking.append((run_id, ""))
+            elif not move:
+                blocking.append((run_id, "not started"))
+            elif gone:
+                blocking.append((
+                    run_id,
+                    "not started, but its step(s) " + ", ".join(map(repr, gone))
+                    + " are not in the new version",
+                ))
+            elif root_map is not None and items is None:
+                blocking.append((
+                    run_id,
+                    f"not started, but its input is not an array, which the new root map step "
+                    f"{root_map.slug!r} needs",
+                ))
+            else:
+                movable.append(NewRun(
+                    run_id, input_json, float(run_at), float(created_at), int(priority), key,
+                    items, None, trace,
+                ))
+        if blocking:
+            raise ShapeMismatch(self._blocked_message(c, definition, stored, blocking, move, now))
+        return movable
+
+    _LISTED = 10  # blocking runs named in a ShapeMismatch message
+
+    def _blocked_message(
+        self, c: Conn, definition: FlowDefinition, stored: FlowDefinition,
+        blocking: list[tuple[str, str]], move: bool, now: float,
+    ) -> str:
+        slug = definition.slug
+        diffs = "; ".join(definition.shape_differences(stored))
+        listed = blocking[: self._LISTED]
+        why = dict(listed)
+        details = self._run_details(c, [run_id for run_id, _ in listed], now)
+        lines = []
+        for run_id, _ in listed:
+            status, due = details.get(run_id, ("unfinished", None))
+            line = f"  {run_id}  {status}"
+            if due is not None and status in ("scheduled", "retrying"):
+                line += f", due {utc_datetime(float(due)):%Y-%m-%d %H:%M:%S} UTC"
+            if why[run_id]:
+                line += f" ({why[run_id]})"
+            lines.append(line)
+        if len(blocking) > len(listed):
+            lines.append(
+                f"  … and {len(blocking) - len(listed)} more: pgflow runs --flow {slug} "
+                f"--limit {len(blocking)}"
             )
+        ids = " ".join(run_id for run_id, _ in listed)
+        started = sum(1 for _, w in blocking if not w)
+        if move:
+            head = (
+                f"flow {slug!r} changed shape ({diffs}) while {len(blocking)} run(s) of the "
+                "stored version are unfinished and cannot move to the new shape "
+                f"({started} already started):"
+            )
+            moved = (
+                "Runs that have not started do not block: they move to the new shape when it "
+                "is registered."
+            )
+        else:
+            head = (
+                f"flow {slug!r} changed shape ({diffs}) while {len(blocking)} run(s) of the "
+                "stored version are unfinished:"
+            )
+            moved = (
+                "Runs that have not started would move to the new shape if it were registered "
+                "first: store.register(flow), or start a worker with the new code (starting a "
+                "run never moves other runs, so a process with old code cannot move them back)."
+            )
+        return "\n".join([
+            head,
+            *lines,
+            "Let them finish (a worker with the old code), or cancel them "
+            f"(pgflow cancel {ids}, or store.cancel(run_id)) and start them again once the new "
+            f"version is registered, or give the new version a new slug. {moved}",
+        ])
+
+    def _run_details(
+        self, c: Conn, run_ids: list[str], now: float
+    ) -> dict[str, tuple[str, float | None]]:
+        """Each run's status (as listed) and when its next queued task is due."""
+        details: dict[str, tuple[str, float | None]] = {}
+        for run_id in run_ids:
+            row = c.execute(
+                f"SELECT {_STATUS_SQL}, (SELECT min(t.run_at) FROM step_tasks t "
+                "WHERE t.run_id = r.id AND t.status = 'queued') FROM runs r WHERE r.id = :id",
+                {"id": run_id, "now": now},
+            ).fetchone()
+            if row is not None:
+                details[run_id] = (str(row[0]), None if row[1] is None else float(row[1]))
+        return details
+
+    @abc.abstractmethod
+    def _replan(
+        self, c: Conn, d: FlowDefinition, version: int, runs: list[NewRun], now: float
+    ) -> None:
+        """Replace the step states and tasks of ``runs`` (not started) with ``d``'s."""
 
     @staticmethod
     def _insert_steps(c: Conn, d: FlowDefinition) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 from ...clock import utc_datetime
 from ...errors import FlowNotFound, InputError, ShapeMismatch
 from ...models import FlowStats, RunStatus, WorkerInfo
-from .connection import Conn
-from .reading import _STATUS_SQL, _Reading
+from .connection import _STATUS_SQL, Conn
+from .reading import _Reading
 
 # A worker that never said its lease (a row written before schema version 3): the default.
 _DEFAULT_LEASE = 30.0

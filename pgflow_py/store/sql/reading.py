@@ -10,23 +10,8 @@ from ...clock import utc_datetime
 from ...errors import SchemaError
 from ...models import AttemptRecord, Run, RunStatus, StepRun, TaskRun
 from ..base import Undecodable
-from .connection import placeholders
+from .connection import _STATUS_SQL, placeholders
 from .control import _Control
-
-# A non-terminal run's finer status is derived from its tasks when read.
-_STATUS_SQL = """
-CASE
-  WHEN r.status != 'started' THEN r.status
-  WHEN EXISTS (SELECT 1 FROM step_tasks t
-               WHERE t.run_id = r.id AND t.status = 'started') THEN 'running'
-  WHEN EXISTS (SELECT 1 FROM step_tasks t
-               WHERE t.run_id = r.id AND t.status = 'queued' AND t.attempts > 0) THEN 'retrying'
-  WHEN r.started_at IS NULL THEN
-    CASE WHEN (SELECT min(t.run_at) FROM step_tasks t
-               WHERE t.run_id = r.id AND t.status = 'queued') > :now
-         THEN 'scheduled' ELSE 'queued' END
-  ELSE 'running'
-END"""
 
 # runs.started_at is written when the first attempt ends; until then it is the running attempts'.
 _STARTED_SQL = """coalesce(r.started_at, (SELECT min(t.started_at) FROM step_tasks t
@@ -57,7 +42,6 @@ class _Reading(_Control):
     # Newest first: rows are appended in creation order, so the rowid is that order too, and
     # walking it backwards stops after `limit` rows instead of sorting them all.
     _NEWEST_FIRST = "r.rowid DESC"
-    _SEQ = "rowid"  # the column of that order
     _SKIP_REASON = "skip_reason"  # the column (schema version 6 on SQLite, 5 on PostgreSQL)
     # The condition on run r of being a candidate: one whose id {ids} selects, or whose
     # _CANDIDATE_KEY {more} selects (empty, or a UNION ALL). SQLite keeps an IN list of rowids
