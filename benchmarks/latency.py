@@ -71,7 +71,8 @@ def other_process(
     db = database or str(directory / "latency_remote.db")
     script = directory / "latency_worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": str(directory)}
+    # The worker imports the same pgflow_py as this process (an A/B run sets PYTHONPATH).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(directory), *sys.path])}
     worker = subprocess.Popen([sys.executable, str(script), db], env=env)
     try:
         deadline = time.monotonic() + 20

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -86,6 +86,15 @@ _UNSERVED_AFTER = 60.0  # seconds a queued run may wait before its flow is said 
 _UNSERVED_EVERY = 60.0
 _TIMEOUT_GRAIN = 0.005  # seconds: attempts whose timeouts end this close share one loop timer
 _PEEK = 0.05  # seconds between looks at whether another process wrote to the store
+
+
+class _Listening(Protocol):
+    """A backend's wake-ups from other processes (PostgreSQL's LISTEN connection)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def close(self, wait: float = ...) -> None: ...
 
 
 class Runner:
@@ -158,6 +167,7 @@ class Runner:
         # bucket rather than one per attempt.
         self._timeouts: dict[float, set[Attempt]] = {}
         self._wake = asyncio.Event()
+        self._listener: _Listening | None = None
         # Sync handlers' threads; one abandoned at a timeout no longer counts toward the pool.
         self._threads = HandlerThreads(concurrency)
 
@@ -193,8 +203,17 @@ class Runner:
             else:
                 loop.call_soon_threadsafe(self._wake.set)
 
+        served = frozenset(self.flow_slugs)
+
+        def wake_from_elsewhere(flow_slugs: frozenset[str] | None) -> None:
+            if flow_slugs is None or not flow_slugs.isdisjoint(served):
+                wake_from_anywhere("started")
+
         self.store.add_listener(wake_from_anywhere)
+        listen = getattr(self.backend, "listen", None)  # PostgreSQL only
         try:
+            if listen is not None and not self.until_idle:
+                self._listener = listen(wake_from_elsewhere)
             async with anyio.create_task_group() as tg:
                 for _ in range(self.concurrency):
                     tg.start_soon(self._worker)
@@ -219,6 +238,8 @@ class Runner:
                 await call_hook("on_dead", *call)
         finally:
             self.store.remove_listener(wake_from_anywhere)
+            if self._listener is not None:
+                self._listener.close()
             self._threads.close()
             try:
                 self._flush_throughput(final=True)  # first: it cannot raise
@@ -437,13 +458,18 @@ class Runner:
     async def _poll_wait(self) -> None:
         """Wait for a wake-up (local work, results, the heartbeat) or for another process to
         commit, which is checked every _PEEK seconds at the cost of reading a counter; after
-        ``_pause`` (growing while nothing happens) return anyway, to look for due tasks."""
-        seen = self.backend.data_version()
+        ``_pause`` (growing while nothing happens) return anyway, to look for due tasks.
+        While a LISTEN connection is up, another process's commit that queues work wakes us
+        itself, and the counter is not read."""
+        listening = self._listener is not None and self._listener.connected
+        seen = None if listening else self.backend.data_version()
         end = self._loop.time() + self._pause
         self._pause = min(self._pause * 2, self.poll_interval)
         while (left := end - self._loop.time()) > 0 and self._loop.time() < self._next_beat:
             await self._wait(min(left, _PEEK))
-            if self._wake.is_set() or self.backend.data_version() != seen:
+            if self._wake.is_set() or (
+                seen is not None and self.backend.data_version() != seen
+            ):
                 self._pause = 0.005  # something changed: look again soon after
                 return
 

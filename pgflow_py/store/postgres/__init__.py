@@ -12,7 +12,7 @@ import logging
 import re
 import urllib.parse
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any
@@ -24,6 +24,7 @@ from ...errors import SchemaError, StoreError
 from ..base import NewRun
 from ..sql import SqlBackend
 from ..sql.connection import Conn
+from .listen import Listener, channel_for, payload_for
 
 log = logging.getLogger("pgflow_py.store")
 
@@ -186,6 +187,7 @@ class PostgresBackend(SqlBackend):
             )
         self._psycopg = psycopg
         self._schema = schema
+        self._channel = channel_for(schema)
         self._secrets = _secrets(url)
         self._driver_errors = (psycopg.Error,)
         where = f"{_describe(psycopg, url)}, schema {schema}"
@@ -304,6 +306,30 @@ class PostgresBackend(SqlBackend):
     def _rollback(self) -> None:
         if not self._db.closed and self._in_transaction():
             self._db.execute("ROLLBACK")
+
+    def _before_commit(self) -> None:
+        # One NOTIFY per transaction that queued work, however many rows (per-row notifies
+        # serialise writers on the server's notification queue: Oban #956); delivered at
+        # COMMIT, and not at all on ROLLBACK.
+        if self._due_flows:
+            self._db.execute(
+                "SELECT pg_notify(%s, %s)", (self._channel, payload_for(self._due_flows))
+            )
+
+    def listen(self, callback: Callable[[frozenset[str] | None], None]) -> Listener:
+        """Start a :class:`Listener` calling ``callback(flow_slugs)`` when another connection
+        commits work of those flows (``None``: of any flow); close it when done."""
+        listener = Listener(
+            self._psycopg, self.url, self._channel, self._where, callback, self._backend_pid,
+            lambda text: _redact(text, self._secrets),
+        )
+        listener.start()
+        return listener
+
+    def _backend_pid(self) -> int | None:
+        """The server process of this store's connection: its own notifications are not news."""
+        db = self._db
+        return None if db.closed else int(db.info.backend_pid)
 
     def _wrote(self) -> None:
         """Nothing to do: the server checkpoints on its own."""

@@ -292,7 +292,5 @@ class _Batches(_Steps):
             c, self._START_SINGLES_FROM, "(?, ?)", (now,),
             [row for row in states if row[0] not in failed],
         )
-        self._insert(
-            c, self._INSERT_TASKS, self._TASK_VALUES, [t for t in tasks if t[0] not in failed]
-        )
+        self._insert_tasks(c, [t for t in tasks if t[0] not in failed])
 

@@ -92,6 +92,9 @@ class _Claims(_Starting):
                 self._finish(c, successes, failures, now, finished)
             if claiming:
                 rows, of_runs = self._claim(c, worker_id, flow_slugs, limit, lease_seconds, now)
+                if len(rows) < limit:
+                    # This claim took all that is due of these flows: nobody else to wake.
+                    self._due_flows.difference_update(flow_slugs)
         if not rows:
             return finished, []
         rows.sort(key=lambda row: (-row[7], row[0]))
@@ -270,9 +273,11 @@ class _Claims(_Starting):
         with self._write() as c:
             # A released claim leaves no trace: a run's start is read from its running tasks.
             if task_ids is None:
-                c.execute(unclaim, (worker_id,))
+                if c.execute(unclaim, (worker_id,)).rowcount:
+                    self._made_due("")  # back in the queue, for any runner of their flows
             else:
                 c.executemany(unclaim + "AND id = ?", [(worker_id, t) for t in task_ids])
+                self._made_due("")
 
 
     def next_due(self, flow_slugs: Sequence[str]) -> float | None:

@@ -73,6 +73,9 @@ class _Connection(abc.ABC):
         self.location = where.removeprefix("at ")
         self._lock = threading.RLock()
         self._closed = False  # set by close(), under the lock
+        # Flows the current write transaction made work due for ("" for any flow): what a
+        # backend that can tell other processes (PostgreSQL's NOTIFY) tells them at COMMIT.
+        self._due_flows: set[str] = set()
 
     # --- what a backend provides ---------------------------------------------------------------
 
@@ -100,6 +103,17 @@ class _Connection(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    def _before_commit(self) -> None:
+        """Called inside each write transaction just before its COMMIT (``_due_flows`` says
+        which flows it queued work for). SQLite has nobody to tell: other processes read its
+        ``PRAGMA data_version``."""
+        return
+
+    def _made_due(self, flow_slug: str) -> None:
+        """Record that the current write transaction queued work of ``flow_slug`` (``""``: of
+        flows it does not know)."""
+        self._due_flows.add(flow_slug)
+
     # --- transactions --------------------------------------------------------------------------
 
     def _rollback(self) -> None:
@@ -120,11 +134,13 @@ class _Connection(abc.ABC):
                 raise self._closed_error()
             try:
                 self._begin()
+                self._due_flows.clear()
                 try:
                     yield self._conn
                 except BaseException:
                     self._rollback()
                     raise
+                self._before_commit()
                 self._conn.execute("COMMIT")
             except self._driver_errors as exc:
                 self._rollback()

@@ -67,6 +67,7 @@ class _Control(_Claims):
         ).fetchone()
         # Tasks that did not complete run again with fresh attempts; history is kept. Those
         # of a skipped step (when_exhausted) stay as they are: the step ended.
+        self._made_due(d.slug)
         c.execute(
             "UPDATE step_tasks SET status = 'queued', attempts = 0, run_at = ?, "
             "finished_at = NULL WHERE run_id = ? AND status IN ('failed', 'cancelled') "

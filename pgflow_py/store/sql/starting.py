@@ -107,7 +107,7 @@ class _Starting(_Batches):
             "(?, ?, ?, ?, ?, ?)",
             states,
         )
-        self._insert(c, self._INSERT_TASKS, self._TASK_VALUES, tasks)
+        self._insert_tasks(c, tasks)
         for r, step in unmet:
             if step.when_unmet == "fail":
                 self._fail_run(c, r.id, step.slug, CONDITION_NOT_MET, now, report=False)

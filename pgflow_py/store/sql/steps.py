@@ -93,6 +93,12 @@ class _Steps(_Definitions):
     )
     _TASK_VALUES = "(?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)"
 
+    def _insert_tasks(self, c: Conn, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert queued tasks (rows of ``_TASK_VALUES``), noting their flows as made due."""
+        if rows:
+            self._insert(c, self._INSERT_TASKS, self._TASK_VALUES, rows)
+            self._due_flows.update({row[1] for row in rows})
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Runs failed by the current write transaction, for the caller (see _collecting_failures).
@@ -131,8 +137,8 @@ class _Steps(_Definitions):
                 "WHERE run_id = ? AND step_slug = ?",
                 (len(items), now, run_id, step.slug),
             )
-            self._insert(
-                c, self._INSERT_TASKS, self._TASK_VALUES,
+            self._insert_tasks(
+                c,
                 [(run_id, d.slug, version, step.slug, i, max_attempts, priority, run_at, item, now)
                  for i, item in enumerate(items)],
             )
@@ -145,8 +151,8 @@ class _Steps(_Definitions):
             )
         else:
             c.execute(self._START_SINGLES_FROM.format("(?, ?)"), (now, run_id, step.slug))
-        self._insert(
-            c, self._INSERT_TASKS, self._TASK_VALUES,
+        self._insert_tasks(
+            c,
             [(run_id, d.slug, version, step.slug, None, max_attempts, priority, run_at,
               input_json, now)],
         )
@@ -480,12 +486,14 @@ class _Steps(_Definitions):
                 f"UPDATE step_tasks SET status = 'queued', run_at = ?, error = ?, {history_sql}, "
                 "lease_owner = NULL, lease_expires = NULL "
                 "WHERE id = ? AND attempts = ? AND claims = coalesce(?, claims) AND status = 'started' "
-                "RETURNING run_id, started_at",
+                "RETURNING run_id, started_at, flow_slug",
                 (f.retry_at, f.error, f.error, now, cap_traceback(f.traceback), f.task_id,
                  f.attempt, f.claim),
             ).fetchone()
             if row is not None:
                 self._mark_started(c, row[0], row[1])
+                if f.retry_at <= now:  # due again at once (a retry after a backoff is not)
+                    self._made_due(row[2])
             return
         row = c.execute(
             f"UPDATE step_tasks SET status = 'failed', error = ?, {history_sql}, finished_at = ?, "
