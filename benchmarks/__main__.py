@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,6 +124,34 @@ def start_one_at_a_time(directory: Path, n: int) -> float:
         return n / (time.perf_counter() - began)
 
 
+def start_from_threads(threads: int) -> Callable[[Path, int], float]:
+    """``store.start`` called from ``threads`` threads at once (a web app's request threads),
+    n runs in all; the clock runs from when they are released together until the last
+    returns."""
+
+    def run(directory: Path, n: int) -> float:
+        with _fresh_store(directory, f"start_threads_{threads}") as store:
+            store.register(bench_async)
+            gate = threading.Barrier(threads + 1)
+            each = [n // threads + (k < n % threads) for k in range(threads)]
+
+            def starter(count: int) -> None:
+                gate.wait()
+                for i in range(count):
+                    store.start(bench_async, {"i": i})
+
+            workers = [threading.Thread(target=starter, args=(count,)) for count in each]
+            for worker in workers:
+                worker.start()
+            gate.wait()
+            began = time.perf_counter()
+            for worker in workers:
+                worker.join()
+            return n / (time.perf_counter() - began)
+
+    return run
+
+
 def start_many(directory: Path, n: int) -> float:
     with _fresh_store(directory, "start_many") as store:
         began = time.perf_counter()
@@ -163,6 +192,7 @@ def map_tasks(directory: Path, n: int) -> float:
 BENCHMARKS: list[tuple[str, str, Callable[[Path, int], float], float]] = [
     # name, unit, function, share of --jobs used as n
     ("start, one at a time", "runs/s", start_one_at_a_time, 0.5),
+    ("start from 8 threads at once", "runs/s", start_from_threads(8), 0.5),
     ("start_many, batches of 1,000", "runs/s", start_many, 2.0),
     ("end-to-end no-op async jobs (concurrency 10)", "jobs/s", drain(bench_async, 10), 1.0),
     ("end-to-end no-op async jobs (concurrency 100)", "jobs/s", drain(bench_async, 100), 1.0),

@@ -153,6 +153,11 @@ class Backend(Protocol):
         existing run's for a known key, ``""`` for a cron tick already started)."""
         ...
 
+    def start_run(self, definition: FlowDefinition, run: NewRun) -> str:
+        """``start_runs`` of one run, which may share its transaction with the starts other
+        threads make at the same time (group commit); returns once the run is committed."""
+        ...
+
     def claim(
         self, worker_id: str, flow_slugs: Sequence[str], limit: int, lease_seconds: float
     ) -> list[ClaimedTask]:

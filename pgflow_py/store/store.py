@@ -312,7 +312,7 @@ class Store:
         new = self._new_run(
             plan, input, due, self.clock.now(), priority, key, None, current_context()
         )
-        (run_id,) = self.backend.start_runs(definition, [new])
+        run_id = self.backend.start_run(definition, new)
         self._notify_started()
         if run_id != new.id:
             return self.get_run(run_id)

@@ -19,9 +19,7 @@ from typing import Any
 
 from ... import _json
 from ...clock import Clock
-from ...definition import FlowDefinition
 from ...errors import SchemaError, StoreError
-from ..base import NewRun
 from ..sql import SqlBackend
 from ..sql.connection import Conn
 from .listen import Listener, channel_for, payload_for
@@ -334,12 +332,10 @@ class PostgresBackend(SqlBackend):
     def _wrote(self) -> None:
         """Nothing to do: the server checkpoints on its own."""
 
-    def start_runs(self, definition: FlowDefinition, runs: Sequence[NewRun]) -> list[str]:
-        ids = super().start_runs(definition, runs)
-        self._started += len(runs)
+    def _started_runs(self, count: int) -> None:
+        self._started += count
         if self._started >= max(1_000, self._analyzed // 10):
             self._analyze()
-        return ids
 
     def _analyze(self) -> None:
         """Refresh the planner's statistics of the tables that grow.

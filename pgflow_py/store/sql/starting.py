@@ -2,60 +2,244 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+import attrs
 
 from ...conditions import CONDITION_NOT_MET, Skip, condition_met
 from ...definition import FlowDefinition, StepDefinition
+from ...errors import StoreError
 from ..base import NewRun
 from .batches import _Batches
 from .connection import Conn, placeholders
 
 
+@attrs.define(eq=False)
+class _Pending:
+    """One caller's start, queued for the next group commit."""
+
+    definition: FlowDefinition
+    run: NewRun
+    done: threading.Event | None = None  # set when run_id or error is, or when it is to lead
+    lead: bool = False  # this caller commits the next batch
+    run_id: str | None = None
+    error: Exception | None = None
+
+    def outcome(self) -> str:
+        if self.error is not None:
+            raise self.error
+        assert self.run_id is not None
+        return self.run_id
+
+
+def _groups(batch: list[_Pending]) -> Iterator[tuple[FlowDefinition, list[_Pending]]]:
+    """The batch's starts in queued order, consecutive starts of one definition together (so
+    that runs are written in the order of the starts, as one after another would be)."""
+    group: list[_Pending] = []
+    for p in batch:
+        if group and p.definition is not group[0].definition:
+            yield group[0].definition, group
+            group = []
+        group.append(p)
+    if group:
+        yield group[0].definition, group
+
+
+_MOST = 1_000  # starts per group commit, beyond which the next caller commits the rest
+
+
 class _Starting(_Batches):
     """New runs and their root steps' tasks."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Group commit of concurrent starts (start_run): the starts waiting for the next
+        # commit, and whether a caller is committing a batch now.
+        self._starts_mutex = threading.Lock()
+        self._starts_queue: list[_Pending] = []
+        self._starts_committing = False
+        self._starts_company = False  # the last batch had more than one start
+
     def start_runs(self, definition: FlowDefinition, runs: Sequence[NewRun]) -> list[str]:
-        now = self.clock.now()
+        with self._write() as c:
+            ids = self._start_in(c, definition, runs, self.clock.now())
+        self._started_runs(len(runs))
+        return ids
+
+    def start_run(self, definition: FlowDefinition, run: NewRun) -> str:
+        """Start one run as :meth:`start_runs` does, committed together with the starts other
+        threads make meanwhile (group commit).
+
+        A caller that finds no commit of starts in flight leads: it commits its own run and
+        everything queued by then in one transaction. Callers arriving meanwhile queue and
+        wait; when the commit ends, the first of them leads the next. No caller waits for
+        company, so one caller alone commits at once, as before. Each returns once its own run
+        is committed, with its own id or its own exception: a batch whose transaction fails is
+        retried one start per transaction, in the order they queued.
+        """
+        pending = _Pending(definition, run)
+        with self._starts_mutex:
+            self._starts_queue.append(pending)
+            lead = not self._starts_committing
+            if lead:
+                self._starts_committing = True
+            else:
+                pending.done = threading.Event()
+        if not lead:
+            assert pending.done is not None
+            try:
+                pending.done.wait()
+            except BaseException:
+                self._leave_queue(pending)
+                raise
+            if not pending.lead:
+                return pending.outcome()
+        try:
+            if self._starts_company:
+                # The last batch had company: let the threads that hold the GIL in their
+                # own start queue before this batch is taken. Measured with 8 threads: batches
+                # of ~6.5 starts instead of ~1.4 (one thread otherwise keeps the GIL between
+                # its starts), 6-35% more starts/s. A caller alone never yields.
+                time.sleep(0)
+            self._commit_starts()
+        finally:
+            with self._starts_mutex:
+                if self._starts_queue:  # arrived during this commit: the first leads next
+                    following = self._starts_queue[0]
+                    following.lead = True
+                    assert following.done is not None
+                    following.done.set()
+                else:
+                    self._starts_committing = False
+        return pending.outcome()
+
+    def _leave_queue(self, pending: _Pending) -> None:
+        """A waiting caller was interrupted: take its start out of the queue if no batch has
+        taken it yet, and pass on the lead if it had just been given it."""
+        with self._starts_mutex:
+            if pending not in self._starts_queue:
+                return  # in a batch: its run may be committed, as an interrupted start may be
+            self._starts_queue.remove(pending)
+            if not pending.lead:
+                return
+            if self._starts_queue:
+                following = self._starts_queue[0]
+                following.lead = True
+                assert following.done is not None
+                following.done.set()
+            else:
+                self._starts_committing = False
+
+    def _take_starts(self) -> list[_Pending]:
+        with self._starts_mutex:
+            batch, self._starts_queue = self._starts_queue, []
+        return batch
+
+    def _commit_starts(self) -> None:
+        """Commit the queued starts in one transaction; on failure, one per transaction."""
+        batch: list[_Pending] = []
+        error: Exception | None = None
+        try:
+            with self._write() as c:
+                # Taken once the write lock is held: starts that queued while this transaction
+                # waited for it join too.
+                batch = self._take_starts()
+                now = self.clock.now()
+                taken = batch
+                while taken:
+                    for definition, members in _groups(taken):
+                        ids = self._start_in(c, definition, [p.run for p in members], now)
+                        for p, run_id in zip(members, ids, strict=True):
+                            p.run_id = run_id
+                    # Starts that queued while these statements ran join this commit too.
+                    taken = self._take_starts() if len(batch) < _MOST else []
+                    batch += taken
+        except Exception as exc:
+            error = exc
+            batch = batch or self._take_starts()
+        except BaseException as exc:
+            batch = batch or self._take_starts()
+            for p in batch:
+                p.run_id = None
+                p.error = StoreError(
+                    f"starting a run of {p.definition.slug!r} was interrupted: the thread "
+                    f"committing it with other starts stopped ({exc!r}); look it up before starting "
+                    "it again (by its key, if it has one)"
+                )
+                if p.done is not None:
+                    p.done.set()
+            raise
+        self._starts_company = len(batch) > 1
+        if error is None:
+            self._started_runs(len(batch))
+        elif len(batch) == 1:
+            batch[0].error = error
+        else:
+            # Which start failed it is unknown (validation happened before queueing; what is
+            # left is rare: a changed shape, the database): each alone, in queued order.
+            for p in batch:
+                p.run_id = None
+                try:
+                    (p.run_id,) = self.start_runs(p.definition, [p.run])
+                except Exception as exc:
+                    p.error = exc
+        for p in batch:
+            if p.done is not None and not p.lead:
+                p.done.set()
+
+    def _started_runs(self, count: int) -> None:
+        """Called after each transaction that started ``count`` runs."""
+
+    def _start_in(
+        self, c: Conn, definition: FlowDefinition, runs: Sequence[NewRun], now: float
+    ) -> list[str]:
+        """Start ``runs`` of ``definition`` inside the caller's transaction; their ids."""
         d = definition
         ids: list[str] = []
-        with self._write() as c:
-            # Checked in the same transaction, so a definition and its runs land together, and
-            # a process holding an outdated definition cannot start runs of it.
-            self._register(c, d)
-            fresh: list[NewRun] = []
-            for r in runs:
-                if r.cron_tick is not None and not c.execute(
-                    "UPDATE flows SET cron_last_tick = ? WHERE flow_slug = ? "
-                    "AND (cron_last_tick IS NULL OR cron_last_tick < ?)",
-                    (r.cron_tick, d.slug, r.cron_tick),
-                ).rowcount:
-                    ids.append("")  # this tick (or a later one) already has its run
+        # Checked in the same transaction, so a definition and its runs land together, and
+        # a process holding an outdated definition cannot start runs of it.
+        self._register(c, d)
+        fresh: list[NewRun] = []
+        keyed: dict[str, str] = {}  # key -> id of a run of this batch
+        for r in runs:
+            if r.cron_tick is not None and not c.execute(
+                "UPDATE flows SET cron_last_tick = ? WHERE flow_slug = ? "
+                "AND (cron_last_tick IS NULL OR cron_last_tick < ?)",
+                (r.cron_tick, d.slug, r.cron_tick),
+            ).rowcount:
+                ids.append("")  # this tick (or a later one) already has its run
+                continue
+            if r.key is not None:
+                if r.key in keyed:  # as if started after the earlier one: that run
+                    ids.append(keyed[r.key])
                     continue
-                if r.key is not None:
-                    existing = c.execute(
-                        "SELECT id FROM runs WHERE flow_slug = ? AND key = ? "
-                        "AND status != 'cancelled'",
-                        (d.slug, r.key),
-                    ).fetchone()
-                    if existing is not None:
-                        ids.append(existing[0])
-                        continue
-                fresh.append(r)
-                ids.append(r.id)
-            if any(r.trace_context is not None for r in fresh):
-                self._insert(
-                    c, self._INSERT_TRACED_RUNS, self._TRACED_RUN_VALUES,
-                    [(r.id, d.slug, r.input_json, r.key, r.priority, len(d.steps), r.run_at,
-                      r.created_at, r.trace_context) for r in fresh],
-                )
-            else:  # the common case: the column keeps its default, NULL
-                self._insert(
-                    c, self._INSERT_RUNS, self._RUN_VALUES,
-                    [(r.id, d.slug, r.input_json, r.key, r.priority, len(d.steps), r.run_at,
-                      r.created_at) for r in fresh],
-                )
-            self._plan_runs(c, d, self._definitions[d.slug][0], fresh, now)
+                existing = c.execute(
+                    "SELECT id FROM runs WHERE flow_slug = ? AND key = ? "
+                    "AND status != 'cancelled'",
+                    (d.slug, r.key),
+                ).fetchone()
+                if existing is not None:
+                    ids.append(existing[0])
+                    continue
+                keyed[r.key] = r.id
+            fresh.append(r)
+            ids.append(r.id)
+        if any(r.trace_context is not None for r in fresh):
+            self._insert(
+                c, self._INSERT_TRACED_RUNS, self._TRACED_RUN_VALUES,
+                [(r.id, d.slug, r.input_json, r.key, r.priority, len(d.steps), r.run_at,
+                  r.created_at, r.trace_context) for r in fresh],
+            )
+        else:  # the common case: the column keeps its default, NULL
+            self._insert(
+                c, self._INSERT_RUNS, self._RUN_VALUES,
+                [(r.id, d.slug, r.input_json, r.key, r.priority, len(d.steps), r.run_at,
+                  r.created_at) for r in fresh],
+            )
+        self._plan_runs(c, d, self._definitions[d.slug][0], fresh, now)
         return ids
 
     def _plan_runs(
