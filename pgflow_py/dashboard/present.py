@@ -41,6 +41,11 @@ def json_cut(value: Any, limit: int = JSON_LIMIT) -> Cut:
     return Cut(text[:limit], True, len(text))
 
 
+def output_cut(value: Any) -> Cut:
+    """A task's output as its folded row shows it: cut at :data:`OUTPUT_LIMIT`."""
+    return json_cut(value, OUTPUT_LIMIT)
+
+
 def shown_tasks(tasks: Sequence[TaskRun], limit: int = TASKS_SHOWN) -> list[TaskRun]:
     """At most ``limit`` tasks, those failed, running or waiting to retry first, each group in
     index order."""
@@ -132,5 +137,6 @@ def middle(value: str, width: int = 22) -> str:
 
 FILTERS = {
     "ago": _ago, "duration": _duration, "json": dumps, "json_cut": json_cut, "middle": middle,
-    "number": _number, "seconds": format_seconds, "segment": segment, "shown_tasks": shown_tasks,
+    "number": _number, "output_cut": output_cut, "seconds": format_seconds, "segment": segment,
+    "shown_tasks": shown_tasks,
 }
