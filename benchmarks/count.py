@@ -10,14 +10,12 @@ retrying ones. Prints the time of each count (the best of 5) with its value.
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import pgflow_py as pf
 from pgflow_py.store.base import TaskFailure, TaskSuccess
 
-from . import fresh_db
+from . import filled_database, many_runs_parser
 
 
 @pf.job(queue="count_a", max_attempts=3)
@@ -65,22 +63,9 @@ def fill(store: pf.Store, runs: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=1_000_000)
-    parser.add_argument("--path", type=Path, default=Path("/tmp"))
-    parser.add_argument("--reuse", action="store_true", help="keep a database filled before")
-    parser.add_argument("--database", help="a PostgreSQL URL instead of a SQLite file")
+    parser = many_runs_parser(__doc__)
     args = parser.parse_args()
-    path: str | Path = args.path / "pgflow_count.db"
-    if args.database:
-        path = args.database
-        if not args.reuse:
-            with pf.connect(path) as store:
-                fill(store, args.runs)
-    elif not args.reuse or not Path(path).exists():
-        path = fresh_db(args.path, "pgflow_count")
-        with pf.connect(path) as store:
-            fill(store, args.runs)
+    path = filled_database(args, "pgflow_count", fill)
     with pf.connect(path) as store:
         total = store.count()
         print(f"{total:,} runs in {store.backend.location}")

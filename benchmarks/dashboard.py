@@ -13,18 +13,16 @@ machine was). Needs the dashboard extra: ``pip install -e '.[dashboard]'``.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
 import sqlite3
 import statistics
 import time
-from pathlib import Path
 
 import pgflow_py as pf
 
-from . import fresh_db
+from . import filled_database, many_runs_parser
 from .count import count_a, fill
 
 KEYED = 2_000  # runs of count_a started with a key, key-0 … key-1999
@@ -115,23 +113,10 @@ def measure(store: pf.Store, repeat: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=1_000_000)
-    parser.add_argument("--path", type=Path, default=Path("/tmp"))
-    parser.add_argument("--reuse", action="store_true", help="keep a database filled before")
-    parser.add_argument("--database", help="a PostgreSQL URL instead of a SQLite file")
+    parser = many_runs_parser(__doc__)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    path: str | Path = args.path / "pgflow_dashboard.db"
-    if args.database:
-        path = args.database
-        if not args.reuse:
-            with pf.connect(path) as store:
-                fill_dashboard(store, args.runs)
-    elif not args.reuse or not Path(path).exists():
-        path = fresh_db(args.path, "pgflow_dashboard")
-        with pf.connect(path) as store:
-            fill_dashboard(store, args.runs)
+    path = filled_database(args, "pgflow_dashboard", fill_dashboard)
     with pf.connect(path) as store:
         print(f"{store.count():,} runs in {store.backend.location}; "
               f"best and median of {args.repeat}")

@@ -77,18 +77,28 @@ def _numbered(source: str) -> str:
     return "\n".join(f"{n:3d}  {line}" for n, line in enumerate(source.splitlines(), 1))
 
 
-@pytest.mark.parametrize("block", SNIPPETS, ids=lambda b: b.id)
-def test_snippet_runs(block: Block, tmp_path: Path) -> None:
+def run_block(
+    where: str, block: Block, tmp_path: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``block`` as a program of its own in ``tmp_path``; fail the test, naming ``where``
+    (the page) and the block's line and section, unless it exits with 0."""
     script = tmp_path / "snippet.py"
     script.write_text(block.source, encoding="utf-8")
     done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=timeout,
     )
     assert done.returncode == 0, (
-        f"{PAGE.name}:{block.line} (section {block.heading!r}) exited with {done.returncode}\n"
+        f"{where}:{block.line} (section {block.heading!r}) exited with {done.returncode}\n"
         f"--- source ---\n{_numbered(block.source)}\n"
         f"--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
     )
+    return done
+
+
+@pytest.mark.parametrize("block", SNIPPETS, ids=lambda b: b.id)
+def test_snippet_runs(block: Block, tmp_path: Path) -> None:
+    run_block(PAGE.name, block, tmp_path)
 
 
 def test_every_system_has_a_pgflow_snippet() -> None:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_docs import Block, parse_blocks
+from test_docs import Block, parse_blocks, run_block
 
 DOCS = Path(__file__).parent.parent / "docs"
 PAGES = [
@@ -76,15 +76,7 @@ def test_the_pages_have_examples() -> None:
 def test_example_runs_and_prints_what_the_page_shows(
     page: str, block: Block, shown: Block | None, tmp_path: Path
 ) -> None:
-    script = tmp_path / "example.py"
-    script.write_text(block.source, encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, (
-        f"docs/{page}:{block.line} (section {block.heading!r}) exited with {done.returncode}\n"
-        f"--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
-    )
+    done = run_block(f"docs/{page}", block, tmp_path, timeout=120)
     if shown is not None:
         assert _masked(done.stdout) == _masked(shown.source), f"docs/{page}:{block.line}"
 

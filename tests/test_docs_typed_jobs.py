@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_docs import Block, parse_blocks
+from test_docs import Block, parse_blocks, run_block
 
 PAGE = Path(__file__).parent.parent / "docs" / "how-to" / "typed-jobs.md"
 SNIPPETS = [b for b in parse_blocks(PAGE.read_text(encoding="utf-8")) if b.info == "python"]
@@ -21,12 +19,4 @@ def test_the_page_has_its_examples() -> None:
 
 @pytest.mark.parametrize("block", SNIPPETS, ids=lambda b: b.id)
 def test_snippet_runs(block: Block, tmp_path: Path) -> None:
-    script = tmp_path / "snippet.py"
-    script.write_text(block.source, encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, (
-        f"{PAGE.name}:{block.line} (section {block.heading!r}) exited with {done.returncode}\n"
-        f"--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
-    )
+    run_block(PAGE.name, block, tmp_path)
