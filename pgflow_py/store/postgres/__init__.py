@@ -1,9 +1,10 @@
 """The PostgreSQL backend (psycopg 3, the ``postgres`` extra): the shared SQL layers on a server.
 
 The tables live in their own schema (``pgflow`` unless told otherwise), so they never meet an
-application's tables. Write transactions take one advisory lock per schema: writers queue as
-they do on SQLite, so every layer's reasoning about a transaction holds unchanged, while reads
-never wait. The layers' SQL (SQLite's dialect) is translated once per statement text.
+application's tables. Every write transaction takes the schema's advisory lock: claims, results
+and starts share it and run side by side, kept apart by row locks (``writes.py``); the rest
+takes it exclusively and runs alone, as every write does on SQLite. Reads never wait. The
+layers' SQL (SQLite's dialect) is translated once per statement text.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Any
 from ... import _json
 from ...clock import Clock
 from ...errors import SchemaError, StoreError
-from ..sql import SqlBackend
 from ..sql.connection import Conn
 from .listen import Listener, channel_for, payload_for
+from .writes import SharedWrites
 
 log = logging.getLogger("pgflow_py.store")
 
@@ -151,7 +152,7 @@ class _Translating:
         return cursor
 
 
-class PostgresBackend(SqlBackend):
+class PostgresBackend(SharedWrites):
     """:class:`~pgflow_py.store.base.Backend` on PostgreSQL.
 
     ``url`` is a libpq connection string or ``postgresql://`` URL; ``schema`` names the
@@ -211,6 +212,12 @@ class PostgresBackend(SqlBackend):
             # the URL, password and all) is neither its cause nor its context.
             raise error
         db.execute(f"SET search_path TO {self._schema}")
+        # The schema's locks: the exclusive writers' (the bigint key all versions used), and
+        # the space of the per-key and per-flow locks of shared transactions (writes.py).
+        self._schema_lock, self._lock_space = db.execute(
+            "SELECT CAST(hashtext(%s) AS BIGINT), hashtext(%s)",
+            (f"pgflow:{self._schema}", f"pgflow:{self._schema}"),
+        ).fetchone()
         # The store's statements read a few rows through indexes, but the planner's cost of
         # one with a correlated subquery per row of a large table (a runs listing by status
         # at a million runs) passes jit_above_cost, and compiling it took 450 ms of a 2 ms
@@ -288,13 +295,20 @@ class PostgresBackend(SqlBackend):
             )
         return error if text == str(error) else StoreError(text)
 
-    def _begin(self) -> None:
+    def _begin(self, shared: bool) -> None:
         self._ensure_open()
-        # READ COMMITTED whatever the server's default: the snapshot must be taken after the
-        # lock below is granted, so that each writer sees the writes of the one before.
-        self._db.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-        # One writer at a time per schema, as on SQLite; held until COMMIT or ROLLBACK.
-        self._db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"pgflow:{self._schema}",))
+        # READ COMMITTED whatever the server's default: each statement sees what committed
+        # before it began, so a writer sees the writes of the one it waited for (a lock below,
+        # or a row lock in a shared transaction). The schema's lock is held until COMMIT or
+        # ROLLBACK: exclusive, one writer at a time as on SQLite; shared, beside the other
+        # shared ones (see writes.py). One round trip: a simple query of both statements.
+        take = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        self._db.execute(
+            f"BEGIN ISOLATION LEVEL READ COMMITTED; SELECT {take}({self._schema_lock})"
+        )
+
+    def _is_conflict(self, exc: Exception) -> bool:
+        return getattr(exc, "sqlstate", None) in ("40P01", "40001")  # deadlock, serialization
 
     def _in_transaction(self) -> bool:
         return bool(
@@ -305,14 +319,17 @@ class PostgresBackend(SqlBackend):
         if not self._db.closed and self._in_transaction():
             self._db.execute("ROLLBACK")
 
-    def _before_commit(self) -> None:
+    def _commit(self) -> None:
         # One NOTIFY per transaction that queued work, however many rows (per-row notifies
         # serialise writers on the server's notification queue: Oban #956); delivered at
-        # COMMIT, and not at all on ROLLBACK.
+        # COMMIT, and not at all on ROLLBACK. Sent with the COMMIT, in one round trip.
         if self._due_flows:
-            self._db.execute(
-                "SELECT pg_notify(%s, %s)", (self._channel, payload_for(self._due_flows))
-            )
+            sql = self._psycopg.sql
+            self._db.execute(sql.SQL("SELECT pg_notify({}, {}); COMMIT").format(
+                sql.Literal(self._channel), sql.Literal(payload_for(self._due_flows))
+            ))
+        else:
+            self._db.execute("COMMIT")
 
     def listen(self, callback: Callable[[frozenset[str] | None], None]) -> Listener:
         """Start a :class:`Listener` calling ``callback(flow_slugs)`` when another connection

@@ -85,16 +85,28 @@ class _Claims(_Starting):
         if not successes and not failures and not claiming:
             return [], []
         now = self.clock.now()
-        finished: list[str] = []
-        rows: list[Any] = []
-        with self._write() as c, self._collecting_failures(failed_runs):
-            if successes or failures:
-                self._finish(c, successes, failures, now, finished)
-            if claiming:
-                rows, of_runs = self._claim(c, worker_id, flow_slugs, limit, lease_seconds, now)
-                if len(rows) < limit:
-                    # This claim took all that is due of these flows: nobody else to wake.
-                    self._due_flows.difference_update(flow_slugs)
+
+        def body(c: Conn) -> tuple[list[str], list[RunFailure], list[Any], dict[str, Any]]:
+            finished: list[str] = []
+            failed: list[RunFailure] = []
+            rows: list[Any] = []
+            of_runs: dict[str, Any] = {}
+            with self._collecting_failures(failed if failed_runs is not None else None):
+                if successes or failures:
+                    self._lock_runs(c, successes, failures)
+                    self._finish(c, successes, failures, now, finished)
+                if claiming:
+                    rows, of_runs = self._claim(
+                        c, worker_id, flow_slugs, limit, lease_seconds, now
+                    )
+                    if len(rows) < limit:
+                        # This claim took all that is due of these flows: nobody else to wake.
+                        self._due_flows.difference_update(flow_slugs)
+            return finished, failed, rows, of_runs
+
+        finished, failed, rows, of_runs = self._transact(body, shared=True)
+        if failed_runs is not None:
+            failed_runs.extend(failed)
         if not rows:
             return finished, []
         rows.sort(key=lambda row: (-row[7], row[0]))
@@ -120,6 +132,13 @@ class _Claims(_Starting):
                 version, claim, now, trace_context,
             ))
         return finished, tasks
+
+    def _lock_runs(
+        self, c: Conn, successes: Sequence[TaskSuccess], failures: Sequence[TaskFailure]
+    ) -> None:
+        """In a shared transaction, lock the runs whose state these results change, so that
+        results of one run apply one transaction after another (a no-op where transactions
+        never run side by side)."""
 
     def _claim(
         self,

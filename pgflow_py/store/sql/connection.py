@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from ...clock import Clock
 from ...errors import StoreError
@@ -51,6 +51,19 @@ class Conn(Protocol):
     def executemany(self, sql: str, parameters: Any, /) -> Any: ...
 
 
+T = TypeVar("T")
+
+
+class NeedsExclusive(Exception):
+    """Raised inside a shared write transaction by work that must run alone (registering a
+    changed definition, a cron tick): :meth:`_Connection._transact` runs the body again in an
+    exclusive one."""
+
+
+class _Conflict(Exception):
+    """A shared write transaction was chosen as a deadlock's victim (rolled back; run again)."""
+
+
 def placeholders(n: int) -> str:
     """``?,?,…``: ``n`` bound parameters, for an ``IN (…)`` list."""
     return ",".join("?" * n)
@@ -61,6 +74,12 @@ class _Connection(abc.ABC):
 
     # Hints for the driver's errors, by a word of their message.
     _HINTS: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    # Whether this database lets write transactions run side by side (PostgreSQL). Where it
+    # does, the hot paths (claims, results, starts) write in *shared* transactions, which row
+    # locks keep apart: a run's row for its results, SKIP LOCKED for claims, a lock per key for
+    # keyed starts. Everything else writes *exclusively*, alone, as every SQLite write does.
+    _SHARED_WRITES: ClassVar[bool] = False
 
     _driver_errors: tuple[type[Exception], ...]  # the driver's errors, become StoreError
     _conn: Conn
@@ -76,13 +95,21 @@ class _Connection(abc.ABC):
         # Flows the current write transaction made work due for ("" for any flow): what a
         # backend that can tell other processes (PostgreSQL's NOTIFY) tells them at COMMIT.
         self._due_flows: set[str] = set()
+        self._shared_tx = False  # the current write transaction is a shared one
 
     # --- what a backend provides ---------------------------------------------------------------
 
     @abc.abstractmethod
-    def _begin(self) -> None:
+    def _begin(self, shared: bool) -> None:
         """Start a write transaction that holds the database's write lock until it ends, so
-        writers never interleave (SQLite's ``BEGIN IMMEDIATE``)."""
+        writers never interleave (SQLite's ``BEGIN IMMEDIATE``); ``shared`` (only asked of a
+        backend with ``_SHARED_WRITES``): beside other shared ones, never beside an exclusive
+        one."""
+
+    def _is_conflict(self, exc: Exception) -> bool:
+        """Whether a driver error is a deadlock or serialisation failure, which running the
+        transaction again resolves."""
+        return False
 
     @abc.abstractmethod
     def _in_transaction(self) -> bool: ...
@@ -127,25 +154,56 @@ class _Connection(abc.ABC):
         )
 
     @contextmanager
-    def _write(self) -> Iterator[Conn]:
-        """A write transaction; driver errors become a :class:`StoreError` naming the database."""
+    def _write(self, *, shared: bool = False) -> Iterator[Conn]:
+        """A write transaction; driver errors become a :class:`StoreError` naming the database.
+
+        ``shared``: the body's writes are kept apart from other shared transactions' by row
+        locks (see ``_SHARED_WRITES``); write shared bodies through :meth:`_transact`.
+        """
         with self._lock:
             if self._closed:
                 raise self._closed_error()
+            shared = shared and self._SHARED_WRITES
             try:
-                self._begin()
+                self._begin(shared)
+                self._shared_tx = shared
                 self._due_flows.clear()
                 try:
                     yield self._conn
                 except BaseException:
                     self._rollback()
                     raise
-                self._before_commit()
-                self._conn.execute("COMMIT")
+                self._commit()
             except self._driver_errors as exc:
                 self._rollback()
+                if shared and self._is_conflict(exc):
+                    raise _Conflict(str(exc)) from exc
                 raise self._store_error(exc) from exc
+            finally:
+                self._shared_tx = False
             self._wrote()
+
+    def _commit(self) -> None:
+        self._before_commit()
+        self._conn.execute("COMMIT")
+
+    def _transact(self, body: Callable[[Conn], T], *, shared: bool) -> T:
+        """``body(c)`` in a write transaction, shared if asked and possible; run again,
+        exclusively, if it raises :class:`NeedsExclusive` or loses a deadlock twice. The body
+        may run more than once: it must keep its results in what it returns."""
+        shared = shared and self._SHARED_WRITES
+        conflicts = 0
+        while True:
+            try:
+                with self._write(shared=shared) as c:
+                    return body(c)
+            except NeedsExclusive:
+                if not shared:
+                    raise
+                shared = False
+            except _Conflict:
+                conflicts += 1
+                shared = conflicts < 2  # an exclusive transaction meets no row locks
 
     @contextmanager
     def _read(self) -> Iterator[Conn]:

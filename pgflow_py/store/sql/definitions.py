@@ -10,7 +10,7 @@ from ...clock import utc_datetime
 from ...definition import FlowDefinition
 from ...errors import SchemaError, ShapeMismatch
 from ..base import NewRun
-from .connection import _STATUS_SQL, Conn, _Connection
+from .connection import _STATUS_SQL, Conn, NeedsExclusive, _Connection
 
 
 class _Graph:
@@ -94,6 +94,8 @@ class _Definitions(_Connection):
         if row is not None and row[0] == text:
             version = int(row[1])
             self._verified[definition.slug] = (definition, version, seen)
+        elif self._shared_tx:
+            raise NeedsExclusive  # a new or changed definition is written alone
         elif row is None:
             self._verified.pop(definition.slug, None)
             version = 1

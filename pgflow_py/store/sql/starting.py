@@ -14,7 +14,7 @@ from ...definition import FlowDefinition, StepDefinition
 from ...errors import StoreError
 from ..base import NewRun
 from .batches import _Batches
-from .connection import Conn, placeholders
+from .connection import Conn, NeedsExclusive, placeholders
 
 
 @attrs.define(eq=False)
@@ -64,8 +64,8 @@ class _Starting(_Batches):
         self._starts_company = False  # the last batch had more than one start
 
     def start_runs(self, definition: FlowDefinition, runs: Sequence[NewRun]) -> list[str]:
-        with self._write() as c:
-            ids = self._start_in(c, definition, runs, self.clock.now())
+        now = self.clock.now()
+        ids = self._transact(lambda c: self._start_in(c, definition, runs, now), shared=True)
         self._started_runs(len(runs))
         return ids
 
@@ -142,21 +142,24 @@ class _Starting(_Batches):
         """Commit the queued starts in one transaction; on failure, one per transaction."""
         batch: list[_Pending] = []
         error: Exception | None = None
+
+        def body(c: Conn) -> None:
+            # Taken once the write lock is held: starts that queued while this transaction
+            # waited for it join too (and a transaction run again keeps those it had).
+            batch.extend(self._take_starts())
+            now = self.clock.now()
+            taken = list(batch)
+            while taken:
+                for definition, members in _groups(taken):
+                    ids = self._start_in(c, definition, [p.run for p in members], now)
+                    for p, run_id in zip(members, ids, strict=True):
+                        p.run_id = run_id
+                # Starts that queued while these statements ran join this commit too.
+                taken = self._take_starts() if len(batch) < _MOST else []
+                batch.extend(taken)
+
         try:
-            with self._write() as c:
-                # Taken once the write lock is held: starts that queued while this transaction
-                # waited for it join too.
-                batch = self._take_starts()
-                now = self.clock.now()
-                taken = batch
-                while taken:
-                    for definition, members in _groups(taken):
-                        ids = self._start_in(c, definition, [p.run for p in members], now)
-                        for p, run_id in zip(members, ids, strict=True):
-                            p.run_id = run_id
-                    # Starts that queued while these statements ran join this commit too.
-                    taken = self._take_starts() if len(batch) < _MOST else []
-                    batch += taken
+            self._transact(body, shared=True)
         except Exception as exc:
             error = exc
             batch = batch or self._take_starts()
@@ -190,6 +193,11 @@ class _Starting(_Batches):
             if p.done is not None and not p.lead:
                 p.done.set()
 
+    def _lock_keys(self, c: Conn, flow_slug: str, keys: list[str]) -> None:
+        """In a shared transaction, hold ``keys`` of ``flow_slug`` until it ends, so that two
+        starts of one key never both find it free (a no-op where transactions never run side
+        by side)."""
+
     def _started_runs(self, count: int) -> None:
         """Called after each transaction that started ``count`` runs."""
 
@@ -204,6 +212,10 @@ class _Starting(_Batches):
         self._register(c, d)
         fresh: list[NewRun] = []
         keyed: dict[str, str] = {}  # key -> id of a run of this batch
+        if self._shared_tx:
+            if any(r.cron_tick is not None for r in runs):
+                raise NeedsExclusive  # a tick a minute: not worth a lock of its own
+            self._lock_keys(c, d.slug, sorted({r.key for r in runs if r.key is not None}))
         for r in runs:
             if r.cron_tick is not None and not c.execute(
                 "UPDATE flows SET cron_last_tick = ? WHERE flow_slug = ? "

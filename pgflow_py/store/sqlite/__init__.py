@@ -190,7 +190,7 @@ class SqliteBackend(SqlBackend):
                 c.execute(f"PRAGMA user_version = {target}")
             c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
-    def _begin(self) -> None:
+    def _begin(self, shared: bool) -> None:
         self._db.execute("BEGIN IMMEDIATE")
 
     def _in_transaction(self) -> bool:

@@ -1,0 +1,198 @@
+"""The hot path on PostgreSQL, written to run side by side in several workers' transactions.
+
+SQLite lets one writer in at a time, and the shared layers (``store/sql``) are written for that.
+On PostgreSQL, claims, results and starts run in *shared* transactions instead (see
+``_Connection._SHARED_WRITES``), which these overrides keep apart with row locks, as
+procrastinate, River, graphile-worker and Oban fetch their jobs:
+
+- a claim takes its tasks with ``FOR UPDATE SKIP LOCKED``: claimers never wait for each other;
+- results lock their runs' rows first, in id order: one run's results apply one transaction
+  after another (its counters, its dependents), other runs' alongside;
+- keyed starts hold a lock per key, capped flows a lock per flow while they count;
+- the rest (cancel, retry, prune, leases, registration, cron) writes alone, exclusively.
+
+A claim is one statement per flow that also returns its runs' input, and a batch of finished
+jobs one statement, where the shared layers take several (each a round trip to the server).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..base import TaskFailure, TaskSuccess
+from ..sql import SqlBackend
+from ..sql.connection import Conn
+
+# Locks of two int4 keys (the schema's, then a key's or a capped flow's hash) live apart from
+# the one-bigint lock of the schema's exclusive writers, and from most applications' own.
+_LOCK_KEYS = (
+    "SELECT pg_advisory_xact_lock(CAST(? AS INT), h) FROM "
+    "(SELECT DISTINCT hashtext(k) AS h FROM unnest(CAST(? AS TEXT[])) AS k ORDER BY h) AS s"
+)
+
+# The claim of one flow: the due tasks of its priority levels, highest level first (one index
+# range per level, as in the shared layer's _LEVELS), locked or skipped, claimed, and returned
+# with their runs' input and trace context. Rows are pulled (and locked) only until the limit.
+_CLAIM_FLOW = (
+    "WITH RECURSIVE levels(p) AS ("
+    " SELECT (SELECT priority FROM step_tasks"
+    "  WHERE status = 'queued' AND flow_slug = :flow ORDER BY priority DESC LIMIT 1)"
+    " UNION ALL"
+    " SELECT (SELECT priority FROM step_tasks"
+    "  WHERE status = 'queued' AND flow_slug = :flow AND priority < levels.p"
+    "  ORDER BY priority DESC LIMIT 1)"
+    " FROM levels WHERE levels.p IS NOT NULL), "
+    "picked AS (SELECT t.id FROM levels CROSS JOIN LATERAL ("
+    " SELECT id FROM step_tasks WHERE status = 'queued' AND flow_slug = :flow"
+    " AND priority = levels.p AND run_at <= :now ORDER BY run_at, id LIMIT :want"
+    " FOR UPDATE SKIP LOCKED) AS t WHERE levels.p IS NOT NULL LIMIT :want), "
+    "claimed AS (UPDATE step_tasks SET status = 'started', attempts = attempts + 1, "
+    " claims = claims + 1, lease_owner = :owner, lease_expires = :lease, started_at = :now"
+    " FROM picked WHERE step_tasks.id = picked.id"
+    " RETURNING step_tasks.id, step_tasks.run_id, step_tasks.flow_slug, step_tasks.step_slug,"
+    " step_tasks.task_index, step_tasks.attempts, step_tasks.max_attempts,"
+    " step_tasks.priority, step_tasks.input, step_tasks.flow_version, step_tasks.claims) "
+    "SELECT claimed.*, r.input, r.trace_context FROM claimed JOIN runs r ON r.id = claimed.run_id"
+)
+
+# The candidates of one flow when a claim spans several (ordered across them afterwards).
+_DUE_LOCKED = (
+    "WITH RECURSIVE levels(p) AS ("
+    " SELECT (SELECT priority FROM step_tasks"
+    "  WHERE status = 'queued' AND flow_slug = :flow ORDER BY priority DESC LIMIT 1)"
+    " UNION ALL"
+    " SELECT (SELECT priority FROM step_tasks"
+    "  WHERE status = 'queued' AND flow_slug = :flow AND priority < levels.p"
+    "  ORDER BY priority DESC LIMIT 1)"
+    " FROM levels WHERE levels.p IS NOT NULL) "
+    "SELECT t.id, t.priority, t.run_at FROM levels CROSS JOIN LATERAL ("
+    " SELECT id, priority, run_at FROM step_tasks WHERE status = 'queued' AND flow_slug = :flow"
+    " AND priority = levels.p AND run_at <= :now ORDER BY run_at, id LIMIT :want"
+    " FOR UPDATE SKIP LOCKED) AS t WHERE levels.p IS NOT NULL LIMIT :want"
+)
+
+# A batch of finished jobs (task id, output, attempt, claim, run id, start): their tasks and
+# runs completed in one statement. The guard on the task makes a late result change nothing,
+# as in the shared layer; the runs completed are returned.
+_COMPLETE_JOBS = (
+    "WITH v(task_id, output, attempt, claim, run_id, started) AS (VALUES {}), "
+    "t AS (UPDATE step_tasks SET status = 'completed', output = v.output, finished_at = ?, "
+    " lease_owner = NULL, lease_expires = NULL FROM v WHERE step_tasks.id = v.task_id"
+    " AND step_tasks.attempts = v.attempt"
+    " AND step_tasks.claims = coalesce(v.claim, step_tasks.claims)"
+    " AND step_tasks.status = 'started' RETURNING step_tasks.id, step_tasks.started_at) "
+    "UPDATE runs SET status = 'completed', remaining_steps = 0, output = v.output,"
+    " finished_at = ?, started_at = coalesce(runs.started_at, v.started, t.started_at)"
+    " FROM v JOIN t ON t.id = v.task_id WHERE runs.id = v.run_id AND runs.status = 'started'"
+    " RETURNING runs.id"
+)
+_JOB_RESULT = (
+    "(CAST(? AS BIGINT), ?, CAST(? AS BIGINT), CAST(? AS BIGINT), ?, "
+    "CAST(? AS DOUBLE PRECISION))"
+)
+
+
+class SharedWrites(SqlBackend):
+    """The shared layers with the hot path's PostgreSQL statements (see the module's text)."""
+
+    _SHARED_WRITES = True
+    _lock_space: int  # the schema's int4 lock key: hashtext('pgflow:' || schema)
+
+    def _lock_runs(
+        self, c: Conn, successes: Sequence[TaskSuccess], failures: Sequence[TaskFailure]
+    ) -> None:
+        if not self._shared_tx:
+            return
+        # A job's result touches only its own task and run, which nobody else writes in a
+        # shared transaction: only flows' results and failures (which may fail a run, retry
+        # or cancel its other tasks) lock.
+        run_ids = sorted({s.run_id for s in successes if s.run_id and not s.job})
+        task_ids = [s.task_id for s in successes if not s.run_id and not s.job]
+        task_ids += [f.task_id for f in failures]
+        if not run_ids and not task_ids:
+            return
+        # Locked in id order (the sort happens below the lock), so two transactions that
+        # share runs never wait for each other in a cycle.
+        c.execute(
+            "SELECT id FROM runs WHERE id = ANY(CAST(? AS TEXT[]) || "
+            "ARRAY(SELECT run_id FROM step_tasks WHERE id = ANY(CAST(? AS BIGINT[])))) "
+            "ORDER BY id FOR UPDATE",
+            (run_ids, task_ids),
+        )
+
+    def _lock_keys(self, c: Conn, flow_slug: str, keys: list[str]) -> None:
+        if keys:
+            c.execute(_LOCK_KEYS, (self._lock_space, [f"{flow_slug}\x1f{k}" for k in keys]))
+
+    def _room(self, c: Conn, flow_slugs: Sequence[str]) -> dict[str, int]:
+        capped = sorted(
+            slug for slug in flow_slugs
+            if (cached := self._definitions.get(slug)) is not None
+            and cached[1].concurrency is not None
+        )
+        if capped and self._shared_tx:
+            # Held to the commit: the next claimer of these flows counts this one's claims.
+            c.execute(_LOCK_KEYS, (self._lock_space, [f"\x1fcap\x1f{s}" for s in capped]))
+        return super()._room(c, flow_slugs)
+
+    def _claim(
+        self,
+        c: Conn,
+        worker_id: str,
+        flow_slugs: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+        now: float,
+    ) -> tuple[list[Any], dict[str, tuple[str, str | None]]]:
+        room = self._room(c, flow_slugs)
+        wants = {slug: min(limit, room.get(slug, limit)) for slug in flow_slugs}
+        wants = {slug: want for slug, want in wants.items() if want > 0}
+        # Leases are about liveness, so they run on real time even under a fake clock.
+        lease = time.time() + lease_seconds
+        if len(wants) == 1:
+            ((slug, want),) = wants.items()
+            found = c.execute(_CLAIM_FLOW, {
+                "flow": slug, "now": now, "want": want, "owner": worker_id, "lease": lease,
+            }).fetchall()
+            return [row[:11] for row in found], {row[1]: (row[11], row[12]) for row in found}
+        candidates: list[tuple[int, int, float]] = []
+        for slug, want in wants.items():
+            candidates += c.execute(_DUE_LOCKED, {"flow": slug, "now": now, "want": want}).fetchall()
+        if not candidates:
+            return [], {}
+        # Claim order across flows: priority, then due time. The candidates cut here stay
+        # locked until the commit (other claimers skip them meanwhile).
+        candidates.sort(key=lambda row: (-row[1], row[2], row[0]))
+        del candidates[limit:]
+        rows = c.execute(
+            self._CLAIM_SET + "WHERE id = ANY(CAST(? AS BIGINT[])) " + self._CLAIM_RETURNING,
+            (worker_id, lease, now, [row[0] for row in candidates]),
+        ).fetchall()
+        run_ids = list({row[1] for row in rows})
+        of_runs = {
+            run_id: (run_input, trace_context)
+            for run_id, run_input, trace_context in c.execute(
+                "SELECT id, input, trace_context FROM runs WHERE id = ANY(CAST(? AS TEXT[]))",
+                (run_ids,),
+            ).fetchall()
+        }
+        return rows, of_runs
+
+    def _complete_jobs(
+        self, c: Conn, batch: list[TaskSuccess], now: float, finished: list[str]
+    ) -> list[TaskSuccess]:
+        for start in range(0, len(batch), 500):
+            chunk = batch[start:start + 500]
+            params: list[Any] = []
+            for s in chunk:
+                params += (s.task_id, s.output_json, s.attempt, s.claim, s.run_id, s.started_at)
+            params += (now, now)
+            rows = c.execute(
+                _COMPLETE_JOBS.format(",".join([_JOB_RESULT] * len(chunk))), params
+            ).fetchall()
+            finished.extend(row[0] for row in rows)
+        # A late result (its task no longer started at that attempt) changed nothing, as the
+        # one-by-one path would: nothing is left for it.
+        return []
