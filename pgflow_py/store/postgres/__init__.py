@@ -9,6 +9,7 @@ layers' SQL (SQLite's dialect) is translated once per statement text.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import urllib.parse
@@ -112,6 +113,7 @@ class _Translating:
         self._db = db
         self._raw_cursor = raw_cursor
         self._sql: dict[str, tuple[str, list[str] | None]] = {}
+        self.pipeline: Any = None  # psycopg's Pipeline while a write transaction is open
 
     def _translate(self, sql: str) -> tuple[str, list[str] | None]:
         """The statement in PostgreSQL's terms, and the order of its named parameters."""
@@ -143,13 +145,37 @@ class _Translating:
     def execute(self, sql: str, parameters: Any = (), /) -> Any:
         text, names = self._translate(sql)
         cursor = self._raw_cursor(self._db)
-        return cursor.execute(text, self._params(names, parameters))
+        cursor.execute(text, self._params(names, parameters))
+        return cursor if self.pipeline is None else _Piped(cursor, self.pipeline)
 
     def executemany(self, sql: str, parameters: Any, /) -> Any:
         text, names = self._translate(sql)
         cursor = self._raw_cursor(self._db)
         cursor.executemany(text, [self._params(names, p) for p in parameters])
         return cursor
+
+
+class _Piped:
+    """A cursor of a statement sent in pipeline mode: its rows are fetched when asked for
+    (psycopg syncs the pipeline then), and so is its row count (synced here)."""
+
+    __slots__ = ("_cursor", "_pipeline")
+
+    def __init__(self, cursor: Any, pipeline: Any) -> None:
+        self._cursor = cursor
+        self._pipeline = pipeline
+
+    @property
+    def rowcount(self) -> int:
+        if self._cursor.pgresult is None:  # its result has not come back yet
+            self._pipeline.sync()
+        return int(self._cursor.rowcount)
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cursor.fetchall())
 
 
 class PostgresBackend(SharedWrites):
@@ -235,6 +261,8 @@ class PostgresBackend(SharedWrites):
 
     def _migrate(self) -> None:
         with self._write() as c:
+            # The migrations are scripts of many statements, which pipeline mode cannot send.
+            self._leave_pipeline(None)
             # Only if missing: creating needs CREATE on the database, which the role that
             # merely uses an existing schema need not have.
             if c.execute("SELECT to_regnamespace(?) IS NULL", (self._schema,)).fetchone()[0]:
@@ -301,11 +329,22 @@ class PostgresBackend(SharedWrites):
         # before it began, so a writer sees the writes of the one it waited for (a lock below,
         # or a row lock in a shared transaction). The schema's lock is held until COMMIT or
         # ROLLBACK: exclusive, one writer at a time as on SQLite; shared, beside the other
-        # shared ones (see writes.py). One round trip: a simple query of both statements.
+        # shared ones (see writes.py).
         take = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
-        self._db.execute(
-            f"BEGIN ISOLATION LEVEL READ COMMITTED; SELECT {take}({self._schema_lock})"
-        )
+        # The transaction runs in pipeline mode: a statement whose result nobody reads (BEGIN,
+        # the lock, SAVEPOINT, an INSERT) goes out with the next one whose result is read,
+        # and COMMIT with the NOTIFY: a round trip per answer needed, not per statement.
+        self._pipeline_mode = self._db.pipeline()
+        self._conn.pipeline = self._pipeline_mode.__enter__()
+        self._db.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+        self._db.execute(f"SELECT {take}({self._schema_lock})")
+
+    def _leave_pipeline(self, error: BaseException | None) -> None:
+        """End pipeline mode: send what is queued and read every result (raising the first
+        error, unless ``error`` is already being handled)."""
+        if self._conn.pipeline is not None:
+            self._conn.pipeline = None
+            self._pipeline_mode.__exit__(None if error is None else type(error), error, None)
 
     def _is_conflict(self, exc: Exception) -> bool:
         return getattr(exc, "sqlstate", None) in ("40P01", "40001")  # deadlock, serialization
@@ -316,6 +355,10 @@ class PostgresBackend(SharedWrites):
         )
 
     def _rollback(self) -> None:
+        if self._conn.pipeline is not None:
+            # The error that led here is the one being raised.
+            with contextlib.suppress(self._psycopg.Error):
+                self._leave_pipeline(StoreError("rolled back"))
         if not self._db.closed and self._in_transaction():
             self._db.execute("ROLLBACK")
 
@@ -324,12 +367,11 @@ class PostgresBackend(SharedWrites):
         # serialise writers on the server's notification queue: Oban #956); delivered at
         # COMMIT, and not at all on ROLLBACK. Sent with the COMMIT, in one round trip.
         if self._due_flows:
-            sql = self._psycopg.sql
-            self._db.execute(sql.SQL("SELECT pg_notify({}, {}); COMMIT").format(
-                sql.Literal(self._channel), sql.Literal(payload_for(self._due_flows))
-            ))
-        else:
-            self._db.execute("COMMIT")
+            self._db.execute(
+                "SELECT pg_notify(%s, %s)", (self._channel, payload_for(self._due_flows))
+            )
+        self._db.execute("COMMIT")
+        self._leave_pipeline(None)
 
     def listen(self, callback: Callable[[frozenset[str] | None], None]) -> Listener:
         """Start a :class:`Listener` calling ``callback(flow_slugs)`` when another connection

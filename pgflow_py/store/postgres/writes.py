@@ -183,6 +183,10 @@ class SharedWrites(SqlBackend):
     def _complete_jobs(
         self, c: Conn, batch: list[TaskSuccess], now: float, finished: list[str]
     ) -> list[TaskSuccess]:
+        if len({s.task_id for s in batch}) != len(batch):
+            # Two results for one task (a late one beside the current one): the first that
+            # still fits wins, which the one-by-one path decides.
+            return super()._complete_jobs(c, batch, now, finished)
         for start in range(0, len(batch), 500):
             chunk = batch[start:start + 500]
             params: list[Any] = []
