@@ -202,6 +202,7 @@ class PostgresBackend(SharedWrites):
     _DERIVE_IN_ORDER = True  # else the status of every candidate is derived, then sorted
 
     _db: Any  # the psycopg connection
+    _translating: _Translating  # _conn, as what it is
 
     def __init__(self, url: str, clock: Clock, *, schema: str = "pgflow") -> None:
         psycopg = _import_psycopg()
@@ -250,7 +251,7 @@ class PostgresBackend(SharedWrites):
         # query (python -m benchmarks.dashboard). No statement here gains from JIT.
         db.execute("SET jit = off")
         self._db = db
-        self._conn = _Translating(db, self._psycopg.RawCursor)
+        self._conn = self._translating = _Translating(db, self._psycopg.RawCursor)
 
     def _ensure_open(self) -> None:
         """Reconnect after the server closed the connection (a restart, a failover)."""
@@ -335,15 +336,15 @@ class PostgresBackend(SharedWrites):
         # the lock, SAVEPOINT, an INSERT) goes out with the next one whose result is read,
         # and COMMIT with the NOTIFY: a round trip per answer needed, not per statement.
         self._pipeline_mode = self._db.pipeline()
-        self._conn.pipeline = self._pipeline_mode.__enter__()
+        self._translating.pipeline = self._pipeline_mode.__enter__()
         self._db.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
         self._db.execute(f"SELECT {take}({self._schema_lock})")
 
     def _leave_pipeline(self, error: BaseException | None) -> None:
         """End pipeline mode: send what is queued and read every result (raising the first
         error, unless ``error`` is already being handled)."""
-        if self._conn.pipeline is not None:
-            self._conn.pipeline = None
+        if self._translating.pipeline is not None:
+            self._translating.pipeline = None
             self._pipeline_mode.__exit__(None if error is None else type(error), error, None)
 
     def _is_conflict(self, exc: Exception) -> bool:
@@ -355,7 +356,7 @@ class PostgresBackend(SharedWrites):
         )
 
     def _rollback(self) -> None:
-        if self._conn.pipeline is not None:
+        if self._translating.pipeline is not None:
             # The error that led here is the one being raised.
             with contextlib.suppress(self._psycopg.Error):
                 self._leave_pipeline(StoreError("rolled back"))
