@@ -279,6 +279,10 @@ def _huey(directory: Path, args: argparse.Namespace) -> Rows:
                 figures.setdefault((setting, threads), []).append(value)
         ours.append(drain(bench_async, 100)(directory, args.jobs))
     ours_durability = huey_compare.pgflow_durability(directory)
+    for (setting, threads), values in figures.items():
+        print(f"  huey {setting}, {threads} thread(s), runs: "
+              + ", ".join(f"{f:,.0f}" for f in values), flush=True)
+    print("  pgflow_py, runs: " + ", ".join(f"{f:,.0f}" for f in ours), flush=True)
     median = {key: statistics.median(values) for key, values in figures.items()}
     best: dict[str, tuple[float, int]] = {}
     rows: Rows = []
