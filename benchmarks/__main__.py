@@ -21,7 +21,7 @@ import attrs
 
 import pgflow_py as pf
 
-from . import arrivals, backlog, floor, fresh_db, huey_compare, latency, memory
+from . import arrivals, backlog, floor, fresh_db, huey_compare, latency, memory, workers
 
 
 @pf.job(queue="bench_async")
@@ -267,10 +267,59 @@ def _typed(directory: Path, args: argparse.Namespace) -> Rows:
 
 
 def _huey(directory: Path, args: argparse.Namespace) -> Rows:
-    theirs, workers = huey_compare.best(directory, args.jobs)  # ImportError without huey
-    ours = drain(bench_async, 100)(directory, args.jobs)
-    return [(f"huey SqliteHuey consumer, {workers} thread(s)", "jobs/s", theirs),
-            ("pgflow_py (async, concurrency 100) / huey, same run", "x", ours / theirs)]
+    """huey at each durability setting (huey_compare.SETTINGS), at its better of 1 and 4
+    threads, and pgflow_py; interleaved, medians of --repeat."""
+    figures: dict[tuple[str, int], list[float]] = {}
+    pragmas: dict[str, str] = {}
+    ours = []
+    for _ in range(args.repeat):  # interleaved, so the machine's phase moves all alike
+        for setting, _kwargs in huey_compare.SETTINGS:
+            for threads in (1, 4):  # ImportError without huey
+                value, pragmas[setting] = huey_compare.drain(directory, args.jobs, threads, setting)
+                figures.setdefault((setting, threads), []).append(value)
+        ours.append(drain(bench_async, 100)(directory, args.jobs))
+    ours_durability = huey_compare.pgflow_durability(directory)
+    for (setting, threads), values in figures.items():
+        print(f"  huey {setting}, {threads} thread(s), runs: "
+              + ", ".join(f"{f:,.0f}" for f in values), flush=True)
+    print("  pgflow_py, runs: " + ", ".join(f"{f:,.0f}" for f in ours), flush=True)
+    median = {key: statistics.median(values) for key, values in figures.items()}
+    best: dict[str, tuple[float, int]] = {}
+    rows: Rows = []
+    for setting, _kwargs in huey_compare.SETTINGS:
+        threads = max((1, 4), key=lambda t: median[setting, t])
+        best[setting] = median[setting, threads], threads
+        rows.append((f"huey {setting} ({pragmas[setting]}), {threads} thr. "
+                     f"[{5 - threads}: {median[setting, 5 - threads]:,.0f}]", "jobs/s",
+                     median[setting, threads]))
+    mine = statistics.median(ours)
+    rows.append((f"pgflow_py async, concurrency 100 ({ours_durability})", "jobs/s", mine))
+    top = max(best, key=lambda setting: best[setting][0])
+    rows.append((f"pgflow_py / huey's best: {top}, {best[top][1]} thr.", "x",
+                 mine / best[top][0]))
+    for setting, _kwargs in huey_compare.SETTINGS:
+        if pragmas[setting] == ours_durability:
+            rows.append((f"pgflow_py / huey at equal durability: {setting}", "x",
+                         mine / best[setting][0]))
+    return rows
+
+
+def _workers(directory: Path, args: argparse.Namespace) -> Rows:
+    """PostgreSQL only: worker processes draining one queue; interleaved, medians of --repeat."""
+    figures: dict[int, list[float]] = {k: [] for k in workers.PROCESSES}
+    for _ in range(args.repeat):  # interleaved, so the machine's phase moves all alike
+        for k in workers.PROCESSES:
+            url = _postgres_url(f"workers_{k}")
+            assert url is not None
+            figures[k].append(workers.drain(url, args.jobs, k)[0])
+    rows: Rows = []
+    for k, values in figures.items():
+        rows.append((f"PostgreSQL, {k} worker process(es) x concurrency {workers.CONCURRENCY}",
+                     "jobs/s", statistics.median(values)))
+        print(f"  {k} process(es), runs: " + ", ".join(f"{f:,.0f}" for f in values), flush=True)
+    rows.append((f"{workers.PROCESSES[-1]} processes / 1", "x",
+                 statistics.median(figures[workers.PROCESSES[-1]]) / statistics.median(figures[1])))
+    return rows
 
 
 # Measured once each (latency percentiles are over a series of starts); --only matches the key.
@@ -282,7 +331,9 @@ SINGLE_FIGURES: list[tuple[str, Callable[[Path, argparse.Namespace], Rows]]] = [
     ("huey side by side", _huey),
     ("telemetry off and on", _telemetry),
     ("typed payloads", _typed),
+    ("PostgreSQL worker processes", _workers),
 ]
+POSTGRES_ONLY = {"PostgreSQL worker processes"}  # skipped, with a line saying so, without --postgres
 
 
 def main() -> None:
@@ -297,17 +348,19 @@ def main() -> None:
                         help="queued jobs for the backlog ratio (filling 1,000,000 takes ~1 min)")
     parser.add_argument("--postgres", metavar="URL", default=None,
                         help="run the throughput table on this PostgreSQL server instead of "
-                        "SQLite files (schemas bench_*), and the other-process latency; the "
-                        "ceilings, the arrivals row and the other single figures are "
-                        "SQLite's and are skipped")
+                        "SQLite files (schemas bench_*), the other-process latency and the "
+                        "worker processes (PostgreSQL only); the ceilings, the arrivals row "
+                        "and the other single figures are SQLite's and are skipped")
     parser.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
                         help="run only the benchmarks whose name contains it (any case; "
-                        "repeatable), e.g. arriving, map, latency, rss, backlog, huey")
+                        "repeatable), e.g. arriving, map, latency, rss, backlog, huey, "
+                        "'worker processes'")
     args = parser.parse_args()
 
     global POSTGRES
     POSTGRES = args.postgres
-    sqlite_only = {key for key, _ in SINGLE_FIGURES if key != "pick-up latency, other process"} | {
+    sqlite_only = {key for key, _ in SINGLE_FIGURES
+                   if key != "pick-up latency, other process" and key not in POSTGRES_ONLY} | {
         name for name, _unit, function, _share in BENCHMARKS
         if function.__module__ in (floor.__name__, arrivals.__name__)
     }
@@ -335,6 +388,9 @@ def main() -> None:
                   + ", ".join(f"{f:,.0f}" for f in figures) + ")", flush=True)
         for key, measure in SINGLE_FIGURES:
             if not wanted(key):
+                continue
+            if POSTGRES is None and key in POSTGRES_ONLY:
+                print(f"{key}: skipped (PostgreSQL only: --postgres URL)", flush=True)
                 continue
             try:
                 rows = measure(Path(tmp), args)
