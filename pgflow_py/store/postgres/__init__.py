@@ -177,6 +177,9 @@ class _Piped:
     def fetchall(self) -> list[Any]:
         return list(self._cursor.fetchall())
 
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._cursor.fetchall())
+
 
 class PostgresBackend(SharedWrites):
     """:class:`~pgflow_py.store.base.Backend` on PostgreSQL.
