@@ -510,12 +510,15 @@ def c(deps: Any, ctx: pf.Context) -> Any:
 RUNNERS = 4
 JOBS_EACH = 500
 FLOWS_EACH = 50
+KEYED = 20  # runs every thread starts with the same keys, all at once
+KEYED_INPUT = 1_000_000
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_four_runners_run_every_task_of_thousands_of_runs_exactly_once(backend: str) -> None:
     recorder = Recorder()
     ids: list[str] = []
+    keyed: list[list[str]] = []  # per thread, the runs its keyed starts returned
     lock = threading.Lock()
     ready = threading.Barrier(RUNNERS)
 
@@ -527,7 +530,11 @@ def test_four_runners_run_every_task_of_thousands_of_runs_exactly_once(backend: 
         flows = store.start_many(cc_chain, list(range(part * FLOWS_EACH, (part + 1) * FLOWS_EACH)))
         with lock:
             ids.extend(jobs + [r.id for r in flows])
-        ready.wait(timeout=30)  # all started: the runners then compete for the same tasks
+        ready.wait(timeout=30)  # all started: now every thread starts the same keyed runs,
+        same = [store.start(cc_bulk, KEYED_INPUT + k, key=f"same-{k}").id for k in range(KEYED)]
+        with lock:
+            keyed.append(same)
+        # then the runners compete for the same tasks.
         pf.run_flows([cc_bulk, cc_chain], store=store, until_idle=True, concurrency=8,
                      resources={"record": recorder}, handle_signals=False)
 
@@ -538,7 +545,10 @@ def test_four_runners_run_every_task_of_thousands_of_runs_exactly_once(backend: 
         run_threads([(lambda s=store, i=i: work(s, i)) for i, store in enumerate(stores)])
         runs = stores[0].runs(limit=100_000)
 
-    assert len(ids) == len(set(ids)) == RUNNERS * (JOBS_EACH + FLOWS_EACH)
+    assert len(keyed) == RUNNERS
+    assert all(same == keyed[0] for same in keyed), "one key started more than one run"
+    ids += keyed[0]
+    assert len(ids) == len(set(ids)) == RUNNERS * (JOBS_EACH + FLOWS_EACH) + KEYED
     assert {run.id for run in runs} == set(ids)
     not_completed = [(r.id, r.flow_slug, r.status.value) for r in runs
                      if r.status != pf.RunStatus.COMPLETED]
@@ -552,4 +562,5 @@ def test_four_runners_run_every_task_of_thousands_of_runs_exactly_once(backend: 
     twice = [task for task, n in ran.items() if n != 1]
     assert not twice, f"{len(twice)} task(s) ran more than once, e.g. {twice[:5]}"
     assert all(e.attempt == 1 and e.ok for e in recorder.executions)
-    assert len(ran) == RUNNERS * (JOBS_EACH + FLOWS_EACH * 5)  # a flow run: 1 + 3 + 1 tasks
+    # A flow run has 1 + 3 + 1 tasks.
+    assert len(ran) == RUNNERS * (JOBS_EACH + FLOWS_EACH * 5) + KEYED
