@@ -68,6 +68,13 @@ def shared_database(backend: str) -> Iterator[Callable[[], pf.Store]]:
         try:
             yield open_store
         finally:
+            if backend == "sqlite":
+                # Let each SQLite store's WAL checkpointer thread settle first. Closing one
+                # just as its post-write delay (0.1 s) runs out can lose the stop signal
+                # (Checkpointer._loop clears the wake-up that close() just set), and close()
+                # then waits out its 10 s join timeout, leaving the thread behind. Not what
+                # this test is about; remove once pgflow_py/store/sqlite/checkpoint.py is fixed.
+                time.sleep(0.2)
             for store in opened:
                 store.close()
             if backend == "postgres":
@@ -518,9 +525,15 @@ KEYED_INPUT = 1_000_000
 def test_four_runners_run_every_task_of_thousands_of_runs_exactly_once(backend: str) -> None:
     recorder = Recorder()
     ids: list[str] = []
-    keyed: list[list[str]] = []  # per thread, the runs its keyed starts returned
+    keyed: list[list[str]] = []  # per thread, what its keyed starts returned (or raised)
     lock = threading.Lock()
     ready = threading.Barrier(RUNNERS)
+
+    def start_keyed(store: pf.Store, k: int) -> str:
+        try:
+            return store.start(cc_bulk, KEYED_INPUT + k, key=f"same-{k}").id
+        except pf.StoreError as exc:  # reported with the rest, after the drain
+            return f"raised {exc}"
 
     def work(store: pf.Store, part: int) -> None:
         base = part * JOBS_EACH
@@ -531,7 +544,7 @@ def test_four_runners_run_every_task_of_thousands_of_runs_exactly_once(backend: 
         with lock:
             ids.extend(jobs + [r.id for r in flows])
         ready.wait(timeout=30)  # all started: now every thread starts the same keyed runs,
-        same = [store.start(cc_bulk, KEYED_INPUT + k, key=f"same-{k}").id for k in range(KEYED)]
+        same = [start_keyed(store, k) for k in range(KEYED)]
         with lock:
             keyed.append(same)
         # then the runners compete for the same tasks.
@@ -545,22 +558,38 @@ def test_four_runners_run_every_task_of_thousands_of_runs_exactly_once(backend: 
         run_threads([(lambda s=store, i=i: work(s, i)) for i, store in enumerate(stores)])
         runs = stores[0].runs(limit=100_000)
 
+    problems: list[str] = []
     assert len(keyed) == RUNNERS
-    assert all(same == keyed[0] for same in keyed), "one key started more than one run"
-    ids += keyed[0]
-    assert len(ids) == len(set(ids)) == RUNNERS * (JOBS_EACH + FLOWS_EACH) + KEYED
-    assert {run.id for run in runs} == set(ids)
+    split = {k: sorted(set(got)) for k, got in enumerate(zip(*keyed, strict=True))
+             if len(set(got)) != 1}
+    if split:
+        k, got = next(iter(split.items()))
+        problems.append(f"{len(split)} of {KEYED} keys: the concurrent starts did not all "
+                        f"return one run, e.g. same-{k}: {[text[:150] for text in got]}")
+    ids += {run_id for got in keyed for run_id in got if not run_id.startswith("raised")}
+    listed = {run.id for run in runs}
+    if listed != set(ids) or len(ids) != len(set(ids)):
+        problems.append(f"{len(set(ids) - listed)} run(s) started but not listed, "
+                        f"{len(listed - set(ids))} listed but never started")
     not_completed = [(r.id, r.flow_slug, r.status.value) for r in runs
                      if r.status != pf.RunStatus.COMPLETED]
-    assert not not_completed, not_completed[:10]
-    for run in runs:
-        if run.flow_slug == "cc_bulk":
-            assert run.output == run.input + 1
-        else:
-            assert run.output == {"c": 6 * run.input + 6}
+    if not_completed:
+        problems.append(f"{len(not_completed)} run(s) not completed, e.g. {not_completed[:3]}")
+    wrong = [(run.id, run.input, run.output) for run in runs
+             if run.status == pf.RunStatus.COMPLETED and run.output != (
+                 run.input + 1 if run.flow_slug == "cc_bulk" else {"c": 6 * run.input + 6})]
+    if wrong:
+        problems.append(f"{len(wrong)} run(s) with a wrong output, e.g. {wrong[:3]}")
     ran = Counter((e.run_id, e.step, e.index) for e in recorder.executions)
     twice = [task for task, n in ran.items() if n != 1]
-    assert not twice, f"{len(twice)} task(s) ran more than once, e.g. {twice[:5]}"
-    assert all(e.attempt == 1 and e.ok for e in recorder.executions)
+    if twice:
+        problems.append(f"{len(twice)} task(s) ran more than once, e.g. {twice[:3]}")
+    retried = [e for e in recorder.executions if e.attempt != 1 or not e.ok]
+    if retried:
+        problems.append(f"{len(retried)} execution(s) not a successful first attempt, "
+                        f"e.g. {retried[:2]}")
     # A flow run has 1 + 3 + 1 tasks.
-    assert len(ran) == RUNNERS * (JOBS_EACH + FLOWS_EACH * 5) + KEYED
+    expected = RUNNERS * (JOBS_EACH + FLOWS_EACH * 5) + KEYED
+    if len(ran) != expected:
+        problems.append(f"{len(ran)} distinct tasks ran, not {expected}")
+    assert not problems, "\n".join(problems)
