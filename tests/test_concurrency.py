@@ -68,13 +68,6 @@ def shared_database(backend: str) -> Iterator[Callable[[], pf.Store]]:
         try:
             yield open_store
         finally:
-            if backend == "sqlite":
-                # Let each SQLite store's WAL checkpointer thread settle first. Closing one
-                # just as its post-write delay (0.1 s) runs out can lose the stop signal
-                # (Checkpointer._loop clears the wake-up that close() just set), and close()
-                # then waits out its 10 s join timeout, leaving the thread behind. Not what
-                # this test is about; remove once pgflow_py/store/sqlite/checkpoint.py is fixed.
-                time.sleep(0.2)
             for store in opened:
                 store.close()
             if backend == "postgres":

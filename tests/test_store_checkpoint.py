@@ -40,3 +40,27 @@ def test_an_in_memory_store_has_no_checkpoint_thread() -> None:
     with pf.connect(":memory:") as store:
         store.start(checkpointed, {"i": 1})
         assert len(_checkpoint_threads()) == before
+
+
+def test_close_landing_as_a_checkpoint_is_about_to_run_still_stops_the_thread(
+    db_path: Path,
+) -> None:
+    from pgflow_py.store.sqlite.checkpoint import Checkpointer
+
+    with pf.connect(db_path) as store:
+        store.start(checkpointed, {"n": 1})
+    checkpointer = Checkpointer(str(db_path), 1.0, delay=0.01)
+    wanted = checkpointer._wanted
+    clear = wanted.clear
+
+    def close_lands_first() -> None:
+        # close() between the end of the post-write delay and the clearing of the wake-up:
+        # the moment at which the stop signal used to be lost.
+        checkpointer._stop.set()
+        wanted.set()
+        clear()
+
+    wanted.clear = close_lands_first  # type: ignore[method-assign]
+    checkpointer.wrote()
+    checkpointer._thread.join(5)
+    assert not checkpointer._thread.is_alive()

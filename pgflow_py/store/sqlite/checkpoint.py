@@ -56,6 +56,8 @@ class Checkpointer:
                 if self._stop.wait(self._delay):
                     return
                 self._wanted.clear()
+                if self._stop.is_set():  # close() came after the wait, and its wake-up was
+                    return  # just cleared: checked after the clear, so it is never lost
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error as exc:
