@@ -307,16 +307,24 @@ def _huey(directory: Path, args: argparse.Namespace) -> Rows:
 def _workers(directory: Path, args: argparse.Namespace) -> Rows:
     """PostgreSQL only: worker processes draining one queue; interleaved, medians of --repeat."""
     figures: dict[int, list[float]] = {k: [] for k in workers.PROCESSES}
+    cores: dict[int, list[float]] = {k: [] for k in workers.PROCESSES}
     for _ in range(args.repeat):  # interleaved, so the machine's phase moves all alike
         for k in workers.PROCESSES:
             url = _postgres_url(f"workers_{k}")
             assert url is not None
-            figures[k].append(workers.drain(url, args.jobs, k)[0])
+            rate, _shares, busy = workers.drain(url, args.jobs, k)
+            figures[k].append(rate)
+            if busy is not None:
+                cores[k].append(busy)
     rows: Rows = []
     for k, values in figures.items():
         rows.append((f"PostgreSQL, {k} worker process(es) x concurrency {workers.CONCURRENCY}",
                      "jobs/s", statistics.median(values)))
-        print(f"  {k} process(es), runs: " + ", ".join(f"{f:,.0f}" for f in values), flush=True)
+        # What limits a machine with few cores: how many were busy (workers and server).
+        busy = (f", cores busy of {os.cpu_count()}: " + ", ".join(f"{c:.2f}" for c in cores[k])
+                if cores[k] else "")
+        print(f"  {k} process(es), runs: " + ", ".join(f"{f:,.0f}" for f in values) + busy,
+              flush=True)
     rows.append((f"{workers.PROCESSES[-1]} processes / 1", "x",
                  statistics.median(figures[workers.PROCESSES[-1]]) / statistics.median(figures[1])))
     return rows

@@ -18,6 +18,7 @@ cores from the drain. The times are ``time.monotonic()``, one clock for every pr
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -46,9 +47,27 @@ def _worker(url: str, gate: Barrier, finished: Queue[tuple[int, float]]) -> None
         finished.put((stats.completed, time.monotonic()))
 
 
-def drain(url: str, n: int, processes: int) -> tuple[float, list[int]]:
+def busy_jiffies() -> tuple[int, int] | None:
+    """The machine's CPU time so far, total and not idle, in clock ticks (Linux; else None)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields), sum(fields) - fields[3] - fields[4]  # idle and iowait
+
+
+def busy_cores(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """How many of the machine's cores were busy on average between two ``busy_jiffies()``."""
+    if before is None or after is None or after[0] == before[0]:
+        return None
+    return (after[1] - before[1]) / (after[0] - before[0]) * (os.cpu_count() or 1)
+
+
+def drain(url: str, n: int, processes: int) -> tuple[float, list[int], float | None]:
     """Jobs per second of ``processes`` worker processes draining ``n`` jobs queued in ``url``
-    (a PostgreSQL URL of an empty schema), and how many each completed."""
+    (a PostgreSQL URL of an empty schema), how many each completed, and how many of the
+    machine's cores were busy meanwhile (the workers, the server and anything else)."""
     context = multiprocessing.get_context("spawn")
     gate = context.Barrier(processes + 1)
     finished: Queue[tuple[int, float]] = context.Queue()
@@ -66,6 +85,7 @@ def drain(url: str, n: int, processes: int) -> tuple[float, list[int]]:
                 raise RuntimeError("worker processes did not start: exit codes "
                                    f"{[w.exitcode for w in workers]}") from None
             began = time.monotonic()
+            cpu_before = busy_jiffies()
             reports: list[tuple[int, float]] = []
             while len(reports) < processes:
                 try:
@@ -75,6 +95,7 @@ def drain(url: str, n: int, processes: int) -> tuple[float, list[int]]:
                     if failed or time.monotonic() - began > TIMEOUT:
                         raise RuntimeError(f"worker processes: exit codes {failed}, "
                                            f"{len(reports)} of {processes} reported") from None
+            cores = busy_cores(cpu_before, busy_jiffies())
             elapsed = max(at for _completed, at in reports) - began
             for worker in workers:
                 worker.join(60)
@@ -86,4 +107,4 @@ def drain(url: str, n: int, processes: int) -> tuple[float, list[int]]:
                 if worker.is_alive():
                     worker.terminate()
                     worker.join(10)
-    return n / elapsed, [completed for completed, _at in reports]
+    return n / elapsed, [completed for completed, _at in reports], cores
