@@ -321,9 +321,9 @@ def _workers(directory: Path, args: argparse.Namespace) -> Rows:
         rows.append((f"PostgreSQL, {k} worker process(es) x concurrency {workers.CONCURRENCY}",
                      "jobs/s", statistics.median(values)))
         # What limits a machine with few cores: how many were busy (workers and server).
-        busy = (f", cores busy of {os.cpu_count()}: " + ", ".join(f"{c:.2f}" for c in cores[k])
-                if cores[k] else "")
-        print(f"  {k} process(es), runs: " + ", ".join(f"{f:,.0f}" for f in values) + busy,
+        shown = (f", cores busy of {os.cpu_count()}: " + ", ".join(f"{c:.2f}" for c in cores[k])
+                 if cores[k] else "")
+        print(f"  {k} process(es), runs: " + ", ".join(f"{f:,.0f}" for f in values) + shown,
               flush=True)
     rows.append((f"{workers.PROCESSES[-1]} processes / 1", "x",
                  statistics.median(figures[workers.PROCESSES[-1]]) / statistics.median(figures[1])))
