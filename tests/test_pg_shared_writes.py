@@ -177,3 +177,37 @@ def test_keyed_starts_from_several_connections_at_once_give_each_key_one_run(
     finally:
         for store in stores:
             store.close()
+
+
+def test_a_shared_transaction_that_loses_a_deadlock_runs_again(
+    schema: str,  # noqa: F811
+) -> None:
+    a, b = _backend(schema), _backend(schema)
+    with pf.Store(a) as store_a, pf.Store(b):
+        first, second = store_a.start(shared_flow, {}), store_a.start(shared_flow, {})
+
+        def locking(run_id: str) -> list[TaskSuccess]:
+            return [TaskSuccess(0, 1, "1", run_id, "first")]
+
+        holds = {a: threading.Event(), b: threading.Event()}
+        tries = {a: 0, b: 0}
+
+        def body(backend: Any, mine: str, theirs: str, other: Any) -> Callable[[Any], str]:
+            def run(c: Any) -> str:
+                tries[backend] += 1
+                backend._lock_runs(c, locking(mine), ())
+                backend._translating.pipeline.sync()  # sent and granted, not just queued
+                holds[backend].set()
+                if tries[backend] == 1:  # the first time, each then wants the other's run
+                    assert holds[other].wait(20)
+                backend._lock_runs(c, locking(theirs), ())
+                backend._translating.pipeline.sync()
+                return mine
+            return run
+
+        done_a, result_a = in_thread(lambda: a._transact(body(a, first.id, second.id, b), shared=True))
+        done_b, result_b = in_thread(lambda: b._transact(body(b, second.id, first.id, a), shared=True))
+        assert done_a.wait(30) and done_b.wait(30)
+        # Both committed; PostgreSQL rolled one back as the deadlock's victim, and it ran again.
+        assert (result_a, result_b) == ([first.id], [second.id])
+        assert sorted(tries.values()) == [1, 2]
