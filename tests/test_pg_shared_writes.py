@@ -211,3 +211,38 @@ def test_a_shared_transaction_that_loses_a_deadlock_runs_again(
         # Both committed; PostgreSQL rolled one back as the deadlock's victim, and it ran again.
         assert (result_a, result_b) == ([first.id], [second.id])
         assert sorted(tries.values()) == [1, 2]
+
+
+def test_a_transaction_of_many_keyed_starts_writes_alone_rather_than_take_a_lock_per_key(
+    schema: str,  # noqa: F811
+) -> None:
+    import uuid as uuid_module
+
+    from pgflow_py.store.base import NewRun
+
+    backend = _backend(schema)
+    with pf.Store(backend) as store:
+        store.register(shared_job)
+        modes: list[bool] = []
+        begin = backend._begin
+
+        def recording_begin(shared: bool) -> None:
+            modes.append(shared)
+            begin(shared)
+
+        backend._begin = recording_begin  # type: ignore[method-assign]
+        now = backend.clock.now()
+
+        def keyed(n: int, prefix: str) -> list[NewRun]:
+            return [NewRun(str(uuid_module.uuid4()), "1", now, now, key=f"{prefix}-{i}")
+                    for i in range(n)]
+
+        backend.start_runs(shared_job.definition, keyed(10, "few"))
+        assert modes == [True]  # ten key locks, beside other writers
+        modes.clear()
+        # More keys than the server's lock table holds per connection by default (64).
+        ids = backend.start_runs(shared_job.definition, keyed(100, "many"))
+        assert modes == [True, False]  # tried shared, then wrote alone
+        again = backend.start_runs(shared_job.definition, keyed(100, "many"))
+        assert again == ids  # each key still has its one run
+        assert store.count(shared_job) == 110

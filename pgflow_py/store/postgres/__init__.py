@@ -335,6 +335,7 @@ class PostgresBackend(SharedWrites):
         # ROLLBACK: exclusive, one writer at a time as on SQLite; shared, beside the other
         # shared ones (see writes.py).
         take = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        self._keys_locked = 0
         # The transaction runs in pipeline mode: a statement whose result nobody reads (BEGIN,
         # the lock, SAVEPOINT, an INSERT) goes out with the next one whose result is read,
         # and COMMIT with the NOTIFY: a round trip per answer needed, not per statement.

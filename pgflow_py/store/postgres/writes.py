@@ -23,7 +23,7 @@ from typing import Any
 
 from ..base import TaskFailure, TaskSuccess
 from ..sql import SqlBackend
-from ..sql.connection import Conn
+from ..sql.connection import Conn, NeedsExclusive
 
 # Locks of two int4 keys (the schema's, then a key's or a capped flow's hash) live apart from
 # the one-bigint lock of the schema's exclusive writers, and from most applications' own.
@@ -94,11 +94,15 @@ _JOB_RESULT = (
 )
 
 
+_MOST_KEY_LOCKS = 64  # per transaction (see _lock_keys)
+
+
 class SharedWrites(SqlBackend):
     """The shared layers with the hot path's PostgreSQL statements (see the module's text)."""
 
     _SHARED_WRITES = True
     _lock_space: int  # the schema's int4 lock key: hashtext('pgflow:' || schema)
+    _keys_locked = 0  # key locks taken by the current transaction (reset as it begins)
 
     def _lock_runs(
         self, c: Conn, successes: Sequence[TaskSuccess], failures: Sequence[TaskFailure]
@@ -123,8 +127,15 @@ class SharedWrites(SqlBackend):
         )
 
     def _lock_keys(self, c: Conn, flow_slug: str, keys: list[str]) -> None:
-        if keys:
-            c.execute(_LOCK_KEYS, (self._lock_space, [f"{flow_slug}\x1f{k}" for k in keys]))
+        if not keys:
+            return
+        # Each is an entry in the server's lock table, which holds max_locks_per_transaction
+        # (64 by default) per connection: a transaction that would take many more (a group
+        # commit of hundreds of keyed starts) writes alone instead, where keys need no lock.
+        self._keys_locked += len(keys)
+        if self._keys_locked > _MOST_KEY_LOCKS:
+            raise NeedsExclusive
+        c.execute(_LOCK_KEYS, (self._lock_space, [f"{flow_slug}\x1f{k}" for k in keys]))
 
     def _room(self, c: Conn, flow_slugs: Sequence[str]) -> dict[str, int]:
         capped = sorted(
