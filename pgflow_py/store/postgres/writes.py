@@ -23,6 +23,7 @@ from typing import Any
 
 from ..base import TaskFailure, TaskSuccess
 from ..sql import SqlBackend
+from ..sql.claims import _Claims
 from ..sql.connection import Conn, NeedsExclusive
 
 # Locks of two int4 keys (the schema's, then a key's or a capped flow's hash) live apart from
@@ -33,17 +34,10 @@ _LOCK_KEYS = (
 )
 
 # The claim of one flow: the due tasks of its priority levels, highest level first (one index
-# range per level, as in the shared layer's _LEVELS), locked or skipped, claimed, and returned
+# range per level: the shared layer's _LEVELS), locked or skipped, claimed, and returned
 # with their runs' input and trace context. Rows are pulled (and locked) only until the limit.
 _CLAIM_FLOW = (
-    "WITH RECURSIVE levels(p) AS ("
-    " SELECT (SELECT priority FROM step_tasks"
-    "  WHERE status = 'queued' AND flow_slug = :flow ORDER BY priority DESC LIMIT 1)"
-    " UNION ALL"
-    " SELECT (SELECT priority FROM step_tasks"
-    "  WHERE status = 'queued' AND flow_slug = :flow AND priority < levels.p"
-    "  ORDER BY priority DESC LIMIT 1)"
-    " FROM levels WHERE levels.p IS NOT NULL), "
+    _Claims._LEVELS.rstrip() + ", "  # the flow's priority levels, highest first
     "picked AS (SELECT t.id FROM levels CROSS JOIN LATERAL ("
     " SELECT id FROM step_tasks WHERE status = 'queued' AND flow_slug = :flow"
     " AND priority = levels.p AND run_at <= :now ORDER BY run_at, id LIMIT :want"
@@ -59,14 +53,7 @@ _CLAIM_FLOW = (
 
 # The candidates of one flow when a claim spans several (ordered across them afterwards).
 _DUE_LOCKED = (
-    "WITH RECURSIVE levels(p) AS ("
-    " SELECT (SELECT priority FROM step_tasks"
-    "  WHERE status = 'queued' AND flow_slug = :flow ORDER BY priority DESC LIMIT 1)"
-    " UNION ALL"
-    " SELECT (SELECT priority FROM step_tasks"
-    "  WHERE status = 'queued' AND flow_slug = :flow AND priority < levels.p"
-    "  ORDER BY priority DESC LIMIT 1)"
-    " FROM levels WHERE levels.p IS NOT NULL) "
+    _Claims._LEVELS +  # the flow's priority levels, highest first
     "SELECT t.id, t.priority, t.run_at FROM levels CROSS JOIN LATERAL ("
     " SELECT id, priority, run_at FROM step_tasks WHERE status = 'queued' AND flow_slug = :flow"
     " AND priority = levels.p AND run_at <= :now ORDER BY run_at, id LIMIT :want"
