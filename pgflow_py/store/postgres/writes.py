@@ -125,58 +125,35 @@ class SharedWrites(SqlBackend):
         c.execute(_LOCK_KEYS, (self._lock_space, [f"{flow_slug}\x1f{k}" for k in keys]))
 
     def _room(self, c: Conn, flow_slugs: Sequence[str]) -> dict[str, int]:
-        capped = sorted(
-            slug for slug in flow_slugs
-            if (cached := self._definitions.get(slug)) is not None
-            and cached[1].concurrency is not None
-        )
+        capped = sorted(self._caps(flow_slugs))
         if capped and self._shared_tx:
             # Held to the commit: the next claimer of these flows counts this one's claims.
             c.execute(_LOCK_KEYS, (self._lock_space, [f"\x1fcap\x1f{s}" for s in capped]))
         return super()._room(c, flow_slugs)
 
-    def _claim(
+    def _claim_wanted(
         self,
         c: Conn,
         worker_id: str,
-        flow_slugs: Sequence[str],
+        wants: dict[str, int],
         limit: int,
         lease_seconds: float,
         now: float,
     ) -> tuple[list[Any], dict[str, tuple[str, str | None]]]:
-        room = self._room(c, flow_slugs)
-        wants = {slug: min(limit, room.get(slug, limit)) for slug in flow_slugs}
-        wants = {slug: want for slug, want in wants.items() if want > 0}
+        if len(wants) != 1:
+            # Several flows: each one's candidates (locked, see _due), ordered across them.
+            # Those cut by the order stay locked until the commit; other claimers skip them.
+            return super()._claim_wanted(c, worker_id, wants, limit, lease_seconds, now)
+        ((slug, want),) = wants.items()
         # Leases are about liveness, so they run on real time even under a fake clock.
-        lease = time.time() + lease_seconds
-        if len(wants) == 1:
-            ((slug, want),) = wants.items()
-            found = c.execute(_CLAIM_FLOW, {
-                "flow": slug, "now": now, "want": want, "owner": worker_id, "lease": lease,
-            }).fetchall()
-            return [row[:11] for row in found], {row[1]: (row[11], row[12]) for row in found}
-        candidates: list[tuple[int, int, float]] = []
-        for slug, want in wants.items():
-            candidates += c.execute(_DUE_LOCKED, {"flow": slug, "now": now, "want": want}).fetchall()
-        if not candidates:
-            return [], {}
-        # Claim order across flows: priority, then due time. The candidates cut here stay
-        # locked until the commit (other claimers skip them meanwhile).
-        candidates.sort(key=lambda row: (-row[1], row[2], row[0]))
-        del candidates[limit:]
-        rows = c.execute(
-            self._CLAIM_SET + "WHERE id = ANY(CAST(? AS BIGINT[])) " + self._CLAIM_RETURNING,
-            (worker_id, lease, now, [row[0] for row in candidates]),
-        ).fetchall()
-        run_ids = list({row[1] for row in rows})
-        of_runs = {
-            run_id: (run_input, trace_context)
-            for run_id, run_input, trace_context in c.execute(
-                "SELECT id, input, trace_context FROM runs WHERE id = ANY(CAST(? AS TEXT[]))",
-                (run_ids,),
-            ).fetchall()
-        }
-        return rows, of_runs
+        found = c.execute(_CLAIM_FLOW, {
+            "flow": slug, "now": now, "want": want, "owner": worker_id,
+            "lease": time.time() + lease_seconds,
+        }).fetchall()
+        return [row[:11] for row in found], {row[1]: (row[11], row[12]) for row in found}
+
+    def _due(self, c: Conn, slug: str, want: int, now: float) -> list[Any]:
+        return list(c.execute(_DUE_LOCKED, {"flow": slug, "now": now, "want": want}).fetchall())
 
     def _complete_jobs(
         self, c: Conn, batch: list[TaskSuccess], now: float, finished: list[str]

@@ -156,23 +156,29 @@ class _Claims(_Starting):
         another, and a concurrency cap is just a smaller limit for its flow.
         """
         room = self._room(c, flow_slugs)
+        wants = {slug: min(limit, room.get(slug, limit)) for slug in flow_slugs}
+        return self._claim_wanted(
+            c, worker_id, {slug: want for slug, want in wants.items() if want > 0}, limit,
+            lease_seconds, now,
+        )
+
+    def _claim_wanted(
+        self,
+        c: Conn,
+        worker_id: str,
+        wants: dict[str, int],
+        limit: int,
+        lease_seconds: float,
+        now: float,
+    ) -> tuple[list[Any], dict[str, tuple[str, str | None]]]:
+        """:meth:`_claim` once the room of each flow is known: up to ``wants[slug]`` tasks of
+        each flow, ``limit`` in all."""
         candidates: list[tuple[int, int, float]] = []
-        for slug in flow_slugs:
-            want = min(limit, room.get(slug, limit))
-            if want <= 0:
-                continue
-            levels = [row[0] for row in c.execute(
-                self._LEVELS + "SELECT p FROM levels WHERE p IS NOT NULL", {"flow": slug}
-            ).fetchall()]
-            for level in levels:
-                found = c.execute(self._DUE_AT_LEVEL, (slug, level, now, want)).fetchall()
-                candidates += found
-                want -= len(found)
-                if want <= 0:
-                    break
+        for slug, want in wants.items():
+            candidates += self._due(c, slug, want, now)
         if not candidates:
             return [], {}
-        if len(flow_slugs) > 1:  # claim order across flows: priority, then due time
+        if len(wants) > 1:  # claim order across flows: priority, then due time
             candidates.sort(key=lambda row: (-row[1], row[2], row[0]))
             del candidates[limit:]
         # Leases are about liveness, so they run on real time even under a fake clock.
@@ -191,15 +197,32 @@ class _Claims(_Starting):
         }
         return rows, of_runs
 
-    def _room(self, c: Conn, flow_slugs: Sequence[str]) -> dict[str, int]:
-        """How many more tasks each capped flow may run now (read in the claim's transaction,
-        so no other runner can change it meanwhile)."""
-        caps = {
+    def _due(self, c: Conn, slug: str, want: int, now: float) -> list[Any]:
+        """Up to ``want`` due tasks of flow ``slug`` (id, priority, due time), highest priority
+        first, then earliest due."""
+        found: list[Any] = []
+        levels = [row[0] for row in c.execute(
+            self._LEVELS + "SELECT p FROM levels WHERE p IS NOT NULL", {"flow": slug}
+        ).fetchall()]
+        for level in levels:
+            found += c.execute(self._DUE_AT_LEVEL, (slug, level, now, want - len(found))).fetchall()
+            if len(found) >= want:
+                break
+        return found
+
+    def _caps(self, flow_slugs: Sequence[str]) -> dict[str, int]:
+        """The concurrency caps of those of ``flow_slugs`` that have one."""
+        return {
             slug: cached[1].concurrency
             for slug in flow_slugs
             if (cached := self._definitions.get(slug)) is not None
             and cached[1].concurrency is not None
         }
+
+    def _room(self, c: Conn, flow_slugs: Sequence[str]) -> dict[str, int]:
+        """How many more tasks each capped flow may run now (read in the claim's transaction,
+        so no other runner can change it meanwhile)."""
+        caps = self._caps(flow_slugs)
         if not caps:
             return {}
         running = dict(c.execute(

@@ -130,12 +130,6 @@ class _Connection(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
-    def _before_commit(self) -> None:
-        """Called inside each write transaction just before its COMMIT (``_due_flows`` says
-        which flows it queued work for). SQLite has nobody to tell: other processes read its
-        ``PRAGMA data_version``."""
-        return
-
     def _made_due(self, flow_slug: str) -> None:
         """Record that the current write transaction queued work of ``flow_slug`` (``""``: of
         flows it does not know)."""
@@ -184,7 +178,9 @@ class _Connection(abc.ABC):
             self._wrote()
 
     def _commit(self) -> None:
-        self._before_commit()
+        """Commit the write transaction; a backend that can tell other processes of the work
+        it queued (``_due_flows``: PostgreSQL's NOTIFY) does so here. SQLite has nobody to
+        tell: other processes read its ``PRAGMA data_version``."""
         self._conn.execute("COMMIT")
 
     def _transact(self, body: Callable[[Conn], T], *, shared: bool) -> T:

@@ -107,14 +107,19 @@ class _Starting(_Batches):
             self._commit_starts()
         finally:
             with self._starts_mutex:
-                if self._starts_queue:  # arrived during this commit: the first leads next
-                    following = self._starts_queue[0]
-                    following.lead = True
-                    assert following.done is not None
-                    following.done.set()
-                else:
-                    self._starts_committing = False
+                self._pass_lead()  # to the first that arrived during this commit, if any
         return pending.outcome()
+
+    def _pass_lead(self) -> None:
+        """Wake the first queued caller to commit the next batch, or, with none queued, let
+        the next caller lead at once (called with ``_starts_mutex`` held)."""
+        if self._starts_queue:
+            following = self._starts_queue[0]
+            following.lead = True
+            assert following.done is not None
+            following.done.set()
+        else:
+            self._starts_committing = False
 
     def _leave_queue(self, pending: _Pending) -> None:
         """A waiting caller was interrupted: take its start out of the queue if no batch has
@@ -123,15 +128,8 @@ class _Starting(_Batches):
             if pending not in self._starts_queue:
                 return  # in a batch: its run may be committed, as an interrupted start may be
             self._starts_queue.remove(pending)
-            if not pending.lead:
-                return
-            if self._starts_queue:
-                following = self._starts_queue[0]
-                following.lead = True
-                assert following.done is not None
-                following.done.set()
-            else:
-                self._starts_committing = False
+            if pending.lead:
+                self._pass_lead()
 
     def _take_starts(self) -> list[_Pending]:
         with self._starts_mutex:
