@@ -54,6 +54,8 @@ def as_schema_version(patch: Any, version: int) -> None:
     from pgflow_py.store.sql import SqlBackend
 
     patch.setattr(sqlite, "SCHEMA_VERSION", version)
+    if version < 8:  # a job's run row holds its task since version 8
+        patch.setattr(SqlBackend, "_JOB_ROWS", False)
     if version < 6:  # step_states.skip_reason came with version 6
         patch.setattr(SqlBackend, "_SKIP_REASON", "NULL")
     if version < 4:  # runs.trace_context came with version 4

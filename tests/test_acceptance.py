@@ -157,8 +157,8 @@ def test_kill_9_with_50_running_tasks_loses_nothing(project, database, monkeypat
     first = _worker(project, db, "--concurrency", "50", "--lease", str(lease))
     try:
         _wait_for(
-            lambda: _count(db, "SELECT count(*) FROM step_tasks WHERE status = 'started'") == 50
-            and _count(db, "SELECT count(*) FROM step_tasks WHERE status = 'completed'") == 100
+            lambda: _count(db, "SELECT count(*) FROM tasks WHERE status = 'started'") == 50
+            and _count(db, "SELECT count(*) FROM tasks WHERE status = 'completed'") == 100
             # and every claimed task has entered its handler (a task claimed but not yet
             # started when the worker dies would rightly have no first-attempt effect)
             and (project / "effects.log").exists() and len(_effects(project)) == 150,
@@ -169,7 +169,7 @@ def test_kill_9_with_50_running_tasks_loses_nothing(project, database, monkeypat
     finally:
         if first.poll() is None:
             first.kill()
-    held = {r[0] for r in _rows(db, "SELECT run_id FROM step_tasks WHERE status = 'started'")}
+    held = {r[0] for r in _rows(db, "SELECT run_id FROM tasks WHERE status = 'started'")}
     assert len(held) == 50
     marks = ",".join("?" * len(held))
 
@@ -177,7 +177,7 @@ def test_kill_9_with_50_running_tasks_loses_nothing(project, database, monkeypat
     try:
         recovery = _wait_for(
             lambda: _count(
-                db, "SELECT count(*) FROM step_tasks WHERE status = 'completed' "
+                db, "SELECT count(*) FROM tasks WHERE status = 'completed' "
                 f"AND run_id IN ({marks})", *held,
             ) == 50,
             60, "the killed tasks to be completed by the second worker",
@@ -227,9 +227,9 @@ def test_four_workers_ten_thousand_runs_each_completed_exactly_once(project, dat
         assert code == 0, err
         assert "ERROR" not in err and "Traceback" not in err, err
     assert _count(db, "SELECT count(*) FROM runs") == 10_000
-    assert _count(db, "SELECT count(*) FROM step_tasks WHERE status = 'completed'") == 10_000
-    assert _count(db, "SELECT count(DISTINCT run_id) FROM step_tasks WHERE status = 'completed'") == 10_000
-    attempts = dict(_rows(db, "SELECT run_id, attempts FROM step_tasks"))
+    assert _count(db, "SELECT count(*) FROM tasks WHERE status = 'completed'") == 10_000
+    assert _count(db, "SELECT count(DISTINCT run_id) FROM tasks WHERE status = 'completed'") == 10_000
+    attempts = dict(_rows(db, "SELECT run_id, attempts FROM tasks"))
     effects = _effects(project)
     per_run = Counter(run_id for run_id, _attempt in effects.elements())
     assert set(per_run) == set(attempts)  # every run's handler ran at least once

@@ -95,7 +95,7 @@ def test_sigterm_lets_a_running_task_finish(project):
     with pf.connect(db) as store:
         finished = store.get_run(run.id)
         leased = store.backend._conn.execute(
-            "SELECT count(*) FROM step_tasks WHERE lease_owner IS NOT NULL"
+            "SELECT count(*) FROM tasks WHERE lease_owner IS NOT NULL"
         ).fetchone()[0]
     assert finished.status is pf.RunStatus.COMPLETED
     assert finished.output == "slept"

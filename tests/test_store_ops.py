@@ -392,8 +392,8 @@ def test_history_written_without_tracebacks_reads_as_none(store: pf.Store) -> No
     run = store.start(ops_echo)
     fail(store, ops_echo)
     with store.backend._write() as c:  # type: ignore[attr-defined]
-        c.execute(
-            "UPDATE step_tasks SET history = ? WHERE run_id = ?",
+        c.execute(  # a job's task is its run's row
+            "UPDATE runs SET history = ? WHERE id = ?",
             ('[{"attempt": 1, "error": "E: old", "at": 1800000000.0}]', run.id),
         )
     [record] = store.get_run(run.id).history

@@ -187,7 +187,7 @@ def test_a_run_input_that_cannot_be_decoded_is_handed_over_as_undecodable(
     assert is_undecodable(task.flow_input, error_type)
     assert "\n" not in task.input.error
     # Nothing else is left in a state a runner would trip on: the task is held, as claimed.
-    assert sql(store, "SELECT status FROM step_tasks WHERE run_id = ?", (bad.id,)) == [("started",)]
+    assert sql(store, "SELECT status FROM tasks WHERE run_id = ?", (bad.id,)) == [("started",)]
 
 
 def test_a_task_input_that_cannot_be_decoded_leaves_its_flow_input_readable(

@@ -187,7 +187,7 @@ class StoreMachine(RuleBasedStateMachine):
         return (
             self.sql("SELECT * FROM runs ORDER BY id"),
             self.sql("SELECT * FROM step_states ORDER BY run_id, step_slug"),
-            self.sql("SELECT * FROM step_tasks ORDER BY id"),
+            self.sql("SELECT * FROM tasks ORDER BY id"),
         )
 
     def success(self, task_id: int, key: tuple[int, int | None], value: Any) -> TaskSuccess:
@@ -244,7 +244,7 @@ class StoreMachine(RuleBasedStateMachine):
     def do_claim(self, worker: str, limit: int, lease: float) -> list[ClaimedTask]:
         now = self.clock.now()
         due = self.sql(
-            "SELECT count(*) FROM step_tasks WHERE status = 'queued' AND run_at <= ?", (now,)
+            "SELECT count(*) FROM tasks WHERE status = 'queued' AND run_at <= ?", (now,)
         )[0][0]
         claimed = self.backend.claim(worker, SLUGS, limit, lease)
         expires_by = time.time() + lease if lease < 1 else None
@@ -265,7 +265,7 @@ class StoreMachine(RuleBasedStateMachine):
             assert task.attempt <= task.max_attempts
             assert _same(task.flow_input, run.seen_input), (task.flow_input, run)
             assert _same(task.input, self.expected_input(task, run)), (task.input, run)
-            (run_at,) = self.sql("SELECT run_at FROM step_tasks WHERE id = ?", (task.id,))[0]
+            (run_at,) = self.sql("SELECT run_at FROM tasks WHERE id = ?", (task.id,))[0]
             assert run_at <= now, "claimed a task before it was due"
             claim = getattr(task, "claim", None)
             if claim is not None:  # claim tokens count every claim ever, never reset
@@ -303,7 +303,7 @@ class StoreMachine(RuleBasedStateMachine):
             run.status, run.output = "completed", {"final": value}
             expect_finished = [run.id]
         assert finished == expect_finished, (finished, expect_finished)
-        row = self.sql("SELECT status, output FROM step_tasks WHERE id = ?", (task_id,))[0]
+        row = self.sql("SELECT status, output FROM tasks WHERE id = ?", (task_id,))[0]
         assert row[0] == "completed" and json.loads(row[1]) == value
 
     def do_fail(self, task_id: int, retry_in: float | None) -> None:
@@ -412,7 +412,15 @@ class StoreMachine(RuleBasedStateMachine):
         tiny = [tid for tid, h in self.held.items() if h.expires_by is not None]
         task_id = data.draw(st.sampled_from(sorted(self.held)), label="task")
         with self.backend._lock:
-            self.backend._conn.execute("UPDATE step_tasks SET lease_expires = 0 WHERE id = ?", (task_id,))
+            # A job's task is its run's row (its id: minus the row's sequence number).
+            if task_id > 0:
+                self.backend._conn.execute(
+                    "UPDATE step_tasks SET lease_expires = 0 WHERE id = ?", (task_id,)
+                )
+            else:
+                self.backend._conn.execute(
+                    f"UPDATE runs SET lease_expires = 0 WHERE {self.backend._SEQ} = ?", (-task_id,)
+                )
         if tiny:
             deadline = max(self.held[tid].expires_by or 0.0 for tid in tiny)
             time.sleep(max(0.0, deadline - time.time()) + 0.002)
@@ -435,7 +443,7 @@ class StoreMachine(RuleBasedStateMachine):
             if h.attempt < self.runs[t.run_id].max_attempts:
                 t.status = "queued"
                 if t.run_id not in failed_runs:
-                    (run_at,) = self.sql("SELECT run_at FROM step_tasks WHERE id = ?", (task_id,))[0]
+                    (run_at,) = self.sql("SELECT run_at FROM tasks WHERE id = ?", (task_id,))[0]
                     assert run_at == now + retry_delay(h.attempt, base_delay=BASE_DELAY)
             else:
                 t.status = "failed"
@@ -445,7 +453,7 @@ class StoreMachine(RuleBasedStateMachine):
             # run, and the expired tasks after it are cancelled with the rest of the run.
             mine = sorted(tid for tid in expired if self.tasks[tid].run_id == run_id)
             marks = ",".join("?" * len(mine))
-            rows = dict(self.sql(f"SELECT id, status FROM step_tasks WHERE id IN ({marks})", tuple(mine)))
+            rows = dict(self.sql(f"SELECT id, status FROM tasks WHERE id IN ({marks})", tuple(mine)))
             failed = [tid for tid in mine if rows[tid] == "failed"]
             assert len(failed) == 1 and self.tasks[failed[0]].status == "failed", rows
             assert all(rows[tid] == "cancelled" for tid in mine if tid not in failed), rows
@@ -619,7 +627,7 @@ class StoreMachine(RuleBasedStateMachine):
     def no_task_lost(self) -> None:
         stuck = self.sql(
             "SELECT r.id FROM runs r WHERE r.status = 'started' AND NOT EXISTS (SELECT 1 FROM "
-            "step_tasks t WHERE t.run_id = r.id AND t.status IN ('queued', 'started'))"
+            "tasks t WHERE t.run_id = r.id AND t.status IN ('queued', 'started'))"
         )
         assert not stuck, f"unfinished runs with nothing queued or running: {stuck}"
 
@@ -628,7 +636,7 @@ class StoreMachine(RuleBasedStateMachine):
     def terminal_runs_are_idle(self) -> None:
         busy = self.sql(
             "SELECT r.id, r.status, t.step_slug, t.task_index, t.status FROM runs r "
-            "JOIN step_tasks t ON t.run_id = r.id "
+            "JOIN tasks t ON t.run_id = r.id "
             "WHERE r.status != 'started' AND t.status IN ('queued', 'started')"
         )
         assert not busy, f"terminal runs with live tasks: {busy}"
@@ -642,24 +650,24 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     @_tracked
     def attempts_within_bounds(self) -> None:
-        over = self.sql("SELECT * FROM step_tasks WHERE attempts < 0 OR attempts > max_attempts")
+        over = self.sql("SELECT * FROM tasks WHERE attempts < 0 OR attempts > max_attempts")
         assert not over, f"attempts out of bounds: {over}"
 
     @invariant()
     @_tracked
     def no_task_completed_twice(self) -> None:
         dupes = self.sql(
-            "SELECT run_id, step_slug, task_index, count(*) FROM step_tasks "
+            "SELECT run_id, step_slug, task_index, count(*) FROM tasks "
             "GROUP BY run_id, step_slug, task_index HAVING count(*) > 1"  # NULLs group together
         )
         assert not dupes, f"several rows for one task: {dupes}"
-        completed = {r[0] for r in self.sql("SELECT id FROM step_tasks WHERE status = 'completed'")}
+        completed = {r[0] for r in self.sql("SELECT id FROM tasks WHERE status = 'completed'")}
         assert completed == {t.id for t in self.tasks.values() if t.status == "completed"}
 
     @invariant()
     @_tracked
     def tasks_match_model(self) -> None:
-        rows = self.sql("SELECT id, run_id, status, attempts, lease_owner FROM step_tasks")
+        rows = self.sql("SELECT id, run_id, status, attempts, lease_owner FROM tasks")
         started = {r[0]: (r[4], r[3]) for r in rows if r[2] == "started"}
         assert started == {tid: (h.worker, h.attempt) for tid, h in self.held.items()}
         for task_id, run_id, status, attempts, _owner in rows:

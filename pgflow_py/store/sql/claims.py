@@ -58,6 +58,22 @@ class _Claims(_Starting):
         "ORDER BY run_at, id LIMIT ?"
     )
 
+    # The same for the tasks of jobs, held in their runs' rows (ids: minus the run's _SEQ).
+    _JOB_LEVELS = _LEVELS.replace(
+        "step_tasks INDEXED BY step_tasks_queued", "runs INDEXED BY runs_queued"
+    ).replace("WHERE status", "WHERE task_status")
+    _JOB_DUE_AT_LEVEL = (
+        "SELECT -{seq}, priority, due FROM runs INDEXED BY runs_queued "
+        "WHERE task_status = 'queued' AND flow_slug = ? AND priority = ? AND due <= ? "
+        "ORDER BY due, {seq} LIMIT ?"
+    )
+    _CLAIM_JOBS = (
+        "UPDATE runs SET task_status = 'started', attempts = attempts + 1, claims = claims + 1, "
+        "lease_owner = ?, lease_expires = ?, task_started_at = ? WHERE {seq} IN ({marks}) "
+        "RETURNING -{seq}, id, flow_slug, step_slug, NULL, attempts, max_attempts, priority, "
+        "NULL, flow_version, claims, input, trace_context"
+    )
+
     def claim(
         self, worker_id: str, flow_slugs: Sequence[str], limit: int, lease_seconds: float
     ) -> list[ClaimedTask]:
@@ -109,7 +125,7 @@ class _Claims(_Starting):
             failed_runs.extend(failed)
         if not rows:
             return finished, []
-        rows.sort(key=lambda row: (-row[7], row[0]))
+        rows.sort(key=lambda row: (-row[7], abs(row[0])))  # a job's id is minus its run's _SEQ
         loads = _json.loads
         tasks = []
         for (tid, run_id, flow, step, index, attempt, max_att, prio, inp, version, claim) in rows:
@@ -179,33 +195,64 @@ class _Claims(_Starting):
         if not candidates:
             return [], {}
         if len(wants) > 1:  # claim order across flows: priority, then due time
-            candidates.sort(key=lambda row: (-row[1], row[2], row[0]))
+            candidates.sort(key=lambda row: (-row[1], row[2], abs(row[0])))
             del candidates[limit:]
         # Leases are about liveness, so they run on real time even under a fake clock.
-        rows = c.execute(
-            self._CLAIM_SET + f"WHERE id IN ({placeholders(len(candidates))}) "
-            + self._CLAIM_RETURNING,
-            (worker_id, time.time() + lease_seconds, now, *(row[0] for row in candidates)),
-        ).fetchall()
-        run_ids = list({row[1] for row in rows})
-        # The runs are not written here: a run's start is read from its running tasks.
-        of_runs = {
-            run_id: (run_input, trace_context)
-            for run_id, run_input, trace_context in c.execute(
-                self._CLAIM_RUNS.format(placeholders(len(run_ids))), run_ids
+        expires = time.time() + lease_seconds
+        tasks = [row[0] for row in candidates if row[0] > 0]
+        jobs = [-row[0] for row in candidates if row[0] < 0]
+        rows: list[Any] = []
+        of_runs: dict[str, tuple[str, str | None]] = {}
+        if tasks:
+            rows = c.execute(
+                self._CLAIM_SET + f"WHERE id IN ({placeholders(len(tasks))}) "
+                + self._CLAIM_RETURNING,
+                (worker_id, expires, now, *tasks),
             ).fetchall()
-        }
+            run_ids = list({row[1] for row in rows})
+            # The runs are not written here: a run's start is read from its running tasks.
+            of_runs = {
+                run_id: (run_input, trace_context)
+                for run_id, run_input, trace_context in c.execute(
+                    self._CLAIM_RUNS.format(placeholders(len(run_ids))), run_ids
+                ).fetchall()
+            }
+        if jobs:
+            # A job's row is its run: the claim returns the run's input too.
+            for row in c.execute(
+                self._CLAIM_JOBS.format(seq=self._SEQ, marks=placeholders(len(jobs))),
+                (worker_id, expires, now, *jobs),
+            ).fetchall():
+                rows.append(row[:11])
+                of_runs[row[1]] = (row[11], row[12])
         return rows, of_runs
 
     def _due(self, c: Conn, slug: str, want: int, now: float) -> list[Any]:
         """Up to ``want`` due tasks of flow ``slug`` (id, priority, due time), highest priority
         first, then earliest due."""
+        found = self._due_in(c, self._LEVELS, self._DUE_AT_LEVEL, slug, want, now)
+        if not self._JOB_ROWS:
+            return found
+        jobs = self._due_in(
+            c, self._JOB_LEVELS, self._JOB_DUE_AT_LEVEL.format(seq=self._SEQ), slug, want, now
+        )
+        if found and jobs:  # both kinds: a flow that became a job, or back
+            found += jobs
+            found.sort(key=lambda row: (-row[1], row[2], abs(row[0])))
+            return found[:want]
+        return found or jobs
+
+    @staticmethod
+    def _due_in(
+        c: Conn, levels_sql: str, due_sql: str, slug: str, want: int, now: float
+    ) -> list[Any]:
+        """:meth:`_due` over one table (the levels and due-range statements given)."""
         found: list[Any] = []
         levels = [row[0] for row in c.execute(
-            self._LEVELS + "SELECT p FROM levels WHERE p IS NOT NULL", {"flow": slug}
+            levels_sql + "SELECT p FROM levels WHERE p IS NOT NULL", {"flow": slug}
         ).fetchall()]
         for level in levels:
-            found += c.execute(self._DUE_AT_LEVEL, (slug, level, now, want - len(found))).fetchall()
+            found += c.execute(due_sql, (slug, level, now, want - len(found))).fetchall()
             if len(found) >= want:
                 break
         return found
@@ -226,7 +273,7 @@ class _Claims(_Starting):
         if not caps:
             return {}
         running = dict(c.execute(
-            "SELECT flow_slug, count(*) FROM step_tasks WHERE status = 'started' "
+            f"SELECT flow_slug, count(*) FROM {self._tasks} WHERE status = 'started' "
             f"AND flow_slug IN ({placeholders(len(caps))}) GROUP BY flow_slug",
             list(caps),
         ).fetchall())
@@ -239,11 +286,22 @@ class _Claims(_Starting):
         real_now = time.time()
         held: set[int] = set()
         with self._write() as c:
-            for start in range(0, len(task_ids), 500):
-                chunk = list(task_ids[start:start + 500])
+            tasks = [t for t in task_ids if t > 0]
+            jobs = [-t for t in task_ids if t < 0]
+            for start in range(0, len(tasks), 500):
+                chunk = tasks[start:start + 500]
                 held.update(r[0] for r in c.execute(
                     "UPDATE step_tasks SET lease_expires = ? WHERE lease_owner = ? "
                     f"AND status = 'started' AND id IN ({placeholders(len(chunk))}) RETURNING id",
+                    (real_now + lease_seconds, worker_id, *chunk),
+                ).fetchall())
+            seq = self._SEQ
+            for start in range(0, len(jobs), 500):
+                chunk = jobs[start:start + 500]
+                held.update(r[0] for r in c.execute(
+                    f"UPDATE runs SET lease_expires = ? WHERE lease_owner = ? "
+                    f"AND task_status = 'started' AND {seq} IN ({placeholders(len(chunk))}) "
+                    f"RETURNING -{seq}",
                     (real_now + lease_seconds, worker_id, *chunk),
                 ).fetchall())
             c.execute(
@@ -271,7 +329,7 @@ class _Claims(_Starting):
         with self._write() as c, self._collecting_failures(failed_runs):
             expired = c.execute(
                 "SELECT id, flow_slug, flow_version, step_slug, attempts, max_attempts "
-                "FROM step_tasks "
+                f"FROM {self._tasks} "
                 f"WHERE status = 'started' AND flow_slug IN ({placeholders(len(flow_slugs))}) "
                 "AND lease_expires < ?",
                 (*flow_slugs, real_now),
@@ -312,13 +370,27 @@ class _Claims(_Starting):
             "lease_owner = NULL, lease_expires = NULL, started_at = NULL "
             "WHERE status = 'started' AND lease_owner = ? "
         )
+        unclaim_jobs = (
+            "UPDATE runs SET task_status = 'queued', attempts = attempts - 1, "
+            "lease_owner = NULL, lease_expires = NULL, task_started_at = NULL "
+            "WHERE task_status = 'started' AND lease_owner = ? "
+        )
         with self._write() as c:
             # A released claim leaves no trace: a run's start is read from its running tasks.
             if task_ids is None:
-                if c.execute(unclaim, (worker_id,)).rowcount:
+                if (c.execute(unclaim, (worker_id,)).rowcount
+                        + (c.execute(unclaim_jobs, (worker_id,)).rowcount
+                           if self._JOB_ROWS else 0)):
                     self._made_due("")  # back in the queue, for any runner of their flows
             else:
-                c.executemany(unclaim + "AND id = ?", [(worker_id, t) for t in task_ids])
+                c.executemany(
+                    unclaim + "AND id = ?", [(worker_id, t) for t in task_ids if t > 0]
+                )
+                if self._JOB_ROWS:
+                    c.executemany(
+                        unclaim_jobs + f"AND {self._SEQ} = ?",
+                        [(worker_id, -t) for t in task_ids if t < 0],
+                    )
                 self._made_due("")
 
 
@@ -327,13 +399,18 @@ class _Claims(_Starting):
         with self._read() as conn:
             for slug in flow_slugs:
                 # The earliest task of each priority level: one seek per level.
-                (due,) = conn.execute(
-                    self._LEVELS + "SELECT min((SELECT run_at FROM step_tasks "
-                    "INDEXED BY step_tasks_queued WHERE status = 'queued' AND flow_slug = :flow "
-                    "AND priority = levels.p ORDER BY run_at LIMIT 1)) "
-                    "FROM levels WHERE levels.p IS NOT NULL",
-                    {"flow": slug},
-                ).fetchone()
-                if due is not None:
-                    found.append(float(due))
+                for levels, earliest in (
+                    (self._LEVELS, "SELECT run_at FROM step_tasks INDEXED BY step_tasks_queued "
+                                   "WHERE status = 'queued'"),
+                    (self._JOB_LEVELS, "SELECT due FROM runs INDEXED BY runs_queued "
+                                       "WHERE task_status = 'queued'"),
+                )[:2 if self._JOB_ROWS else 1]:
+                    (due,) = conn.execute(
+                        levels + f"SELECT min(({earliest} AND flow_slug = :flow "
+                        "AND priority = levels.p ORDER BY 1 LIMIT 1)) "
+                        "FROM levels WHERE levels.p IS NOT NULL",
+                        {"flow": slug},
+                    ).fetchone()
+                    if due is not None:
+                        found.append(float(due))
         return min(found, default=None)

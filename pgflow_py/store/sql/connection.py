@@ -16,10 +16,16 @@ from typing import Any, ClassVar, Protocol, TypeVar
 from ...clock import Clock
 from ...errors import StoreError
 
-# A non-terminal run's finer status is derived from its tasks when read.
+# A non-terminal run's finer status is derived from its tasks when read (a job's from its own
+# row, which holds its task).
 _STATUS_SQL = """
 CASE
   WHEN r.status != 'started' THEN r.status
+  WHEN r.task_status = 'started' THEN 'running'
+  WHEN r.task_status = 'queued' AND r.attempts > 0 THEN 'retrying'
+  WHEN r.task_status IS NOT NULL THEN
+    CASE WHEN r.started_at IS NOT NULL THEN 'running'
+         WHEN r.task_status = 'queued' AND r.due > :now THEN 'scheduled' ELSE 'queued' END
   WHEN EXISTS (SELECT 1 FROM step_tasks t
                WHERE t.run_id = r.id AND t.status = 'started') THEN 'running'
   WHEN EXISTS (SELECT 1 FROM step_tasks t

@@ -15,9 +15,14 @@ class _Control(_Claims):
         with self._write() as c:
             # Until an attempt ends, a run's start is read from its running tasks, which
             # cancelling ends: record it first.
+            job_start = (
+                "CASE WHEN task_status = 'started' THEN task_started_at END, "
+                if self._JOB_ROWS else ""
+            )
             if not c.execute(
                 "UPDATE runs SET status = 'cancelled', finished_at = ?, started_at = coalesce("
-                "started_at, (SELECT min(t.started_at) FROM step_tasks t WHERE t.run_id = runs.id "
+                f"started_at, {job_start}"
+                "(SELECT min(t.started_at) FROM step_tasks t WHERE t.run_id = runs.id "
                 "AND t.status = 'started')) WHERE id = ? AND status = 'started'",
                 (now, run_id),
             ).rowcount:
@@ -51,7 +56,7 @@ class _Control(_Claims):
             return False
         d = self._definition(found[0])
         old = c.execute(
-            "SELECT max(flow_version) FROM step_tasks WHERE run_id = ?", (run_id,)
+            f"SELECT max(flow_version) FROM {self._tasks} WHERE run_id = ?", (run_id,)
         ).fetchone()[0]
         if old is not None and old != self._definitions[d.slug][0]:
             raise ShapeMismatch(
@@ -68,13 +73,22 @@ class _Control(_Claims):
         # Tasks that did not complete run again with fresh attempts; history is kept. Those
         # of a skipped step (when_exhausted) stay as they are: the step ended.
         self._made_due(d.slug)
+        skipped = (
+            "step_slug NOT IN (SELECT s.step_slug FROM step_states s "
+            "WHERE s.run_id = ? AND s.status = 'skipped')"
+        )
         c.execute(
             "UPDATE step_tasks SET status = 'queued', attempts = 0, run_at = ?, "
             "finished_at = NULL WHERE run_id = ? AND status IN ('failed', 'cancelled') "
-            "AND step_slug NOT IN (SELECT s.step_slug FROM step_states s "
-            "WHERE s.run_id = ? AND s.status = 'skipped')",
+            f"AND {skipped}",
             (now, run_id, run_id),
         )
+        if self._JOB_ROWS:
+            c.execute(  # a job's task, in its run's row
+                "UPDATE runs SET task_status = 'queued', attempts = 0, due = ? "
+                f"WHERE id = ? AND task_status IN ('failed', 'cancelled') AND {skipped}",
+                (now, run_id, run_id),
+            )
         # Steps that had tasks go back to work; the others wait for their dependencies.
         c.execute(
             "UPDATE step_states SET status = 'started', error = NULL, finished_at = NULL, "

@@ -48,6 +48,13 @@ class _Definitions(_Connection):
     """Flow definitions: registered in the write that starts their runs, cached per version."""
 
     _SEQ: ClassVar[str] = "rowid"  # the column of runs in insertion order
+    # Whether a job's run row holds its task (whose id is then minus the run's _SEQ) rather
+    # than a row of step_tasks. Reads and results handle both either way.
+    _JOB_ROWS: ClassVar[bool] = True
+    # What reads every task through: the view over step_tasks and the job runs' rows.
+    @property
+    def _tasks(self) -> str:
+        return "tasks" if self._JOB_ROWS else "step_tasks"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -134,7 +141,7 @@ class _Definitions(_Connection):
         nothing moves."""
         rows = c.execute(
             "SELECT r.id, r.input, r.run_at, r.created_at, r.priority, r.key, r.trace_context, "
-            "r.started_at IS NULL AND NOT EXISTS (SELECT 1 FROM step_tasks t "
+            "r.started_at IS NULL AND NOT EXISTS (SELECT 1 FROM tasks t "
             "WHERE t.run_id = r.id AND (t.claims > 0 OR t.status != 'queued')) "
             f"FROM runs r WHERE r.flow_slug = ? AND r.status = 'started' ORDER BY r.{self._SEQ}",
             (definition.slug,),
@@ -144,7 +151,7 @@ class _Definitions(_Connection):
         # The steps each run has work queued for: it moves only if they are all still steps.
         queued: dict[str, set[str]] = {}
         for run_id, step_slug in c.execute(
-            "SELECT DISTINCT run_id, step_slug FROM step_tasks "
+            "SELECT DISTINCT run_id, step_slug FROM tasks "
             "WHERE flow_slug = ? AND status = 'queued'",
             (definition.slug,),
         ).fetchall():
@@ -252,7 +259,7 @@ class _Definitions(_Connection):
         details: dict[str, tuple[str, float | None]] = {}
         for run_id in run_ids:
             row = c.execute(
-                f"SELECT {_STATUS_SQL}, (SELECT min(t.run_at) FROM step_tasks t "
+                f"SELECT {_STATUS_SQL}, (SELECT min(t.run_at) FROM tasks t "
                 "WHERE t.run_id = r.id AND t.status = 'queued') FROM runs r WHERE r.id = :id",
                 {"id": run_id, "now": now},
             ).fetchone()

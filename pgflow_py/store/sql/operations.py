@@ -59,11 +59,15 @@ class _Operations(_Reading):
     # out a backoff; B, the others whose first attempt has ended (running between steps).
     # The rest are queued, or scheduled when every queued task of theirs is due later: those
     # are found from the tasks due later, so a backlog of due runs is counted, not read.
+    # Jobs' tasks are in their runs' rows: each set takes those too (a job has one task).
     _UNFINISHED_SQL = (
         "WITH s(id) AS (SELECT DISTINCT t.run_id FROM step_tasks t "
-        " INDEXED BY step_tasks_running WHERE t.status = 'started'{tf}), "
+        " INDEXED BY step_tasks_running WHERE t.status = 'started'{tf}"
+        " UNION ALL SELECT id FROM runs INDEXED BY runs_running WHERE task_status = 'started'{f}), "
         "rr(id) AS (SELECT DISTINCT t.run_id FROM step_tasks t INDEXED BY step_tasks_retrying "
-        " WHERE t.status = 'queued' AND t.attempts > 0{tf} AND t.run_id NOT IN (SELECT id FROM s)), "
+        " WHERE t.status = 'queued' AND t.attempts > 0{tf} AND t.run_id NOT IN (SELECT id FROM s)"
+        " UNION ALL SELECT id FROM runs INDEXED BY runs_retrying "
+        "  WHERE task_status = 'queued' AND attempts > 0{f}), "
         "busy(id) AS (SELECT id FROM s UNION ALL SELECT id FROM rr) "
         "SELECT (SELECT count(*) FROM runs INDEXED BY runs_unfinished "
         " WHERE status = 'started'{f}), "
@@ -76,7 +80,9 @@ class _Operations(_Reading):
         " JOIN runs r ON r.id = later.run_id WHERE r.status = 'started' "
         " AND r.started_at IS NULL AND later.run_id NOT IN (SELECT id FROM busy) "
         " AND NOT EXISTS (SELECT 1 FROM step_tasks d WHERE d.run_id = later.run_id "
-        "  AND d.status = 'queued' AND d.run_at <= :now))"
+        "  AND d.status = 'queued' AND d.run_at <= :now)) "
+        "+ (SELECT count(*) FROM runs INDEXED BY runs_queued WHERE task_status = 'queued'{f} "
+        " AND due > :now AND attempts = 0 AND started_at IS NULL AND status = 'started')"
     )
 
     def _unfinished(self, c: Conn, flow_slug: str | None, now: float) -> dict[str, int]:
@@ -103,21 +109,28 @@ class _Operations(_Reading):
         """When the oldest queued run of a flow became due: the first due task, in due order
         per priority level, of a run whose status is queued (one index seek per level, as a
         rule: a backlog's first task is a queued run's)."""
-        levels = [row[0] for row in c.execute(
-            self._LEVELS + "SELECT p FROM levels WHERE p IS NOT NULL", {"flow": flow_slug}
-        ).fetchall()]
         found: list[float] = []
-        for level in levels:
-            row = c.execute(
-                "SELECT t.run_at FROM step_tasks t INDEXED BY step_tasks_queued "
-                "WHERE t.status = 'queued' AND t.flow_slug = :flow AND t.priority = :p "
-                "AND t.run_at <= :now AND EXISTS (SELECT 1 FROM runs r WHERE r.id = t.run_id "
-                f"AND r.status = 'started' AND ({_STATUS_SQL}) = 'queued') "
-                "ORDER BY t.run_at LIMIT 1",
-                {"flow": flow_slug, "p": level, "now": now},
-            ).fetchone()
-            if row is not None:
-                found.append(float(row[0]))
+        for levels, first_at_level in (
+            (self._LEVELS,
+             "SELECT t.run_at FROM step_tasks t INDEXED BY step_tasks_queued "
+             "WHERE t.status = 'queued' AND t.flow_slug = :flow AND t.priority = :p "
+             "AND t.run_at <= :now AND EXISTS (SELECT 1 FROM runs r WHERE r.id = t.run_id "
+             f"AND r.status = 'started' AND ({_STATUS_SQL}) = 'queued') "
+             "ORDER BY t.run_at LIMIT 1"),
+            # A job's task is its run's row: queued unless it has run before.
+            (self._JOB_LEVELS,
+             "SELECT due FROM runs INDEXED BY runs_queued WHERE task_status = 'queued' "
+             "AND flow_slug = :flow AND priority = :p AND due <= :now AND attempts = 0 "
+             "AND started_at IS NULL ORDER BY due LIMIT 1"),
+        ):
+            for (level,) in c.execute(
+                levels + "SELECT p FROM levels WHERE p IS NOT NULL", {"flow": flow_slug}
+            ).fetchall():
+                row = c.execute(
+                    first_at_level, {"flow": flow_slug, "p": level, "now": now}
+                ).fetchone()
+                if row is not None:
+                    found.append(float(row[0]))
         return min(found, default=None)
 
     def stats(self) -> list[FlowStats]:
@@ -173,10 +186,14 @@ class _Operations(_Reading):
                 "SELECT id, hostname, pid, flows, started_at, last_heartbeat, lease_seconds "
                 "FROM workers ORDER BY started_at, id"
             ).fetchall()
-            running = dict(c.execute(
+            running: dict[str, int] = {}
+            for owner, n in c.execute(
                 "SELECT lease_owner, count(*) FROM step_tasks INDEXED BY step_tasks_running "
-                "WHERE status = 'started' GROUP BY lease_owner"
-            ).fetchall())
+                "WHERE status = 'started' GROUP BY lease_owner "
+                "UNION ALL SELECT lease_owner, count(*) FROM runs INDEXED BY runs_running "
+                "WHERE task_status = 'started' GROUP BY lease_owner"
+            ).fetchall():
+                running[owner] = running.get(owner, 0) + int(n)
         # Heartbeats and leases run on real time, even under a fake clock.
         real_now = time.time()
         return [

@@ -14,8 +14,10 @@ from .connection import _STATUS_SQL, placeholders
 from .control import _Control
 
 # runs.started_at is written when the first attempt ends; until then it is the running attempts'.
-_STARTED_SQL = """coalesce(r.started_at, (SELECT min(t.started_at) FROM step_tasks t
-                                     WHERE t.run_id = r.id AND t.status = 'started'))"""
+_STARTED_SQL = """coalesce(r.started_at,
+         CASE WHEN r.task_status = 'started' THEN r.task_started_at END,
+         (SELECT min(t.started_at) FROM step_tasks t
+          WHERE t.run_id = r.id AND t.status = 'started'))"""
 
 _RUN_COLUMNS = f"""r.id, r.flow_slug, {_STATUS_SQL} AS status, r.input, r.output, r.error, r.key,
 r.priority, r.created_at, {_STARTED_SQL}, r.finished_at"""
@@ -131,17 +133,21 @@ class _Reading(_Control):
         if status in ("failed", "cancelled"):
             return (f"r.status = '{status}' AND r.{seq} IN (SELECT {seq} FROM runs "
                     f"INDEXED BY runs_{status} WHERE status = '{status}'{f})"), None
-        tasks = {
+        tasks, jobs = {
             # A running task, or (below) a first attempt ended and nothing waiting or running.
-            "running": "step_tasks_running WHERE status = 'started'",
-            "retrying": "step_tasks_retrying WHERE status = 'queued' AND attempts > 0",
+            "running": ("step_tasks_running WHERE status = 'started'",
+                        "runs_running WHERE task_status = 'started'"),
+            "retrying": ("step_tasks_retrying WHERE status = 'queued' AND attempts > 0",
+                         "runs_retrying WHERE task_status = 'queued' AND attempts > 0"),
             # Every queued task due later (a scheduled run has one).
-            "scheduled": "step_tasks_queued WHERE status = 'queued' AND run_at > :now",
+            "scheduled": ("step_tasks_queued WHERE status = 'queued' AND run_at > :now",
+                          "runs_queued WHERE task_status = 'queued' AND due > :now"),
         }[status]
-        more = ""
+        # Jobs' tasks are in their runs' rows.
+        more = f" UNION ALL SELECT {self._CANDIDATE_KEY} FROM runs INDEXED BY {jobs}{f}"
         if status == "running":
-            more = (f" UNION ALL SELECT {self._CANDIDATE_KEY} FROM runs INDEXED BY runs_begun "
-                    f"WHERE status = 'started' AND started_at IS NOT NULL{f}")
+            more += (f" UNION ALL SELECT {self._CANDIDATE_KEY} FROM runs INDEXED BY runs_begun "
+                     f"WHERE status = 'started' AND started_at IS NOT NULL{f}")
         candidates = self._CANDIDATES.format(
             ids=f"SELECT run_id FROM step_tasks INDEXED BY {tasks}{f}", more=more
         )
@@ -162,7 +168,7 @@ class _Reading(_Control):
             ).fetchall()
             task_rows = conn.execute(
                 "SELECT run_id, step_slug, task_index, status, attempts, output, error, history, "
-                f"started_at FROM step_tasks WHERE run_id IN ({marks}) ORDER BY id",
+                f"started_at FROM tasks WHERE run_id IN ({marks}) ORDER BY id",
                 ids,
             ).fetchall()
         loads = _json.loads

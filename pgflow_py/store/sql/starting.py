@@ -237,6 +237,15 @@ class _Starting(_Batches):
                 keyed[r.key] = r.id
             fresh.append(r)
             ids.append(r.id)
+        if self._JOB_ROWS and d.kind == "job":
+            # A job's run row holds its task: one row per job.
+            rows, unmet = self._job_rows(d, self._definitions[d.slug][0], fresh)
+            self._insert(c, self._INSERT_JOB_RUNS, self._JOB_RUN_VALUES, rows)
+            if len(unmet) < len(fresh):
+                self._due_flows.add(d.slug)
+            # A run whose condition does not hold has no task: failed or skipped below.
+            self._plan_runs(c, d, self._definitions[d.slug][0], unmet, now)
+            return ids
         if any(r.trace_context is not None for r in fresh):
             self._insert(
                 c, self._INSERT_TRACED_RUNS, self._TRACED_RUN_VALUES,
@@ -251,6 +260,27 @@ class _Starting(_Batches):
             )
         self._plan_runs(c, d, self._definitions[d.slug][0], fresh, now)
         return ids
+
+    def _job_rows(
+        self, d: FlowDefinition, version: int, runs: Sequence[NewRun]
+    ) -> tuple[list[tuple[Any, ...]], list[NewRun]]:
+        """The rows (of ``_JOB_RUN_VALUES``) of runs of job ``d`` with their task queued, and
+        the runs whose condition does not hold (their rows have no task)."""
+        step = d.steps[0]
+        max_attempts = self._graph(d).max_attempts[step.slug]
+        conditional = step.slug in self._graph(d).conditional
+        rows: list[tuple[Any, ...]] = []
+        unmet: list[NewRun] = []
+        for r in runs:
+            if conditional and not condition_met(step.if_, step.if_not, r.input_json):
+                unmet.append(r)
+                rows.append((r.id, d.slug, r.input_json, r.key, r.priority, r.run_at,
+                             r.created_at, r.trace_context, None, None, None, None, None))
+                continue
+            rows.append((r.id, d.slug, r.input_json, r.key, r.priority, r.run_at, r.created_at,
+                         r.trace_context, step.slug, "queued", version, max_attempts,
+                         r.run_at + step.start_delay))
+        return rows, unmet
 
     def _plan_runs(
         self, c: Conn, d: FlowDefinition, version: int, fresh: Sequence[NewRun], now: float
@@ -327,6 +357,17 @@ class _Starting(_Batches):
             c.execute(f"DELETE FROM step_tasks WHERE run_id IN ({marks})", ids)
             c.execute(f"DELETE FROM step_states WHERE run_id IN ({marks})", ids)
             c.execute(
-                f"UPDATE runs SET remaining_steps = ? WHERE id IN ({marks})", [len(d.steps), *ids]
+                f"UPDATE runs SET remaining_steps = ?, {self._NO_JOB_TASK} WHERE id IN ({marks})",
+                [len(d.steps), *ids],
             )
+        if self._JOB_ROWS and d.kind == "job":
+            rows, unmet = self._job_rows(d, version, runs)
+            c.executemany(
+                "UPDATE runs SET step_slug = ?, task_status = ?, flow_version = ?, attempts = 0, "
+                "claims = 0, max_attempts = ?, due = ? WHERE id = ?",
+                [(*row[8:], row[0]) for row in rows if row[8] is not None],
+            )
+            if len(unmet) < len(runs):
+                self._due_flows.add(d.slug)
+            runs = unmet
         self._plan_runs(c, d, version, runs, now)

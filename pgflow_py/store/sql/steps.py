@@ -40,6 +40,22 @@ class _Steps(_Definitions):
         "run_at, created_at) VALUES "
     )
     _RUN_VALUES = "(?, ?, 'started', ?, ?, ?, ?, ?, ?)"
+    # A job's run, with its task queued (or none: the task columns NULL).
+    _INSERT_JOB_RUNS = (
+        "INSERT INTO runs (id, flow_slug, status, input, key, priority, remaining_steps, "
+        "run_at, created_at, trace_context, step_slug, task_status, flow_version, attempts, "
+        "claims, max_attempts, due) VALUES "
+    )
+    _JOB_RUN_VALUES = (
+        "(?, ?, 'started', ?, ?, ?, 1, ?, ?, ?, ?, ?, CAST(? AS BIGINT), 0, 0, "
+        "CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION))"
+    )
+    # Clears a run's task columns (a job's run whose task goes away).
+    _NO_JOB_TASK = (
+        "step_slug = NULL, task_status = NULL, flow_version = NULL, attempts = NULL, "
+        "claims = NULL, max_attempts = NULL, due = NULL, lease_owner = NULL, "
+        "lease_expires = NULL, task_started_at = NULL"
+    )
     # Runs started under a current span (OpenTelemetry) also record its trace context.
     _INSERT_TRACED_RUNS = (
         "INSERT INTO runs (id, flow_slug, status, input, key, priority, remaining_steps, "
@@ -66,6 +82,16 @@ class _Steps(_Definitions):
         "FROM (VALUES {}) AS v WHERE runs.id = v.column1 AND runs.status = 'started'"
     )
     _RUN_RESULT = "(?, ?, CAST(? AS DOUBLE PRECISION), CAST(? AS BIGINT))"
+    # A job whose run row holds its task completes: _TASK_RESULT rows (the task's id is minus
+    # the row's {seq}), guarded as _COMPLETE_TASKS_FROM is.
+    _COMPLETE_JOB_ROWS_FROM = (
+        "UPDATE runs SET status = 'completed', task_status = 'completed', remaining_steps = 0, "
+        "output = v.column2, finished_at = ?, lease_owner = NULL, lease_expires = NULL, "
+        "started_at = coalesce(runs.started_at, runs.task_started_at) FROM (VALUES {values}) AS v "
+        "WHERE runs.{seq} = -v.column1 AND runs.attempts = v.column3 "
+        "AND runs.claims = coalesce(v.column4, runs.claims) AND runs.task_status = 'started' "
+        "AND runs.status = 'started'"
+    )
     # Single steps (run id, step slug) whose dependencies are complete start (their tasks are
     # inserted beside them).
     _START_SINGLES_FROM = (
@@ -149,6 +175,16 @@ class _Steps(_Definitions):
             c.execute(
                 "DELETE FROM step_states WHERE run_id = ? AND step_slug = ?", (run_id, step.slug)
             )
+            if self._JOB_ROWS:
+                c.execute(
+                    "UPDATE runs SET step_slug = ?, task_status = 'queued', flow_version = ?, "
+                    "attempts = 0, claims = coalesce(claims, 0), max_attempts = ?, due = ?, "
+                    "lease_owner = NULL, lease_expires = NULL, task_started_at = NULL "
+                    "WHERE id = ?",
+                    (step.slug, version, max_attempts, run_at, run_id),
+                )
+                self._due_flows.add(d.slug)
+                return []
         else:
             c.execute(self._START_SINGLES_FROM.format("(?, ?)"), (now, run_id, step.slug))
         self._insert_tasks(
@@ -170,6 +206,15 @@ class _Steps(_Definitions):
     def _complete_task(
         self, c: Conn, s: TaskSuccess, now: float, finished: list[str]
     ) -> None:
+        if s.task_id < 0:
+            done = c.execute(
+                self._COMPLETE_JOB_ROWS_FROM.format(seq=self._SEQ, values=self._TASK_RESULT)
+                + " RETURNING runs.id",
+                (now, s.task_id, s.output_json, s.attempt, s.claim),
+            ).fetchone()
+            if done is not None:
+                finished.append(done[0])
+            return
         row = c.execute(
             self._COMPLETE_TASKS_FROM.format(self._TASK_RESULT)
             + " RETURNING step_tasks.run_id, step_tasks.flow_slug, step_tasks.step_slug, "
@@ -480,6 +525,9 @@ class _Steps(_Definitions):
     def _fail_task(
         self, c: Conn, f: TaskFailure, now: float, finished: list[str]
     ) -> None:
+        if f.task_id < 0:
+            self._fail_job_row(c, f, now, finished)
+            return
         history_sql = self._APPEND_HISTORY
         if f.retry_at is not None:
             row = c.execute(
@@ -517,6 +565,47 @@ class _Steps(_Definitions):
             return
         if self._fail_run(c, row[0], row[1], f.error, now, (f.task_id, row[2], f.attempt)):
             finished.append(row[0])
+
+    def _fail_job_row(self, c: Conn, f: TaskFailure, now: float, finished: list[str]) -> None:
+        """:meth:`_fail_task` for a job whose run row holds its task."""
+        guard = (
+            f"WHERE {self._SEQ} = ? AND attempts = ? AND claims = coalesce(?, claims) "
+            "AND task_status = 'started' AND status = 'started' "
+        )
+        # The run's start (its first attempt's) is recorded as an attempt ends.
+        ended = (
+            f"task_error = ?, {self._APPEND_HISTORY}, lease_owner = NULL, lease_expires = NULL, "
+            "started_at = coalesce(started_at, task_started_at) "
+        )
+        params = (f.error, f.error, now, cap_traceback(f.traceback), -f.task_id, f.attempt,
+                  f.claim)
+        if f.retry_at is not None:
+            row = c.execute(
+                f"UPDATE runs SET task_status = 'queued', due = ?, {ended}{guard}"
+                "RETURNING flow_slug",
+                (f.retry_at, *params),
+            ).fetchone()
+            if row is not None and f.retry_at <= now:
+                self._made_due(row[0])
+            return
+        row = c.execute(
+            f"UPDATE runs SET task_status = 'failed', {ended}{guard}"
+            "RETURNING id, step_slug, flow_slug, flow_version, priority, started_at",
+            params,
+        ).fetchone()
+        if row is None:
+            return
+        run_id, step_slug, flow_slug, version, priority, started_at = row
+        d = self._definition(flow_slug, version)
+        mode = self._graph(d).skip_exhausted.get(step_slug)
+        if mode is not None:
+            skip = Skip("handler_failed", cascade=mode == "skip-cascade", error=f.error)
+            self._complete_steps(
+                c, d, run_id, priority, [(step_slug, skip)], now, finished, started_at=started_at
+            )
+            return
+        if self._fail_run(c, run_id, step_slug, f.error, now, (f.task_id, None, f.attempt)):
+            finished.append(run_id)
 
     def _fail_run(
         self,
@@ -556,8 +645,13 @@ class _Steps(_Definitions):
         self._cancel_rest(c, run_id, now)
         return True
 
-    @staticmethod
-    def _cancel_rest(c: Conn, run_id: str, now: float) -> None:
+    def _cancel_rest(self, c: Conn, run_id: str, now: float) -> None:
+        if self._JOB_ROWS:
+            c.execute(
+                "UPDATE runs SET task_status = 'cancelled', lease_owner = NULL, "
+                "lease_expires = NULL WHERE id = ? AND task_status IN ('queued', 'started')",
+                (run_id,),
+            )
         c.execute(
             "UPDATE step_tasks SET status = 'cancelled', finished_at = ?, lease_owner = NULL, "
             "lease_expires = NULL WHERE run_id = ? AND status IN ('queued', 'started')",

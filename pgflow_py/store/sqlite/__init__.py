@@ -22,12 +22,12 @@ from .checkpoint import Checkpointer
 
 __all__ = ("LOST_WORKER", "SCHEMA_VERSION", "SqliteBackend", "UnusableDatabase")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 APPLICATION_ID = 0x70666C77  # "pflw": marks a file as a pgflow_py database
 _MIGRATIONS = {
     1: "sqlite_0001_initial.sql", 2: "sqlite_0002_lean_jobs.sql", 3: "sqlite_0003_operations.sql",
     4: "sqlite_0004_trace_context.sql", 5: "sqlite_0005_throughput.sql",
-    6: "sqlite_0006_conditions.sql", 7: "sqlite_0007_dashboard.sql",
+    6: "sqlite_0006_conditions.sql", 7: "sqlite_0007_dashboard.sql", 8: "sqlite_0008_job_rows.sql",
 }
 
 
