@@ -30,11 +30,12 @@ log = logging.getLogger("pgflow_py.store")
 
 __all__ = ("SCHEMA_VERSION", "PostgresBackend")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 _MIGRATIONS = {
     1: "postgres_0001_initial.sql", 2: "postgres_0002_operations.sql",
     3: "postgres_0003_trace_context.sql", 4: "postgres_0004_throughput.sql",
     5: "postgres_0005_conditions.sql", 6: "postgres_0006_dashboard.sql",
+    7: "postgres_0007_job_rows.sql",
 }
 NUL_ESCAPE = "\\u0000"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")

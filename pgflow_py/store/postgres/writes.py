@@ -33,31 +33,51 @@ _LOCK_KEYS = (
     "(SELECT DISTINCT hashtext(k) AS h FROM unnest(CAST(? AS TEXT[])) AS k ORDER BY h) AS s"
 )
 
-# The claim of one flow: the due tasks of its priority levels, highest level first (one index
-# range per level: the shared layer's _LEVELS), locked or skipped, claimed, and returned
-# with their runs' input and trace context. Rows are pulled (and locked) only until the limit.
-_CLAIM_FLOW = (
-    _Claims._LEVELS.rstrip() + ", "  # the flow's priority levels, highest first
-    "picked AS (SELECT t.id FROM levels CROSS JOIN LATERAL ("
-    " SELECT id FROM step_tasks WHERE status = 'queued' AND flow_slug = :flow"
+# The priority levels a flow has queued tasks at, highest first (the shared layer's _LEVELS),
+# of its tasks in step_tasks (levels) and of its jobs' tasks in their runs' rows (job_levels).
+_BOTH_LEVELS = (
+    _Claims._LEVELS.rstrip() + ", "
+    + _Claims._JOB_LEVELS.replace("WITH RECURSIVE levels(p)", "job_levels(p)")
+    .replace("levels.p", "job_levels.p").replace("FROM levels", "FROM job_levels").rstrip()
+)
+# Due tasks of one flow: per level an index range, locked or skipped, pulled only until the
+# limit. Jobs' tasks (in their runs' rows, ids -seq) take what room the flow's tasks leave: a
+# slug has both kinds only while a flow that became a job (or back) still has runs of both.
+_PICKED = (
+    "picked AS (SELECT t.id, t.priority, t.run_at FROM levels CROSS JOIN LATERAL ("
+    " SELECT id, priority, run_at FROM step_tasks WHERE status = 'queued' AND flow_slug = :flow"
     " AND priority = levels.p AND run_at <= :now ORDER BY run_at, id LIMIT :want"
     " FOR UPDATE SKIP LOCKED) AS t WHERE levels.p IS NOT NULL LIMIT :want), "
+    "picked_jobs AS (SELECT j.seq, j.priority, j.due FROM job_levels CROSS JOIN LATERAL ("
+    " SELECT seq, priority, due FROM runs WHERE task_status = 'queued' AND flow_slug = :flow"
+    " AND priority = job_levels.p AND due <= :now ORDER BY due, seq LIMIT :want"
+    " FOR UPDATE SKIP LOCKED) AS j WHERE job_levels.p IS NOT NULL"
+    " LIMIT :want - (SELECT count(*) FROM picked))"
+)
+# The claim of one flow: its due tasks claimed and returned with their runs' input and trace
+# context, in one statement.
+_CLAIM_FLOW = (
+    _BOTH_LEVELS + ", " + _PICKED + ", "
     "claimed AS (UPDATE step_tasks SET status = 'started', attempts = attempts + 1, "
     " claims = claims + 1, lease_owner = :owner, lease_expires = :lease, started_at = :now"
     " FROM picked WHERE step_tasks.id = picked.id"
     " RETURNING step_tasks.id, step_tasks.run_id, step_tasks.flow_slug, step_tasks.step_slug,"
     " step_tasks.task_index, step_tasks.attempts, step_tasks.max_attempts,"
-    " step_tasks.priority, step_tasks.input, step_tasks.flow_version, step_tasks.claims) "
+    " step_tasks.priority, step_tasks.input, step_tasks.flow_version, step_tasks.claims), "
+    "claimed_jobs AS (UPDATE runs SET task_status = 'started', attempts = attempts + 1, "
+    " claims = claims + 1, lease_owner = :owner, lease_expires = :lease, task_started_at = :now"
+    " FROM picked_jobs WHERE runs.seq = picked_jobs.seq"
+    " RETURNING -runs.seq, runs.id, runs.flow_slug, runs.step_slug, CAST(NULL AS INTEGER),"
+    " runs.attempts, runs.max_attempts, runs.priority, CAST(NULL AS TEXT), runs.flow_version,"
+    " runs.claims, runs.input, runs.trace_context) "
     "SELECT claimed.*, r.input, r.trace_context FROM claimed JOIN runs r ON r.id = claimed.run_id"
+    " UNION ALL SELECT * FROM claimed_jobs"
 )
 
 # The candidates of one flow when a claim spans several (ordered across them afterwards).
 _DUE_LOCKED = (
-    _Claims._LEVELS +  # the flow's priority levels, highest first
-    "SELECT t.id, t.priority, t.run_at FROM levels CROSS JOIN LATERAL ("
-    " SELECT id, priority, run_at FROM step_tasks WHERE status = 'queued' AND flow_slug = :flow"
-    " AND priority = levels.p AND run_at <= :now ORDER BY run_at, id LIMIT :want"
-    " FOR UPDATE SKIP LOCKED) AS t WHERE levels.p IS NOT NULL LIMIT :want"
+    _BOTH_LEVELS + ", " + _PICKED
+    + " SELECT id, priority, run_at FROM picked UNION ALL SELECT -seq, priority, due FROM picked_jobs"
 )
 
 # A batch of finished jobs (task id, output, attempt, claim, run id, start): their tasks and
@@ -101,7 +121,7 @@ class SharedWrites(SqlBackend):
         # or cancel its other tasks) lock.
         run_ids = sorted({s.run_id for s in successes if s.run_id and not s.job})
         task_ids = [s.task_id for s in successes if not s.run_id and not s.job]
-        task_ids += [f.task_id for f in failures]
+        task_ids += [f.task_id for f in failures if f.task_id > 0]
         if not run_ids and not task_ids:
             return
         # Locked in id order (the sort happens below the lock), so two transactions that
@@ -158,6 +178,12 @@ class SharedWrites(SqlBackend):
     def _complete_jobs(
         self, c: Conn, batch: list[TaskSuccess], now: float, finished: list[str]
     ) -> list[TaskSuccess]:
+        rows = [s for s in batch if s.task_id < 0]
+        if rows:  # jobs whose run rows hold their tasks: one statement, as on SQLite
+            self._complete_job_rows(c, rows, now, finished)
+            batch = [s for s in batch if s.task_id > 0]
+            if not batch:
+                return []
         if len({s.task_id for s in batch}) != len(batch):
             # Two results for one task (a late one beside the current one): the first that
             # still fits wins, which the one-by-one path decides.
