@@ -122,7 +122,7 @@ class _Operations(_Reading):
              "SELECT due FROM runs INDEXED BY runs_queued WHERE task_status = 'queued' "
              "AND flow_slug = :flow AND priority = :p AND due <= :now AND attempts = 0 "
              "AND started_at IS NULL ORDER BY due LIMIT 1"),
-        ):
+        )[:2 if self._JOB_ROWS else 1]:
             for (level,) in c.execute(
                 levels + "SELECT p FROM levels WHERE p IS NOT NULL", {"flow": flow_slug}
             ).fetchall():
