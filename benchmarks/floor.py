@@ -44,33 +44,31 @@ def _backend(directory: Path, name: str) -> Iterator[SqliteBackend]:
         backend.close()
 
 
-def _rows(n: int) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
-    """The runs and tasks rows of ``n`` job starts, as ``start_runs`` writes them."""
+def _rows(n: int) -> list[tuple[object, ...]]:
+    """The rows of ``n`` job starts (a job's run row holds its task), as ``start_runs`` writes
+    them."""
     d = floor_job.definition
     step = d.steps[0]
     now = time.time()
-    runs, tasks = [], []
     # Sorted, as ids made over time are: these share one millisecond, so they would otherwise
     # land all over the index instead of at its end.
-    for i, run_id in enumerate(sorted(new_run_ids(n))):
-        runs.append((run_id, d.slug, f'{{"i":{i}}}', None, 0, 1, now, now))
-        tasks.append((run_id, d.slug, 1, step.slug, None, 1, 0, now, None, now))
-    return runs, tasks
+    return [
+        (run_id, d.slug, f'{{"i":{i}}}', None, 0, now, now, None, step.slug, "queued", 1, 1, now)
+        for i, run_id in enumerate(sorted(new_run_ids(n)))
+    ]
 
 
 def start(directory: Path, n: int) -> float:
     """Runs/s of ``start``'s statements, one transaction per run."""
     B = SqliteBackend
-    insert_run = B._INSERT_RUNS + B._RUN_VALUES
-    insert_task = B._INSERT_TASKS + B._TASK_VALUES
-    runs, tasks = _rows(n)
+    insert = B._INSERT_JOB_RUNS + B._JOB_RUN_VALUES
+    rows = _rows(n)
     with _backend(directory, "floor_start") as backend:
         began = time.perf_counter()
-        for run, task in zip(runs, tasks, strict=True):
+        for row in rows:
             with backend._write() as c:
                 c.execute("PRAGMA data_version")  # the definition check
-                c.execute(insert_run, run)
-                c.execute(insert_task, task)
+                c.execute(insert, row)
         return n / (time.perf_counter() - began)
 
 
@@ -79,69 +77,60 @@ def start_many(directory: Path, n: int) -> float:
     per statement."""
     B = SqliteBackend
     per, batch = 500, 1000
-    insert_runs = B._INSERT_RUNS + ",".join([B._RUN_VALUES] * per)
-    insert_tasks = B._INSERT_TASKS + ",".join([B._TASK_VALUES] * per)
-    runs, tasks = _rows(n - n % batch)
-
-    def values(rows: list[tuple[object, ...]], at: int) -> list[object]:
-        return [v for row in rows[at:at + per] for v in row]
-
+    insert = B._INSERT_JOB_RUNS + ",".join([B._JOB_RUN_VALUES] * per)
+    rows = _rows(n - n % batch)
     batches = [
-        ([values(runs, i + k) for k in range(0, batch, per)],
-         [values(tasks, i + k) for k in range(0, batch, per)])
-        for i in range(0, len(runs), batch)
+        [[v for row in rows[i + k:i + k + per] for v in row] for k in range(0, batch, per)]
+        for i in range(0, len(rows), batch)
     ]
     with _backend(directory, "floor_start_many") as backend:
         began = time.perf_counter()
-        for run_chunks, task_chunks in batches:
+        for chunks in batches:
             with backend._write() as c:
                 c.execute("PRAGMA data_version")
-                for chunk in run_chunks:
-                    c.execute(insert_runs, chunk)
-                for chunk in task_chunks:
-                    c.execute(insert_tasks, chunk)
-        return len(runs) / (time.perf_counter() - began)
+                for chunk in chunks:
+                    c.execute(insert, chunk)
+        return len(rows) / (time.perf_counter() - began)
 
 
 def drain(directory: Path, n: int) -> float:
     """Jobs/s of a drain's statements: each transaction completes the previous batch of jobs and
-    claims the next (the levels CTE, the due range, the claim, the runs' inputs)."""
+    claims the next (the levels CTEs of the flow's tasks and of its jobs' rows, the due range,
+    the claim, which returns the runs' inputs)."""
     B = SqliteBackend
     slug = floor_job.definition.slug
     levels_sql = B._LEVELS + "SELECT p FROM levels WHERE p IS NOT NULL"
-    claim_sql = B._CLAIM_SET + "WHERE id IN ({}) " + B._CLAIM_RETURNING
+    job_levels_sql = B._JOB_LEVELS + "SELECT p FROM levels WHERE p IS NOT NULL"
+    due_sql = B._JOB_DUE_AT_LEVEL.format(seq="rowid")
+    complete_sql = B._COMPLETE_JOB_ROWS_FROM.format(seq="rowid", values="{}") + " RETURNING runs.id"
 
-    def exchange(c: Conn, previous: list[tuple[int, str, float]], now: float
-                 ) -> list[tuple[int, str, float]]:
-        if previous:
-            backend._update_from(c, B._COMPLETE_TASKS_FROM, B._TASK_RESULT, (now,),
-                                 [(t, "null", 1, 1) for t, _r, _s in previous])
-            backend._update_from(c, B._COMPLETE_JOB_RUNS_FROM, B._RUN_RESULT, (now,),
-                                 [(r, "null", s, t) for t, r, s in previous])
+    def exchange(c: Conn, previous: list[int], now: float) -> list[int]:
+        if previous:  # each claimed once, at its first attempt
+            completed = c.execute(
+                complete_sql.format(",".join([B._TASK_RESULT] * len(previous))),
+                [now, *(v for t in previous for v in (t, "null", 1, 1))],
+            ).fetchall()
+            assert len(completed) == len(previous), (len(completed), len(previous))
+        c.execute(levels_sql, {"flow": slug}).fetchall()  # the flow's tasks: none
         found: list[tuple[int, int, float]] = []
-        for (level,) in c.execute(levels_sql, {"flow": slug}).fetchall():
-            found += c.execute(B._DUE_AT_LEVEL, (slug, level, now, BATCH)).fetchall()
+        for (level,) in c.execute(job_levels_sql, {"flow": slug}).fetchall():
+            found += c.execute(due_sql, (slug, level, now, BATCH)).fetchall()
             if len(found) >= BATCH:
                 break
         if not found:
             return []
         rows = c.execute(
-            claim_sql.format(",".join("?" * len(found))),
-            ("floor", now + 30, now, *(f[0] for f in found)),
+            B._CLAIM_JOBS.format(seq="rowid", marks=",".join("?" * len(found))),
+            ("floor", now + 30, now, *(-f[0] for f in found)),
         ).fetchall()
-        run_ids = [row[1] for row in rows]
-        c.execute(
-            f"SELECT id, input FROM runs WHERE id IN ({','.join('?' * len(run_ids))})", run_ids
-        ).fetchall()
-        return [(row[0], row[1], now) for row in rows]
+        return [row[0] for row in rows]
 
-    runs, tasks = _rows(n)
+    rows = _rows(n)
     with _backend(directory, "floor_drain") as backend:
         with backend._write() as c:
-            backend._insert(c, B._INSERT_RUNS, B._RUN_VALUES, runs)
-            backend._insert(c, B._INSERT_TASKS, B._TASK_VALUES, tasks)
+            backend._insert(c, B._INSERT_JOB_RUNS, B._JOB_RUN_VALUES, rows)
         done = 0
-        previous: list[tuple[int, str, float]] = []
+        previous: list[int] = []
         began = time.perf_counter()
         while True:
             with backend._write() as c:
