@@ -41,8 +41,9 @@ _BOTH_LEVELS = (
     .replace("levels.p", "job_levels.p").replace("FROM levels", "FROM job_levels").rstrip()
 )
 # Due tasks of one flow: per level an index range, locked or skipped, pulled only until the
-# limit. Jobs' tasks (in their runs' rows, ids -seq) take what room the flow's tasks leave: a
-# slug has both kinds only while a flow that became a job (or back) still has runs of both.
+# limit. Jobs' tasks (in their runs' rows, ids -seq) are picked when the flow has no tasks due
+# in step_tasks: a slug has rows of both kinds only in the moment a flow becomes a job (or
+# back), and a plain LIMIT keeps the planner's estimate (and so its plan) that of a claim.
 _PICKED = (
     "picked AS (SELECT t.id, t.priority, t.run_at FROM levels CROSS JOIN LATERAL ("
     " SELECT id, priority, run_at FROM step_tasks WHERE status = 'queued' AND flow_slug = :flow"
@@ -52,21 +53,22 @@ _PICKED = (
     " SELECT seq, priority, due FROM runs WHERE task_status = 'queued' AND flow_slug = :flow"
     " AND priority = job_levels.p AND due <= :now ORDER BY due, seq LIMIT :want"
     " FOR UPDATE SKIP LOCKED) AS j WHERE job_levels.p IS NOT NULL"
-    " LIMIT :want - (SELECT count(*) FROM picked))"
+    " AND NOT EXISTS (SELECT 1 FROM picked) LIMIT :want)"
 )
 # The claim of one flow: its due tasks claimed and returned with their runs' input and trace
-# context, in one statement.
+# context, in one statement. The rows picked are updated through an array of their keys: an
+# index lookup each, whatever the planner guesses of how many a LIMIT :want returns.
 _CLAIM_FLOW = (
     _BOTH_LEVELS + ", " + _PICKED + ", "
     "claimed AS (UPDATE step_tasks SET status = 'started', attempts = attempts + 1, "
     " claims = claims + 1, lease_owner = :owner, lease_expires = :lease, started_at = :now"
-    " FROM picked WHERE step_tasks.id = picked.id"
+    " WHERE step_tasks.id = ANY(ARRAY(SELECT id FROM picked))"
     " RETURNING step_tasks.id, step_tasks.run_id, step_tasks.flow_slug, step_tasks.step_slug,"
     " step_tasks.task_index, step_tasks.attempts, step_tasks.max_attempts,"
     " step_tasks.priority, step_tasks.input, step_tasks.flow_version, step_tasks.claims), "
     "claimed_jobs AS (UPDATE runs SET task_status = 'started', attempts = attempts + 1, "
     " claims = claims + 1, lease_owner = :owner, lease_expires = :lease, task_started_at = :now"
-    " FROM picked_jobs WHERE runs.seq = picked_jobs.seq"
+    " WHERE runs.seq = ANY(ARRAY(SELECT seq FROM picked_jobs))"
     " RETURNING -runs.seq, runs.id, runs.flow_slug, runs.step_slug, CAST(NULL AS INTEGER),"
     " runs.attempts, runs.max_attempts, runs.priority, CAST(NULL AS TEXT), runs.flow_version,"
     " runs.claims, runs.input, runs.trace_context) "
