@@ -356,8 +356,9 @@ class _Starting(_Batches):
             marks = placeholders(len(ids))
             c.execute(f"DELETE FROM step_tasks WHERE run_id IN ({marks})", ids)
             c.execute(f"DELETE FROM step_states WHERE run_id IN ({marks})", ids)
+            no_task = f", {self._NO_JOB_TASK}" if self._JOB_ROWS else ""
             c.execute(
-                f"UPDATE runs SET remaining_steps = ?, {self._NO_JOB_TASK} WHERE id IN ({marks})",
+                f"UPDATE runs SET remaining_steps = ?{no_task} WHERE id IN ({marks})",
                 [len(d.steps), *ids],
             )
         if self._JOB_ROWS and d.kind == "job":
