@@ -92,6 +92,11 @@ class _Steps(_Definitions):
         "AND runs.claims = coalesce(v.column4, runs.claims) AND runs.task_status = 'started' "
         "AND runs.status = 'started'"
     )
+    # Runs (id, output) whose steps are all done complete.
+    _COMPLETE_RUNS_FROM = (
+        "UPDATE runs SET status = 'completed', output = v.column2, finished_at = ? "
+        "FROM (VALUES {}) AS v WHERE runs.id = v.column1"
+    )
     # Single steps (run id, step slug) whose dependencies are complete start (their tasks are
     # inserted beside them).
     _START_SINGLES_FROM = (
@@ -509,9 +514,9 @@ class _Steps(_Definitions):
                 chunk,
             ).fetchall():
                 outputs.setdefault(run_id, {})[slug] = output
-        c.executemany(
-            "UPDATE runs SET status = 'completed', output = ?, finished_at = ? WHERE id = ?",
-            [(self._run_output(self._graph(d).leaves, outputs.get(run_id, {})), now, run_id)
+        self._update_from(
+            c, self._COMPLETE_RUNS_FROM, "(?, CAST(? AS TEXT))", (now,),
+            [(run_id, self._run_output(self._graph(d).leaves, outputs.get(run_id, {})))
              for d, run_id in runs],
         )
 
