@@ -6,6 +6,13 @@ claims up to the number of idle workers in one transaction, then hands the tasks
 idle workers. (A separate database thread was measured slower: the GIL hand-offs between it
 and the loop cost more than the overlap gained.) What happens within one attempt lives in
 :mod:`.attempt`; this module schedules attempts and records their outcomes.
+
+Prefetch: while recent attempts are short next to an exchange (:class:`_Prefetch`), the
+dispatcher claims ahead into a buffer (``_ready``), leased like running tasks and renewed by the
+heartbeat, which workers take from without waiting for a pass; results are then written when
+the buffer runs low or when the oldest has waited a batch window, whichever comes first, so a
+runner at low concurrency still exchanges large batches. Buffered tasks never started go back
+to the queue at stop.
 """
 
 from __future__ import annotations
@@ -86,6 +93,13 @@ _UNSERVED_AFTER = 60.0  # seconds a queued run may wait before its flow is said 
 _UNSERVED_EVERY = 60.0
 _TIMEOUT_GRAIN = 0.005  # seconds: attempts whose timeouts end this close share one loop timer
 _PEEK = 0.05  # seconds between looks at whether another process wrote to the store
+# Prefetch: buffer what the workers get through in _HORIZON exchanges' time, never more than
+# _BUFFER_CAP tasks (nor fewer than concurrency may allow: see _Prefetch.target).
+_HORIZON = 2.0
+_BUFFER_CAP = 256
+_BUFFER_FLOOR = 64  # the buffer may reach this many tasks even below this concurrency
+_RESULTS_WINDOW = (0.001, 0.02)  # bounds of the wait for results while the buffer is full
+_SMOOTHING = 0.1  # weight of the newest sample in the moving averages
 
 
 class _Listening(Protocol):
@@ -95,6 +109,48 @@ class _Listening(Protocol):
     def connected(self) -> bool: ...
 
     def close(self, wait: float = ...) -> None: ...
+
+
+class _Prefetch:
+    """How many tasks to claim ahead of the workers: moving averages of the attempts' duration
+    and of an exchange's, both in seconds of loop time.
+
+    Claiming ahead pays only when attempts are short: a worker that finishes takes its next
+    task from the buffer instead of waiting for an exchange, and each exchange carries more
+    results and claims. The buffer holds what the workers would get through in about
+    ``_HORIZON`` exchanges, so a buffered task waits about that long, and nothing is buffered
+    once an attempt takes longer than that (then claiming ahead would only hold tasks that
+    other workers could run now).
+    """
+
+    __slots__ = ("attempt", "cap", "concurrency", "exchange")
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self.cap = min(max(concurrency, _BUFFER_FLOOR), _BUFFER_CAP)
+        self.attempt = math.inf  # no prefetch before attempts were seen
+        self.exchange = 0.001
+
+    def attempt_took(self, seconds: float) -> None:
+        if self.attempt == math.inf:
+            self.attempt = seconds
+        else:
+            self.attempt += (seconds - self.attempt) * _SMOOTHING
+
+    def exchange_took(self, seconds: float) -> None:
+        self.exchange += (seconds - self.exchange) * _SMOOTHING
+
+    def target(self) -> int:
+        """Tasks to hold in the buffer now (0: claim for idle workers only)."""
+        horizon = _HORIZON * self.exchange
+        if self.attempt >= horizon:
+            return 0
+        return min(self.cap, int(self.concurrency * horizon / max(self.attempt, 1e-6)))
+
+    def window(self) -> float:
+        """How long results may wait while the buffer is still over half full."""
+        low, high = _RESULTS_WINDOW
+        return min(max(_HORIZON * self.exchange, low), high)
 
 
 class Runner:
@@ -161,7 +217,10 @@ class Runner:
         # Idle workers wait on these futures; the dispatcher hands each a task directly, or
         # leaves it in _ready when no worker is waiting yet.
         self._idle: list[asyncio.Future[ClaimedTask | None]] = []
+        # Claimed tasks no worker has started yet: the prefetch buffer (see _Prefetch), counted
+        # in _in_flight, leased like running tasks.
         self._ready: collections.deque[ClaimedTask] = collections.deque()
+        self._prefetch = _Prefetch(concurrency)
         self._closing = False
         # Attempts by the end of their timeout, rounded up to _TIMEOUT_GRAIN: one loop timer per
         # bucket rather than one per attempt.
@@ -302,11 +361,11 @@ class Runner:
             )
         self._next_beat = self._beat_due = now + self._beat_interval
         self._debug = log.isEnabledFor(logging.DEBUG)
-        lost = self.backend.heartbeat(
-            self.worker_id, self.flow_slugs, list(self._running), self.lease
-        )
-        for task_id in lost:
-            self._running[task_id].stop("cancel")
+        # Buffered tasks are leased as running ones are: their leases are renewed too.
+        held = [*self._running, *(task.id for task in self._ready)]
+        lost = self.backend.heartbeat(self.worker_id, self.flow_slugs, held, self.lease)
+        if lost:
+            self._drop_lost(lost)
         failed_runs: list[RunFailure] = []
         self.backend.reclaim_expired(self.flow_slugs, failed_runs)
         self.counts.failed += len(failed_runs)
@@ -315,6 +374,22 @@ class Runner:
             # At the regular beats only, not at each early one (runs failing call for those).
             self._flush_due = now + self._beat_interval
             self._flush_throughput()
+
+    def _drop_lost(self, lost: list[int]) -> None:
+        """Stop the attempts of tasks this runner no longer holds (run cancelled or failed,
+        lease reclaimed); drop those still in the buffer, which never run."""
+        gone = set(lost)
+        for task_id in lost:
+            running = self._running.get(task_id)
+            if running is not None:
+                running.stop("cancel")
+        kept = [task for task in self._ready if task.id not in gone]
+        dropped = len(self._ready) - len(kept)
+        if dropped:
+            self._ready = collections.deque(kept)
+            self._in_flight -= dropped
+            log.info("%d claimed task(s) not started yet were taken away (run cancelled or "
+                     "failed, or lease lost); not run here", dropped)
 
     def _fold_counted(self) -> None:
         """Move the counts since the last pass into the tally, under the current minute."""
@@ -385,18 +460,31 @@ class Runner:
         return True
 
     async def _drain_for_stop(self) -> None:
+        if self._ready:
+            # Claimed ahead, never started: back to the queue for other workers, no attempt
+            # counted (released at the next housekeeping should the store fail now).
+            self._to_release += [task.id for task in self._ready]
+            self._in_flight -= len(self._ready)
+            self._ready.clear()
+            self.backend.release(self.worker_id, self._to_release)
+            self._to_release = []
         if self._outbox:
             self._exchange(0)
         if self._in_flight:
             await self._wait(self._stop_deadline - time.monotonic())
 
     async def _claim_pass(self) -> tuple[bool, float | None]:
-        """Record the results gathered and claim tasks for idle workers, in one transaction.
+        """Record the results gathered and claim tasks for idle workers and the buffer, in one
+        transaction.
 
         Returns whether this pass is over (it has waited already) and, when it read it, when
         the next queued task is due.
         """
-        want = self.concurrency - self._in_flight  # idle workers
+        target = self._prefetch.target()
+        # Idle workers, and room in the buffer; while it is over half full, only idle workers
+        # (there are none then) or results waiting past their window call for an exchange.
+        want = self.concurrency + target - self._in_flight
+        full = self.concurrency + target // 2
         due: float | None = None
         if want and not (self._must_claim or self._outbox):
             # Nothing new from this process: a cheap read tells whether anything (perhaps
@@ -421,10 +509,11 @@ class Runner:
                 if self._in_flight < self.concurrency:
                     await anyio.sleep(0)  # let workers start, then look again
                     return True, None
-        if self._in_flight >= self.concurrency:
-            # Every worker is busy: results (or the next heartbeat) wake us.
+        if self._in_flight >= full:
+            # Every worker is busy (and the buffer over half full): results (or the next
+            # heartbeat) wake us.
             await self._wait(self._next_beat - self._loop.time())
-            await self._gather_results()
+            await self._gather_results(target)
             return True, None
         return False, due
 
@@ -473,14 +562,21 @@ class Runner:
                 self._pause = 0.005  # something changed: look again soon after
                 return
 
-    async def _gather_results(self) -> None:
-        """Give other busy workers a moment to finish, so results are written in batches."""
-        window = self._loop.time() + self.batch_window
-        while (
-            self._in_flight
-            and self.concurrency - self._in_flight < self.batch_size
-            and self._loop.time() < window
-        ):
+    async def _gather_results(self, target: int) -> None:
+        """Give other busy workers a moment to finish, so results are written in batches.
+
+        Without a buffer: until half the workers are idle, or for ``batch_window``. With one
+        (``target`` tasks): until it is half empty, or the window of :class:`_Prefetch` (a
+        few exchanges' time) has passed, so how many results a write carries does not depend
+        on the concurrency.
+        """
+        if target:
+            window = self._loop.time() + self._prefetch.window()
+            enough = self.concurrency + target // 2  # the buffer half empty: time to refill
+        else:
+            window = self._loop.time() + self.batch_window
+            enough = self.concurrency - self.batch_size + 1
+        while self._in_flight >= enough and self._loop.time() < window:
             self._wake.clear()
             await self._wait(window - self._loop.time())
 
@@ -514,11 +610,13 @@ class Runner:
         """Record the results gathered so far and claim up to ``claim`` tasks: one transaction."""
         successes, failures = self._outbox.take()
         failed_runs: list[RunFailure] = []
+        began = self._loop.time()
         try:
             finished, claimed = self.backend.finish_and_claim(
                 successes, failures, failed_runs, self.worker_id, self.flow_slugs, claim,
                 self.lease,
             )
+            self._prefetch.exchange_took(self._loop.time() - began)
         except StoreError:
             self._outbox.put_back(successes, failures)
             raise
@@ -605,7 +703,7 @@ class Runner:
         me = asyncio.current_task()
         assert me is not None
         while not self._closing:
-            if self._ready:
+            if self._ready and not self._stopping:  # at stop, the buffer goes back to the queue
                 task: ClaimedTask | None = self._ready.popleft()
             else:
                 idle = self._loop.create_future()
@@ -672,6 +770,8 @@ class Runner:
                     task.max_attempts, self.worker_id, task.trace_context,
                 )
                 token = self._instrument(telemetry.attempt_started, info)
+        # The timeout counts from here, not from the claim (the task may have been buffered).
+        began = self._loop.time()
         self._watch(handle, step.options.timeout)
         self._running[task.id] = handle
         try:
@@ -681,6 +781,7 @@ class Runner:
             if bucket is not None:  # None once its timer has fired
                 bucket.discard(handle)
             del self._running[task.id]
+            self._prefetch.attempt_took(self._loop.time() - began)
         error: str | None = None
         failed: Failed | None = None
         if type(outcome) is Completed:
