@@ -267,11 +267,17 @@ def test_prefetch_targets_short_attempts_only_and_is_bounded() -> None:
     wide = _Prefetch(concurrency=100)
     wide.attempt_took(0.00002)
     assert wide.target() == 100  # up to the concurrency
-    # Between the two: what the workers get through in about two exchanges.
+    # Between the two: what the workers get through in about an exchange's time.
     middle = _Prefetch(concurrency=10)
     middle.exchange_took(0.001)
-    middle.attempt = 0.001
-    assert 0 < middle.target() < middle.cap
+    middle.attempt = 0.0002
+    assert middle.target() == 40
+    middle.attempt = 0.001  # as long as an exchange: no gain
+    assert middle.target() == 0
+    slow_store = _Prefetch(concurrency=10)
+    slow_store.exchange = 0.05
+    slow_store.attempt = 0.006  # shorter than the exchange, but long enough on its own
+    assert slow_store.target() == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

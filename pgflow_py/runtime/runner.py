@@ -93,12 +93,14 @@ _UNSERVED_AFTER = 60.0  # seconds a queued run may wait before its flow is said 
 _UNSERVED_EVERY = 60.0
 _TIMEOUT_GRAIN = 0.005  # seconds: attempts whose timeouts end this close share one loop timer
 _PEEK = 0.05  # seconds between looks at whether another process wrote to the store
-# Prefetch: buffer what the workers get through in _HORIZON exchanges' time, never more than
-# _BUFFER_CAP tasks (nor fewer than concurrency may allow: see _Prefetch.target).
-_HORIZON = 2.0
+# Prefetch (see _Prefetch): only attempts shorter than an exchange and than _SHORT_ATTEMPT are
+# buffered for; at most max(concurrency, _BUFFER_FLOOR) tasks, never more than _BUFFER_CAP. The
+# floor is what lets a runner at low concurrency exchange batches of dozens.
+_SHORT_ATTEMPT = 0.005  # seconds; longer, the engine's tens of µs per attempt hardly matter
 _BUFFER_CAP = 256
-_BUFFER_FLOOR = 64  # the buffer may reach this many tasks even below this concurrency
+_BUFFER_FLOOR = 64
 _RESULTS_WINDOW = (0.001, 0.02)  # bounds of the wait for results while the buffer is full
+_WINDOW_EXCHANGES = 2.0  # within those bounds, results wait about this many exchanges' time
 _SMOOTHING = 0.1  # weight of the newest sample in the moving averages
 
 
@@ -115,12 +117,13 @@ class _Prefetch:
     """How many tasks to claim ahead of the workers: moving averages of the attempts' duration
     and of an exchange's, both in seconds of loop time.
 
-    Claiming ahead pays only when attempts are short: a worker that finishes takes its next
-    task from the buffer instead of waiting for an exchange, and each exchange carries more
-    results and claims. The buffer holds what the workers would get through in about
-    ``_HORIZON`` exchanges, so a buffered task waits about that long, and nothing is buffered
-    once an attempt takes longer than that (then claiming ahead would only hold tasks that
-    other workers could run now).
+    Claiming ahead pays only when attempts are shorter than an exchange: then workers would
+    otherwise wait for the dispatcher, and with a buffer a worker that finishes takes its next
+    task at once while each exchange carries more results and claims. The buffer holds what
+    the workers get through in about one exchange's time (so a buffered task waits less than
+    that), growing as attempts get shorter; nothing is buffered once attempts take as long as
+    an exchange, or _SHORT_ATTEMPT (then claiming ahead would only hold tasks that other
+    workers could run now, and would gain little).
     """
 
     __slots__ = ("attempt", "cap", "concurrency", "exchange")
@@ -142,15 +145,15 @@ class _Prefetch:
 
     def target(self) -> int:
         """Tasks to hold in the buffer now (0: claim for idle workers only)."""
-        horizon = _HORIZON * self.exchange
-        if self.attempt >= horizon:
+        if self.attempt >= min(self.exchange, _SHORT_ATTEMPT):
             return 0
-        return min(self.cap, int(self.concurrency * horizon / max(self.attempt, 1e-6)))
+        ratio = self.exchange / max(self.attempt, 1e-6)
+        return min(self.cap, int(self.concurrency * (ratio - 1)))
 
     def window(self) -> float:
         """How long results may wait while the buffer is still over half full."""
         low, high = _RESULTS_WINDOW
-        return min(max(_HORIZON * self.exchange, low), high)
+        return min(max(_WINDOW_EXCHANGES * self.exchange, low), high)
 
 
 class Runner:
