@@ -359,9 +359,13 @@ def test_short_attempts_are_exchanged_in_batches_larger_than_the_concurrency(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_results_are_written_within_a_window_while_the_buffer_is_full(backend: str) -> None:
+def test_results_are_written_within_a_window_while_the_buffer_is_full(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A result does not wait for the buffer to run low: with the only worker busy on a slow
-    task and the buffer full behind it, the result before it is written within the window."""
+    task and the buffer full behind it, the result before it is written within the window.
+    (The buffer's size is fixed here: what it adapts to is tested above.)"""
+    monkeypatch.setattr(_Prefetch, "target", lambda self: 40)
     slug = "prefetch_window"
     seen: dict[str, Any] = {}
     fast: list[str] = []
@@ -386,5 +390,5 @@ def test_results_are_written_within_a_window_while_the_buffer_is_full(backend: s
         stats = pf.run_flows([job], store=store, until_idle=True, concurrency=1,
                              handle_signals=False)
         assert stats.completed == len(runs)
-        assert seen["running"] > 30, "the buffer was not full behind the slow task"
+        assert seen["running"] > 21, "the buffer was not over half full behind the slow task"
         assert seen.get("recorded after", math.inf) < 1.0

@@ -224,6 +224,11 @@ class Runner:
         # in _in_flight, leased like running tasks.
         self._ready: collections.deque[ClaimedTask] = collections.deque()
         self._prefetch = _Prefetch(concurrency)
+        # Runs with a failure for good not yet written (or written, with buffered tasks of the
+        # run not yet checked by a heartbeat): their buffered tasks wait, since the store may
+        # cancel them (the run fails, or a map's other tasks are cancelled). Settled: written.
+        self._failing_runs: set[str] = set()
+        self._settling: set[str] = set()
         self._closing = False
         # Attempts by the end of their timeout, rounded up to _TIMEOUT_GRAIN: one loop timer per
         # bucket rather than one per attempt.
@@ -369,6 +374,10 @@ class Runner:
         lost = self.backend.heartbeat(self.worker_id, self.flow_slugs, held, self.lease)
         if lost:
             self._drop_lost(lost)
+        if self._settling:  # buffered tasks of these runs are current: they may start
+            self._failing_runs -= self._settling
+            self._settling = set()
+            self._hand_out()
         failed_runs: list[RunFailure] = []
         self.backend.reclaim_expired(self.flow_slugs, failed_runs)
         self.counts.failed += len(failed_runs)
@@ -386,13 +395,38 @@ class Runner:
             running = self._running.get(task_id)
             if running is not None:
                 running.stop("cancel")
-        kept = [task for task in self._ready if task.id not in gone]
+        dropped = self._drop_buffered(lambda task: task.id in gone)
+        if dropped:
+            log.info("%d claimed task(s) not started yet were taken away (run cancelled or "
+                     "failed, or lease lost); not run here", dropped)
+
+    def _drop_buffered(self, gone: Callable[[ClaimedTask], bool]) -> int:
+        """Remove the buffered tasks ``gone`` says the store took away; return how many."""
+        kept = [task for task in self._ready if not gone(task)]
         dropped = len(self._ready) - len(kept)
         if dropped:
             self._ready = collections.deque(kept)
             self._in_flight -= dropped
-            log.info("%d claimed task(s) not started yet were taken away (run cancelled or "
-                     "failed, or lease lost); not run here", dropped)
+        return dropped
+
+    def _next_ready(self) -> ClaimedTask | None:
+        """Take the first buffered task that may start: not one of a run with a failure for
+        good still being written (the store may cancel it)."""
+        if not self._failing_runs:
+            return self._ready.popleft()
+        for i, task in enumerate(self._ready):
+            if task.run_id not in self._failing_runs:
+                del self._ready[i]
+                return task
+        return None
+
+    def _hand_out(self) -> None:
+        """Give buffered tasks to idle workers."""
+        while self._idle and self._ready and not self._stopping:
+            task = self._next_ready()
+            if task is None:
+                return
+            self._idle.pop().set_result(task)
 
     def _fold_counted(self) -> None:
         """Move the counts since the last pass into the tally, under the current minute."""
@@ -463,6 +497,8 @@ class Runner:
         return True
 
     async def _drain_for_stop(self) -> None:
+        if self._outbox:
+            self._exchange(0)
         if self._ready:
             # Claimed ahead, never started: back to the queue for other workers, no attempt
             # counted (released at the next housekeeping should the store fail now).
@@ -471,8 +507,6 @@ class Runner:
             self._ready.clear()
             self.backend.release(self.worker_id, self._to_release)
             self._to_release = []
-        if self._outbox:
-            self._exchange(0)
         if self._in_flight:
             await self._wait(self._stop_deadline - time.monotonic())
 
@@ -504,11 +538,8 @@ class Runner:
             if claimed:
                 self._pause = 0.005
                 self._in_flight += len(claimed)
-                for task in claimed:
-                    if self._idle:
-                        self._idle.pop().set_result(task)
-                    else:
-                        self._ready.append(task)
+                self._ready.extend(claimed)
+                self._hand_out()
                 if self._in_flight < self.concurrency:
                     await anyio.sleep(0)  # let workers start, then look again
                     return True, None
@@ -579,7 +610,12 @@ class Runner:
         else:
             window = self._loop.time() + self.batch_window
             enough = self.concurrency - self.batch_size + 1
-        while self._in_flight >= enough and self._loop.time() < window:
+        # (With a buffer, an idle worker means its tasks wait for results being written.)
+        while (
+            self._in_flight >= enough
+            and not (target and self._idle)
+            and self._loop.time() < window
+        ):
             self._wake.clear()
             await self._wait(window - self._loop.time())
 
@@ -637,7 +673,18 @@ class Runner:
         if finished:
             self.store.notify_finished()
         self._runs_failed(failed_runs, self._dead.recorded(failures))
+        if self._failing_runs and not self._outbox.failures:
+            self._settle_failing()
         return claimed
+
+    def _settle_failing(self) -> None:
+        """The failures for good are written: their runs' buffered tasks may start once a
+        heartbeat has checked that the store did not cancel them (right away if none)."""
+        buffered = {task.run_id for task in self._ready}
+        self._settling |= self._failing_runs & buffered
+        self._failing_runs &= buffered
+        if self._settling:
+            self._next_beat = 0.0
 
     def _finish_one_by_one(
         self, successes: list[TaskSuccess], failures: list[TaskFailure],
@@ -682,6 +729,9 @@ class Runner:
         """Stop the failed runs' other attempts and call ``on_dead`` once for each."""
         if failed_runs:
             self._next_beat = 0.0  # their other running attempts must stop now
+            if self._ready:  # and their buffered tasks, cancelled with the run, never start
+                failed = {failure.run_id for failure in failed_runs}
+                self._drop_buffered(lambda task: task.run_id in failed)
         for failure in failed_runs:
             key = None if failure.task_id is None else (failure.task_id, failure.attempt)
             call = dying.get(key) if key is not None else None
@@ -706,14 +756,14 @@ class Runner:
         me = asyncio.current_task()
         assert me is not None
         while not self._closing:
-            if self._ready and not self._stopping:  # at stop, the buffer goes back to the queue
-                task: ClaimedTask | None = self._ready.popleft()
-            else:
-                idle = self._loop.create_future()
+            # At stop, the buffer goes back to the queue.
+            task = self._next_ready() if self._ready and not self._stopping else None
+            if task is None:
+                idle: asyncio.Future[ClaimedTask | None] = self._loop.create_future()
                 self._idle.append(idle)
                 task = await idle
-            if task is None:
-                return
+                if task is None:
+                    return
             handle = Attempt(me)
             try:
                 await self._execute(task, handle)
@@ -861,6 +911,8 @@ class Runner:
         exc_info = (
             None if failed.permanent or isinstance(failed.error, StepTimeout) else failed.error
         )
+        if delay is None and self._ready:
+            self._failing_runs.add(task.run_id)  # hold its run's buffered tasks (see __init__)
         if delay is not None:
             self.counts.retried += 1
             log.warning("%s: failed, retrying in %.3gs: %s", _label(task), delay, record.error,
