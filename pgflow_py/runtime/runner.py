@@ -224,11 +224,10 @@ class Runner:
         # in _in_flight, leased like running tasks.
         self._ready: collections.deque[ClaimedTask] = collections.deque()
         self._prefetch = _Prefetch(concurrency)
-        # Runs with a failure for good not yet written (or written, with buffered tasks of the
-        # run not yet checked by a heartbeat): their buffered tasks wait, since the store may
-        # cancel them (the run fails, or a map's other tasks are cancelled). Settled: written.
+        # Runs with a failure for good not written yet: their buffered tasks do not start, and
+        # go back to the queue just before it is written, so that if the run fails they are
+        # cancelled as queued tasks are (never started, no attempt counted).
         self._failing_runs: set[str] = set()
-        self._settling: set[str] = set()
         self._closing = False
         # Attempts by the end of their timeout, rounded up to _TIMEOUT_GRAIN: one loop timer per
         # bucket rather than one per attempt.
@@ -374,10 +373,6 @@ class Runner:
         lost = self.backend.heartbeat(self.worker_id, self.flow_slugs, held, self.lease)
         if lost:
             self._drop_lost(lost)
-        if self._settling:  # buffered tasks of these runs are current: they may start
-            self._failing_runs -= self._settling
-            self._settling = set()
-            self._hand_out()
         failed_runs: list[RunFailure] = []
         self.backend.reclaim_expired(self.flow_slugs, failed_runs)
         self.counts.failed += len(failed_runs)
@@ -647,6 +642,8 @@ class Runner:
 
     def _exchange(self, claim: int) -> list[ClaimedTask]:
         """Record the results gathered so far and claim up to ``claim`` tasks: one transaction."""
+        if self._failing_runs:
+            self._release_failing()
         successes, failures = self._outbox.take()
         failed_runs: list[RunFailure] = []
         began = self._loop.time()
@@ -673,18 +670,17 @@ class Runner:
         if finished:
             self.store.notify_finished()
         self._runs_failed(failed_runs, self._dead.recorded(failures))
-        if self._failing_runs and not self._outbox.failures:
-            self._settle_failing()
+        if not self._outbox.failures:
+            self._failing_runs.clear()
         return claimed
 
-    def _settle_failing(self) -> None:
-        """The failures for good are written: their runs' buffered tasks may start once a
-        heartbeat has checked that the store did not cancel them (right away if none)."""
-        buffered = {task.run_id for task in self._ready}
-        self._settling |= self._failing_runs & buffered
-        self._failing_runs &= buffered
-        if self._settling:
-            self._next_beat = 0.0
+    def _release_failing(self) -> None:
+        """Put the buffered tasks of runs about to fail back in the queue (see __init__)."""
+        held = [task for task in self._ready if task.run_id in self._failing_runs]
+        if held:
+            self.backend.release(self.worker_id, [task.id for task in held])
+            gone = {task.id for task in held}
+            self._drop_buffered(lambda task: task.id in gone)
 
     def _finish_one_by_one(
         self, successes: list[TaskSuccess], failures: list[TaskFailure],
