@@ -392,3 +392,42 @@ def test_results_are_written_within_a_window_while_the_buffer_is_full(
         assert stats.completed == len(runs)
         assert seen["running"] > 21, "the buffer was not over half full behind the slow task"
         assert seen.get("recorded after", math.inf) < 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failure_for_good_cancels_the_runs_buffered_tasks_unstarted(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A map task fails for good while its siblings wait in the buffer: they never start, and
+    are cancelled as queued tasks are, with no attempt counted. (Buffer size fixed here.)"""
+    monkeypatch.setattr(_Prefetch, "target", lambda self: 40)
+    calls: list[int] = []
+    started: list[int] = []
+    flow = pf.flow("prefetch_fan_out", max_attempts=1)
+
+    @flow.step()
+    async def items(input: Any, ctx: pf.Context) -> list[int]:
+        return list(range(20))
+
+    @flow.map(array=items)
+    async def work(item: int, ctx: pf.Context) -> int:
+        calls.append(item)
+        if item == 0:
+            run = observer.get_run(ctx.run_id)
+            started.append(sum(t.status == "started" for t in run.step("work").tasks))
+            raise ValueError("element 0 is broken")
+        return item
+
+    with database(backend) as open_store:
+        store, observer = open_store(), open_store()
+        run = store.start(flow, {})
+        stats = pf.run_flows([flow], store=store, until_idle=True, concurrency=1,
+                             handle_signals=False)
+        assert started == [20], "the siblings were not buffered"
+        assert calls == [0]
+        failed = store.get_run(run.id)
+        assert failed.status is pf.RunStatus.FAILED
+        tasks = failed.step("work").tasks
+        assert [t.status for t in tasks[1:]] == ["cancelled"] * 19
+        assert all(t.attempts == 0 for t in tasks[1:])
+        assert stats.failed == 1 and stats.cancelled == 0
