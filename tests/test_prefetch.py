@@ -259,19 +259,20 @@ def test_prefetch_targets_short_attempts_only_and_is_bounded() -> None:
     prefetch.exchange_took(0.001)
     for _ in range(20):
         prefetch.attempt_took(0.00002)  # a no-op
-    assert prefetch.target() == prefetch.cap == 64
+    assert prefetch.target() == prefetch.cap == 90  # an exchange tops up to 100 tasks
     for _ in range(100):
         prefetch.attempt_took(0.5)  # a network call
     assert prefetch.target() == 0
-    assert _Prefetch(concurrency=1000).cap == _BUFFER_CAP
+    assert _Prefetch(concurrency=2000).cap == _BUFFER_CAP
+    assert _Prefetch(concurrency=1).cap == 99
     wide = _Prefetch(concurrency=100)
     wide.attempt_took(0.00002)
-    assert wide.target() == 100  # up to the concurrency
+    assert wide.target() == 25  # a quarter of the concurrency, past 80
     # Between the two: what the workers get through in about an exchange's time.
     middle = _Prefetch(concurrency=10)
     middle.exchange_took(0.001)
     middle.attempt = 0.0002
-    assert middle.target() == 40
+    assert middle.target() == 40  # 10 workers get through 50 attempts in an exchange
     middle.attempt = 0.001  # as long as an exchange: no gain
     assert middle.target() == 0
     slow_store = _Prefetch(concurrency=10)
