@@ -518,7 +518,7 @@ class Runner:
         target = self._prefetch.target()
         # Idle workers, and room in the buffer; while it is over half full, only idle workers
         # (there are none then) or results waiting past their window call for an exchange.
-        want = self.concurrency + target - self._in_flight
+        want = max(self.concurrency + target - self._in_flight, 0)  # the target may have shrunk
         full = self.concurrency + target // 2
         due: float | None = None
         if want and not (self._must_claim or self._outbox):
