@@ -120,11 +120,13 @@ def test_a_database_from_before_job_rows_moves_its_jobs_and_reads_the_same(
         new = opened(False)
         try:
             conn = new.backend._conn  # type: ignore[attr-defined]
-            # Only the flow's task is left in step_tasks; the jobs' are in their runs' rows.
-            assert conn.execute("SELECT run_id FROM step_tasks").fetchall() == [(flow_run.id,)]
-            assert conn.execute(
-                "SELECT count(*) FROM runs WHERE task_status IS NOT NULL"
-            ).fetchone()[0] == 7
+            # Unfinished jobs' tasks moved into their runs' rows; finished jobs' stay in
+            # step_tasks (read alike), beside the flow's task.
+            assert {r[0] for r in conn.execute("SELECT run_id FROM step_tasks").fetchall()} == {
+                done.id, failed.id, cancelled.id, flow_run.id}
+            assert {r[0] for r in conn.execute(
+                "SELECT id FROM runs WHERE task_status IS NOT NULL"
+            ).fetchall()} == {retrying.id, running.id, queued.id, scheduled.id}
 
             def read(run: pf.Run) -> pf.Run:
                 return new.get_run(run.id)
@@ -159,6 +161,7 @@ def test_a_database_from_before_job_rows_moves_its_jobs_and_reads_the_same(
             assert new.backend.reclaim_expired(["jr_job"]) == 1
             assert [h.error for h in read(running).history] == [LOST_WORKER]
 
+            # Finished jobs left in step_tasks run again from there when retried.
             assert new.retry(failed.id) and new.retry(cancelled.id)
             clock.advance(60)
             drain(new, jr_job, jr_flow)
@@ -168,7 +171,12 @@ def test_a_database_from_before_job_rows_moves_its_jobs_and_reads_the_same(
             assert read(running).attempts == 2
             assert read(flow_run).output == {"second": 18}
             assert conn.execute(
-                "SELECT count(*) FROM runs WHERE task_status IN ('queued', 'started')"
+                "SELECT count(*) FROM tasks WHERE status IN ('queued', 'started')"
+            ).fetchone()[0] == 0
+            # Jobs started now are one row each.
+            fresh = new.start(jr_job, {"n": 9})
+            assert conn.execute(
+                "SELECT count(*) FROM step_tasks WHERE run_id = ?", (fresh.id,)
             ).fetchone()[0] == 0
         finally:
             new.close()

@@ -34,15 +34,17 @@ SELECT -seq, id, flow_slug, step_slug, flow_version, NULL, task_status, attempts
        CASE WHEN task_status IN ('completed', 'failed', 'cancelled') THEN finished_at END
 FROM runs WHERE task_status IS NOT NULL;
 
--- Existing jobs' tasks move into their runs' rows (a job run's only task). A task moved while
--- claimed gets a new id: its worker's result is then late, and the attempt is retried once its
--- lease expires, as a lost worker's would be.
+-- The tasks of unfinished jobs move into their runs' rows (a job run's only task); those of
+-- finished runs stay where they are, read through the view alike (and by a retry, run from
+-- there), until pruned: the upgrade writes only what is live, however many runs are kept. A task
+-- moved while claimed gets a new id: its worker's result is then late, and the attempt is
+-- retried once its lease expires, as a lost worker's would be.
 UPDATE runs SET step_slug = t.step_slug, task_status = t.status, flow_version = t.flow_version,
     attempts = t.attempts, claims = t.claims, max_attempts = t.max_attempts, due = t.run_at,
     history = t.history, task_error = t.error, lease_owner = t.lease_owner,
     lease_expires = t.lease_expires, task_started_at = t.started_at
 FROM step_tasks t
-WHERE t.run_id = runs.id AND t.task_index IS NULL
+WHERE t.run_id = runs.id AND runs.status = 'started' AND t.task_index IS NULL
     AND t.flow_slug IN (SELECT flow_slug FROM flows WHERE kind = 'job')
     AND (SELECT count(*) FROM step_tasks o WHERE o.run_id = runs.id) = 1;
 DELETE FROM step_tasks WHERE task_index IS NULL AND run_id IN (
