@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -14,12 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 import pgflow_py as pf
 from pgflow_py.clock import Clock
 
 POSTGRES_URL = os.environ.get("PGFLOW_TEST_POSTGRES")
 """A PostgreSQL server to run the store's tests on instead of SQLite files (see .ci/run)."""
+
+BACKENDS = [  # for tests parametrised over both backends
+    pytest.param("sqlite"),
+    pytest.param("postgres", marks=pytest.mark.skipif(
+        POSTGRES_URL is None, reason="needs a PostgreSQL server: set $PGFLOW_TEST_POSTGRES"
+    )),
+]
 
 
 def drain(store: pf.Store, *flows: pf.Flow, **options: Any) -> pf.RunnerStats:
@@ -104,3 +113,34 @@ def stop_process(proc: subprocess.Popen[str]) -> tuple[int, str]:
         if proc.poll() is None:
             proc.kill()
     return proc.returncode, err
+
+
+@contextmanager
+def shared_database(backend: str) -> Iterator[Callable[[], pf.Store]]:
+    """A fresh, empty database; yields a function opening another store (connection) on it.
+    Every store opened is closed, and the database deleted, afterwards."""
+    opened: list[pf.Store] = []
+    with tempfile.TemporaryDirectory(prefix="pgflow-shared-") as tmp:
+        if backend == "sqlite":
+            target = str(Path(tmp) / "shared.db")
+        else:
+            assert POSTGRES_URL is not None
+            schema = f"test_{uuid.uuid4().hex[:16]}"
+            target = f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}schema={schema}"
+
+        def open_store() -> pf.Store:
+            store = pf.connect(target)
+            opened.append(store)
+            return store
+
+        try:
+            yield open_store
+        finally:
+            for store in opened:
+                store.close()
+            if backend == "postgres":
+                import psycopg
+
+                assert POSTGRES_URL is not None
+                with psycopg.connect(POSTGRES_URL, autocommit=True) as db:
+                    db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

@@ -19,63 +19,22 @@ disagree.
 from __future__ import annotations
 
 import itertools
-import tempfile
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import POSTGRES_URL
+from _helpers import BACKENDS, shared_database
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import pgflow_py as pf
 
-BACKENDS = [
-    pytest.param("sqlite"),
-    pytest.param("postgres", marks=pytest.mark.skipif(
-        POSTGRES_URL is None, reason="needs a PostgreSQL server: set $PGFLOW_TEST_POSTGRES"
-    )),
-]
 JOIN_TIMEOUT = 120.0  # seconds a thread may take before the test calls it a hang
 TERMINAL = {pf.RunStatus.COMPLETED, pf.RunStatus.FAILED, pf.RunStatus.CANCELLED}
-
-
-@contextmanager
-def shared_database(backend: str) -> Iterator[Callable[[], pf.Store]]:
-    """A fresh, empty database; yields a function opening another store (connection) on it.
-    Every store opened is closed, and the database deleted, afterwards."""
-    opened: list[pf.Store] = []
-    with tempfile.TemporaryDirectory(prefix="pgflow-conc-") as tmp:
-        if backend == "sqlite":
-            target = str(Path(tmp) / "conc.db")
-        else:
-            assert POSTGRES_URL is not None
-            schema = f"test_{uuid.uuid4().hex[:16]}"
-            target = f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}schema={schema}"
-
-        def open_store() -> pf.Store:
-            store = pf.connect(target)
-            opened.append(store)
-            return store
-
-        try:
-            yield open_store
-        finally:
-            for store in opened:
-                store.close()
-            if backend == "postgres":
-                import psycopg
-
-                assert POSTGRES_URL is not None
-                with psycopg.connect(POSTGRES_URL, autocommit=True) as db:
-                    db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 def run_threads(bodies: list[Callable[[], None]]) -> None:

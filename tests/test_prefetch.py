@@ -14,59 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import math
-import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import POSTGRES_URL, serve_then_stop
+from _helpers import BACKENDS, serve_then_stop, shared_database
 
 import pgflow_py as pf
 from pgflow_py.runtime.runner import _BUFFER_CAP, _Prefetch
 
-BACKENDS = [
-    pytest.param("sqlite"),
-    pytest.param("postgres", marks=pytest.mark.skipif(
-        POSTGRES_URL is None, reason="needs a PostgreSQL server: set $PGFLOW_TEST_POSTGRES"
-    )),
-]
 WARM_UP = 5  # no-op jobs first: the runner sees short attempts and starts claiming ahead
-
-
-@contextmanager
-def database(backend: str) -> Iterator[Callable[[], pf.Store]]:
-    """A fresh database on the real clock; yields a function opening a store on it."""
-    opened: list[pf.Store] = []
-    with tempfile.TemporaryDirectory(prefix="pgflow-prefetch-") as tmp:
-        if backend == "sqlite":
-            target = str(Path(tmp) / "prefetch.db")
-        else:
-            assert POSTGRES_URL is not None
-            schema = f"test_{uuid.uuid4().hex[:16]}"
-            target = f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}schema={schema}"
-
-        def open_store() -> pf.Store:
-            store = pf.connect(target)
-            opened.append(store)
-            return store
-
-        try:
-            yield open_store
-        finally:
-            for store in opened:
-                store.close()
-            if backend == "postgres":
-                import psycopg
-
-                assert POSTGRES_URL is not None
-                with psycopg.connect(POSTGRES_URL, autocommit=True) as db:
-                    db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 def _running(store: pf.Store, slug: str) -> int:
@@ -103,7 +62,7 @@ def test_buffered_tasks_keep_their_leases_while_they_wait(backend: str) -> None:
             await asyncio.sleep(input["sleep"])
         return "ok"
 
-    with database(backend) as open_store:
+    with shared_database(backend) as open_store:
         store, observer = open_store(), open_store()
         inputs = [{"sleep": 0}] * WARM_UP + [{"sleep": 1.2}] + [{"sleep": 0}] * 10
         runs = store.start_many(job, inputs)
@@ -137,7 +96,7 @@ def test_a_buffered_task_taken_away_is_never_run(backend: str) -> None:
             await asyncio.sleep(input["sleep"])
         return "ok"
 
-    with database(backend) as open_store:
+    with shared_database(backend) as open_store:
         store, observer = open_store(), open_store()
         inputs = [{"sleep": 0}] * WARM_UP + [{"sleep": 0.5}] + [{"sleep": 0}] * 6
         runs = store.start_many(job, inputs)
@@ -181,7 +140,7 @@ def test_buffered_tasks_go_back_to_the_queue_at_stop(backend: str) -> None:
             seen["queued"] = queued
         return "ok"
 
-    with database(backend) as open_store:
+    with shared_database(backend) as open_store:
         store, observer = open_store(), open_store()
         inputs = [{"sleep": 0}] * WARM_UP + [{"sleep": 1}] + [{"sleep": 0}] * 8
         runs = store.start_many(job, inputs)
@@ -217,7 +176,7 @@ def test_a_buffered_tasks_timeout_counts_from_its_start(backend: str) -> None:
             await asyncio.sleep(input["sleep"])
         return "ok"
 
-    with database(backend) as open_store:
+    with shared_database(backend) as open_store:
         store, observer = open_store(), open_store()
         # The second and third slow tasks are claimed with the first: they wait 0.4 and 0.8 s
         # in the buffer, then run 0.4 s each, within their 0.6 s.
@@ -244,7 +203,7 @@ def test_nothing_is_claimed_ahead_while_attempts_are_long(backend: str) -> None:
         await asyncio.sleep(input["sleep"])
         return "ok"
 
-    with database(backend) as open_store:
+    with shared_database(backend) as open_store:
         store, observer = open_store(), open_store()
         runs = store.start_many(job, [{"sleep": 0.15}] * 8)
         stats = pf.run_flows([job], store=store, until_idle=True, concurrency=2,
@@ -299,7 +258,7 @@ def test_two_runners_claiming_ahead_run_each_task_once(backend: str) -> None:
             await asyncio.sleep(input["sleep"])
         return "ok"
 
-    with database(backend) as open_store:
+    with shared_database(backend) as open_store:
         store, observer = open_store(), open_store()
         inputs = [{"sleep": 0.5 if i % 100 == 50 else 0} for i in range(400)]
         runs = store.start_many(job, inputs)
@@ -336,7 +295,7 @@ def test_short_attempts_are_exchanged_in_batches_larger_than_the_concurrency(
     calls: list[str] = []
     job = _sleepy_job(slug, calls)
 
-    with database(backend) as open_store:
+    with shared_database(backend) as open_store:
         store = open_store()
         runs = store.start_many(job, [{"sleep": 0}] * 300)
         backend_ = store.backend
@@ -383,7 +342,7 @@ def test_results_are_written_within_a_window_while_the_buffer_is_full(
                 await asyncio.sleep(0.01)
         return "ok"
 
-    with database(backend) as open_store:
+    with shared_database(backend) as open_store:
         store, observer = open_store(), open_store()
         inputs = [{"sleep": 0}] * (WARM_UP + 1) + [{"sleep": 2}] + [{"sleep": 0}] * 60
         runs = store.start_many(job, inputs)
@@ -419,7 +378,7 @@ def test_a_failure_for_good_cancels_the_runs_buffered_tasks_unstarted(
             raise ValueError("element 0 is broken")
         return item
 
-    with database(backend) as open_store:
+    with shared_database(backend) as open_store:
         store, observer = open_store(), open_store()
         run = store.start(flow, {})
         stats = pf.run_flows([flow], store=store, until_idle=True, concurrency=1,

@@ -82,20 +82,6 @@ class _Batches(_Steps):
         finished.extend(s.run_id for s in batch)
         return []
 
-    def _complete_job_rows(
-        self, c: Conn, batch: list[TaskSuccess], now: float, finished: list[str]
-    ) -> None:
-        """Complete jobs whose run rows hold their tasks: one statement per few hundred. A late
-        result (its attempt or claim no longer current) matches no row and changes nothing."""
-        per = max(1, min(500, (self._max_variables - 1) // 4))
-        sql = self._COMPLETE_JOB_ROWS_FROM.format(seq=self._SEQ, values="{}")
-        for start in range(0, len(batch), per):
-            chunk = batch[start:start + per]
-            finished.extend(row[0] for row in c.execute(
-                sql.format(",".join([self._TASK_RESULT] * len(chunk))) + " RETURNING runs.id",
-                [now, *(v for s in chunk for v in (s.task_id, s.output_json, s.attempt, s.claim))],
-            ).fetchall())
-
     def _complete_flow_steps(
         self, c: Conn, batch: list[TaskSuccess], now: float, finished: list[str]
     ) -> list[TaskSuccess]:

@@ -363,10 +363,10 @@ class _Starting(_Batches):
             )
         if self._JOB_ROWS and d.kind == "job":
             rows, unmet = self._job_rows(d, version, runs)
-            c.executemany(
-                "UPDATE runs SET step_slug = ?, task_status = ?, flow_version = ?, attempts = 0, "
-                "claims = 0, max_attempts = ?, due = ? WHERE id = ?",
-                [(*row[8:], row[0]) for row in rows if row[8] is not None],
+            c.executemany(  # rows of _JOB_RUN_VALUES: the task's columns are row[8:]
+                self._QUEUE_JOB_TASK,
+                [(row[8], row[10], row[11], row[12], row[0]) for row in rows
+                 if row[8] is not None],
             )
             if len(unmet) < len(runs):
                 self._due_flows.add(d.slug)

@@ -50,6 +50,12 @@ class _Steps(_Definitions):
         "(?, ?, 'started', ?, ?, ?, 1, ?, ?, ?, ?, ?, CAST(? AS BIGINT), 0, 0, "
         "CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION))"
     )
+    # Queues a job's task in its run's row (step slug, flow version, max attempts, due, run id).
+    _QUEUE_JOB_TASK = (
+        "UPDATE runs SET step_slug = ?, task_status = 'queued', flow_version = ?, attempts = 0, "
+        "claims = coalesce(claims, 0), max_attempts = ?, due = ?, lease_owner = NULL, "
+        "lease_expires = NULL, task_started_at = NULL WHERE id = ?"
+    )
     # Clears a run's task columns (a job's run whose task goes away).
     _NO_JOB_TASK = (
         "step_slug = NULL, task_status = NULL, flow_version = NULL, attempts = NULL, "
@@ -182,11 +188,7 @@ class _Steps(_Definitions):
             )
             if self._JOB_ROWS:
                 c.execute(
-                    "UPDATE runs SET step_slug = ?, task_status = 'queued', flow_version = ?, "
-                    "attempts = 0, claims = coalesce(claims, 0), max_attempts = ?, due = ?, "
-                    "lease_owner = NULL, lease_expires = NULL, task_started_at = NULL "
-                    "WHERE id = ?",
-                    (step.slug, version, max_attempts, run_at, run_id),
+                    self._QUEUE_JOB_TASK, (step.slug, version, max_attempts, run_at, run_id)
                 )
                 self._due_flows.add(d.slug)
                 return []
@@ -208,17 +210,25 @@ class _Steps(_Definitions):
         finally:
             self._failed_runs = None
 
+    def _complete_job_rows(
+        self, c: Conn, batch: list[TaskSuccess], now: float, finished: list[str]
+    ) -> None:
+        """Complete jobs whose run rows hold their tasks: one statement per few hundred. A late
+        result (its attempt or claim no longer current) matches no row and changes nothing."""
+        per = max(1, min(500, (self._max_variables - 1) // 4))
+        sql = self._COMPLETE_JOB_ROWS_FROM.format(seq=self._SEQ, values="{}")
+        for start in range(0, len(batch), per):
+            chunk = batch[start:start + per]
+            finished.extend(row[0] for row in c.execute(
+                sql.format(",".join([self._TASK_RESULT] * len(chunk))) + " RETURNING runs.id",
+                [now, *(v for s in chunk for v in (s.task_id, s.output_json, s.attempt, s.claim))],
+            ).fetchall())
+
     def _complete_task(
         self, c: Conn, s: TaskSuccess, now: float, finished: list[str]
     ) -> None:
-        if s.task_id < 0:
-            done = c.execute(
-                self._COMPLETE_JOB_ROWS_FROM.format(seq=self._SEQ, values=self._TASK_RESULT)
-                + " RETURNING runs.id",
-                (now, s.task_id, s.output_json, s.attempt, s.claim),
-            ).fetchone()
-            if done is not None:
-                finished.append(done[0])
+        if s.task_id < 0:  # a job's task, in its run's row
+            self._complete_job_rows(c, [s], now, finished)
             return
         row = c.execute(
             self._COMPLETE_TASKS_FROM.format(self._TASK_RESULT)
@@ -558,18 +568,39 @@ class _Steps(_Definitions):
         ).fetchone()
         if row is None:
             return
-        self._mark_started(c, row[0], row[3])
-        d = self._definition(row[4], row[5])
-        mode = self._graph(d).skip_exhausted.get(row[1])
+        run_id, step_slug, task_index, started_at, flow_slug, version, priority = row
+        self._mark_started(c, run_id, started_at)
+        self._failed_for_good(c, f, run_id, step_slug, task_index, flow_slug, version, priority,
+                              started_at, now, finished)
+
+    def _failed_for_good(
+        self,
+        c: Conn,
+        f: TaskFailure,
+        run_id: str,
+        step_slug: str,
+        task_index: int | None,
+        flow_slug: str,
+        version: int,
+        priority: int,
+        started_at: float | None,
+        now: float,
+        finished: list[str],
+    ) -> None:
+        """A task's last attempt failed (recorded): its step is skipped (``when_exhausted``),
+        or its run fails."""
+        d = self._definition(flow_slug, version)
+        mode = self._graph(d).skip_exhausted.get(step_slug)
         if mode is not None:
             # when_exhausted skips: the step (a map: at its first exhausted task) ends skipped.
             skip = Skip("handler_failed", cascade=mode == "skip-cascade", error=f.error)
             self._complete_steps(
-                c, d, row[0], row[6], [(row[1], skip)], now, finished, started_at=row[3]
+                c, d, run_id, priority, [(step_slug, skip)], now, finished,
+                started_at=started_at,
             )
             return
-        if self._fail_run(c, row[0], row[1], f.error, now, (f.task_id, row[2], f.attempt)):
-            finished.append(row[0])
+        if self._fail_run(c, run_id, step_slug, f.error, now, (f.task_id, task_index, f.attempt)):
+            finished.append(run_id)
 
     def _fail_job_row(self, c: Conn, f: TaskFailure, now: float, finished: list[str]) -> None:
         """:meth:`_fail_task` for a job whose run row holds its task."""
@@ -598,19 +629,10 @@ class _Steps(_Definitions):
             "RETURNING id, step_slug, flow_slug, flow_version, priority, started_at",
             params,
         ).fetchone()
-        if row is None:
-            return
-        run_id, step_slug, flow_slug, version, priority, started_at = row
-        d = self._definition(flow_slug, version)
-        mode = self._graph(d).skip_exhausted.get(step_slug)
-        if mode is not None:
-            skip = Skip("handler_failed", cascade=mode == "skip-cascade", error=f.error)
-            self._complete_steps(
-                c, d, run_id, priority, [(step_slug, skip)], now, finished, started_at=started_at
-            )
-            return
-        if self._fail_run(c, run_id, step_slug, f.error, now, (f.task_id, None, f.attempt)):
-            finished.append(run_id)
+        if row is not None:
+            run_id, step_slug, flow_slug, version, priority, started_at = row
+            self._failed_for_good(c, f, run_id, step_slug, None, flow_slug, version, priority,
+                                  started_at, now, finished)
 
     def _fail_run(
         self,
